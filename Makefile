@@ -1,0 +1,46 @@
+# Everything a fresh machine with python3 and make needs: `make run`, `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.dev-installed
+DATA_DIR ?= ./engram-data
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: install dev run test test-slow lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(DEVSTAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+dev: $(DEVSTAMP)
+
+run: install
+	$(BIN)/engram serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
+
+test: dev
+	$(BIN)/python -m pytest -q
+
+test-slow: dev
+	$(BIN)/python -m pytest -q -m slow
+
+lint: dev
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
