@@ -1,0 +1,147 @@
+"""One error tree for engram.
+
+Every error a user can hit is an ``EngramError``: its message says what went wrong and what to do
+next, in one line. ``exit_code`` is stable per class (1 = failure, 2 = usage); ``http_status`` is
+what the server answers with. Nothing here logs: errors are returned up to the adapter that
+renders them (CLI line, HTTP JSON body).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EngramError(Exception):
+    """engram failed."""
+
+    exit_code = 1
+    http_status = 500
+    code = "error"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or (self.__doc__ or self.code).strip()
+        self.details = details
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        out.update({k: v for k, v in self.details.items() if v is not None})
+        return out
+
+
+class UsageError(EngramError):
+    """Invalid usage; see --help."""
+
+    exit_code = 2
+    http_status = 400
+    code = "usage"
+
+
+class ValidationError(EngramError):
+    """A field of the request is invalid."""
+
+    exit_code = 2
+    http_status = 400
+    code = "invalid"
+
+    def __init__(self, message: str, field: str | None = None, **details: Any) -> None:
+        super().__init__(message, field=field, **details)
+        self.field = field
+
+
+class NotFound(EngramError):
+    """Not found."""
+
+    exit_code = 1
+    http_status = 404
+    code = "not_found"
+
+
+class Conflict(EngramError):
+    """The request conflicts with the current state."""
+
+    exit_code = 1
+    http_status = 409
+    code = "conflict"
+
+
+class Unavailable(EngramError):
+    """The database is not accepting writes right now; retry shortly."""
+
+    exit_code = 1
+    http_status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str | None = None, retry_after: float = 1.0, **details: Any):
+        super().__init__(message, retry_after=retry_after, **details)
+        self.retry_after = retry_after
+
+
+class DataDirError(EngramError):
+    """The data directory cannot be used."""
+
+    code = "data_dir"
+
+
+class DataDirLocked(DataDirError):
+    """The data directory is owned by another process."""
+
+    code = "locked"
+
+    def __init__(self, message: str, pid: int | None = None, url: str | None = None) -> None:
+        super().__init__(message, pid=pid, url=url)
+        self.pid = pid
+        self.url = url
+
+
+class CorruptLog(EngramError):
+    """The operation log is damaged."""
+
+    code = "corrupt_log"
+
+    def __init__(self, message: str, segment: str | None = None, offset: int | None = None):
+        super().__init__(message, segment=segment, offset=offset)
+        self.segment = segment
+        self.offset = offset
+
+
+class ForeignLog(EngramError):
+    """The log belongs to another database."""
+
+    code = "foreign_log"
+
+
+class LogGap(EngramError):
+    """Records are missing from the log."""
+
+    code = "log_gap"
+
+
+class CorruptData(EngramError):
+    """Stored data is damaged."""
+
+    code = "corrupt_data"
+
+
+class BackupError(EngramError):
+    """The backup failed; nothing was written at the output path."""
+
+    code = "backup_failed"
+
+
+class BadArchive(EngramError):
+    """The archive is not a valid engram backup."""
+
+    code = "bad_archive"
+
+
+class RestoreError(EngramError):
+    """The restore failed; the target was not changed."""
+
+    code = "restore_failed"
+
+
+class RemoteError(EngramError):
+    """The engram server answered with an error."""
+
+    code = "remote"

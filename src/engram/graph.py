@@ -1,0 +1,478 @@
+"""The engine: one facade over the op log and the tiers.
+
+Write path (all under ``self.lock``, microseconds): plan the ops against the current state, give
+them LSNs and one timestamp, append the records to the log (O1), apply them to the digest and the
+tiers. Then, outside the lock, wait until the flusher has fsynced them (group commit) before the
+caller acknowledges. The warm tier's transaction is committed at checkpoints, only after the log
+is fsynced up to the same LSN, so ``applied_lsn`` never runs ahead of the durable log (O4).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engram import digest as dg
+from engram.datadir import DirLock, Layout, init_data_dir, is_initialized, read_identity
+from engram.errors import EngramError, NotFound, Unavailable, ValidationError
+from engram.format import record as fmt
+from engram.model import Edge, Memory, OpType, check_id, effective_strength
+from engram.oplog.writer import LogWriter
+from engram.planner import Planned, Planner
+from engram.recovery import recover
+from engram.tiers.fast import FastTier
+from engram.tiers.warm import WarmTier
+
+log = logging.getLogger("engram")
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    durability: str = "sync"
+    segment_bytes: int = 64 << 20
+    fast_tier_bytes: int = 256 << 20
+    half_life_s: float = 7 * 86400.0
+    checkpoint_interval: float = 1.0
+    checkpoint_ops: int = 50_000
+    cache_mib: int = 64
+    batch_interval: float = 0.01
+
+
+@dataclass
+class WriteResult:
+    lsn: int
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Engine:
+    """Owns a data dir: ``Engine.open(path)`` recovers it, ``close()`` checkpoints and releases."""
+
+    def __init__(self, root: Path, config: EngineConfig, readonly: bool) -> None:
+        self.root = Path(root)
+        self.layout = Layout(self.root)
+        self.config = config
+        self.readonly = readonly
+        self.lock = threading.RLock()
+        self.identity = read_identity(self.root)
+        self.database_id = self.identity.database_id
+        self.dirlock: DirLock | None = None
+        self.warm: WarmTier
+        self.writer: LogWriter | None = None
+        self.fast = FastTier(0 if readonly else config.fast_tier_bytes, self._write_back)
+        self.digest = dg.Digest()
+        self.last_lsn = 0
+        self.last_ts = 0
+        self.checkpoint_lsn = 0
+        self.ready = False
+        self.failed: str | None = None
+        self.write_block: str | None = None  # reason writes are refused (quiesce)
+        self.write_block_retry = 1.0
+        self._stop = threading.Event()
+        self._ckpt_thread: threading.Thread | None = None
+        self._ops_since_ckpt = 0
+        self.checkpoint_hooks: list[Callable[[], None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        root: str | Path,
+        config: EngineConfig | None = None,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        url: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Engine:
+        root = Path(root)
+        if not is_initialized(root):
+            if not create or readonly:
+                read_identity(root)  # raises the "not an engram data dir" error
+            init_data_dir(root)
+        eng = cls(root, config or EngineConfig(), readonly)
+        try:
+            eng._open(url, progress)
+        except BaseException:
+            eng._abandon()
+            raise
+        return eng
+
+    def _open(self, url: str | None, progress: Callable[[int, int], None] | None) -> None:
+        if self.readonly:
+            self.warm = WarmTier(self.layout.warm_db, readonly=True, cache_mib=self.config.cache_mib)
+            self.last_lsn = self.checkpoint_lsn = self.warm.applied_lsn
+            self.digest = dg.Digest.from_hex(self.warm.get_meta("digest", dg.EMPTY) or dg.EMPTY)
+            self.ready = True
+            return
+        self.dirlock = DirLock(self.root)
+        self.dirlock.acquire(url)
+        self.layout.warm_dir.mkdir(mode=0o700, exist_ok=True)
+        self.layout.oplog.mkdir(mode=0o700, exist_ok=True)
+        self.layout.cold.mkdir(mode=0o700, exist_ok=True)
+        self.warm = WarmTier(self.layout.warm_db, cache_mib=self.config.cache_mib)
+        self.writer = LogWriter(
+            self.layout.oplog,
+            self.database_id,
+            durability=self.config.durability,
+            segment_bytes=self.config.segment_bytes,
+            batch_interval=self.config.batch_interval,
+        )
+        state = recover(self.warm, self.layout.oplog, self.database_id, self.writer, progress)
+        self.digest = state.digest
+        self.last_lsn = self.checkpoint_lsn = state.last_lsn
+        self.last_ts = state.last_ts
+        self.writer.start()
+        self._ckpt_thread = threading.Thread(
+            target=self._checkpointer, name="engram-checkpoint", daemon=True
+        )
+        self._ckpt_thread.start()
+        self.ready = True
+
+    def set_url(self, url: str | None) -> None:
+        if self.dirlock is not None:
+            self.dirlock.update(url)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ckpt_thread is not None:
+            self._ckpt_thread.join()
+            self._ckpt_thread = None
+        with self.lock:
+            if not self.readonly and self.failed is None and self.writer is not None:
+                try:
+                    self.checkpoint()
+                except EngramError as e:
+                    log.warning("final checkpoint failed: %s", e)
+            self._abandon()
+
+    def _abandon(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if hasattr(self, "warm"):
+            self.warm.close()
+        if self.dirlock is not None:
+            self.dirlock.release()
+            self.dirlock = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _write_back(self, ms: Iterable[Memory]) -> None:
+        self.warm.begin()
+        self.warm.put_memories(ms)
+
+    def checkpoint(self) -> int:
+        """Flush the fast tier, fsync the log, commit the warm tier at ``last_lsn``."""
+        with self.lock:
+            if self.readonly or self.writer is None:
+                return self.checkpoint_lsn
+            if self.failed is not None:
+                raise Unavailable(self.failed, retry_after=30)
+            dirty = self.fast.take_dirty()
+            if dirty:
+                self._write_back(dirty)
+            if self.checkpoint_lsn == self.last_lsn and not self.warm.in_txn:
+                return self.checkpoint_lsn
+            self.writer.sync()
+            if self.writer.failed is not None:
+                raise self.writer._failed_error()
+            try:
+                self.warm.commit(self.last_lsn, self.digest.hex, self.last_ts)
+            except Exception as e:  # sqlite3 errors: disk full, I/O
+                self._fail(f"warm tier commit failed ({e})")
+                raise Unavailable(self.failed, retry_after=30) from None
+            self.checkpoint_lsn = self.last_lsn
+            self._ops_since_ckpt = 0
+            for hook in self.checkpoint_hooks:
+                hook()
+            return self.checkpoint_lsn
+
+    def _checkpointer(self) -> None:
+        while not self._stop.wait(self.config.checkpoint_interval):
+            if self.failed is not None:
+                continue
+            try:
+                self.checkpoint()
+            except EngramError as e:
+                log.error("checkpoint failed: %s", e)
+
+    def _fail(self, reason: str) -> None:
+        self.failed = (
+            f"{reason}; writes are stopped — fix the cause and restart engram, "
+            "recovery replays the log"
+        )
+        log.error("%s", self.failed)
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise Unavailable("the data dir is open read-only", retry_after=0)
+        if not self.ready:
+            raise Unavailable("recovery is still running", retry_after=1)
+        if self.failed is not None:
+            raise Unavailable(self.failed, retry_after=30)
+        if self.write_block is not None:
+            raise Unavailable(self.write_block, retry_after=self.write_block_retry)
+
+    def submit(self, ops: list[Any]) -> WriteResult:
+        """Log and apply ``ops`` atomically; returns before they are durable (see ``wait``)."""
+        if not isinstance(ops, list) or not ops:
+            raise ValidationError("ops must be a non-empty list", field="ops")
+        with self.lock:
+            self._check_writable()
+            ts = max(time.time_ns(), self.last_ts)
+            planner = Planner(self, ts, self.config.half_life_s)
+            single = len(ops) == 1
+            for i, op in enumerate(ops):
+                planner.add(op, None if single else i)
+            lsn = self._commit(planner.out, ts)
+            return WriteResult(lsn, planner.results)
+
+    def _commit(self, planned: list[Planned], ts: int) -> int:
+        assert self.writer is not None
+        first = self.last_lsn + 1
+        if self.writer.needs_rotation():
+            self.writer.start_segment(first, self.digest.hex)
+        chunks = []
+        n = len(planned)
+        for i, p in enumerate(planned):
+            chunks.append(
+                fmt.encode_record(
+                    first + i,
+                    ts,
+                    first,
+                    i == n - 1,
+                    p.op,
+                    p.target,
+                    fmt.encode_image(p.before),
+                    fmt.encode_image(p.after),
+                )
+            )
+        last = first + n - 1
+        self.writer.append(b"".join(chunks), last)
+        self.last_lsn = last
+        self.last_ts = ts
+        try:
+            self._apply(planned)
+        except Exception as e:  # the log has it, the tiers do not: only a restart can reconcile
+            self._fail(f"applying LSN {first}..{last} failed ({e})")
+            raise Unavailable(self.failed, retry_after=30) from None
+        self._ops_since_ckpt += n
+        if self._ops_since_ckpt >= self.config.checkpoint_ops:
+            self.checkpoint()
+        return last
+
+    def _apply(self, planned: list[Planned]) -> None:
+        warm, fast = self.warm, self.fast
+        warm.begin()
+        for p in planned:
+            if p.op != OpType.MARKER:
+                self.digest.replace(p.before, p.after)  # type: ignore[arg-type]
+            if p.op == OpType.UPDATE_STRENGTH:
+                fast.put(p.after, dirty=True)  # type: ignore[arg-type]
+            elif p.op in (OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY):
+                warm.put_memory(p.after)  # type: ignore[arg-type]
+                fast.put(p.after)  # type: ignore[arg-type]
+            elif p.op == OpType.DELETE_MEMORY:
+                fast.discard(p.target)
+                warm.delete_memory(p.target)
+            elif p.op == OpType.CREATE_EDGE:
+                warm.put_edge(p.after)  # type: ignore[arg-type]
+            elif p.op == OpType.DELETE_EDGE:
+                e = p.before
+                assert isinstance(e, Edge)
+                warm.delete_edge(e.src, e.dst, e.kind)
+
+    def wait(self, lsn: int, timeout: float | None = None) -> None:
+        if self.writer is not None:
+            self.writer.wait_durable(lsn, timeout)
+
+    def on_durable(self, lsn: int, cb: Callable[[BaseException | None], None]) -> None:
+        assert self.writer is not None
+        self.writer.on_durable(lsn, cb)
+
+    def apply(self, ops: list[Any]) -> WriteResult:
+        """Submit and wait until durable: the synchronous API used by the CLI and tests."""
+        res = self.submit(ops)
+        self.wait(res.lsn)
+        return res
+
+    # -- reads (the planner's StateView too) ---------------------------------------------
+
+    def get_memory(self, mid: str) -> Memory | None:
+        with self.lock:
+            m = self.fast.get(mid)
+            if m is None:
+                m = self.warm.get_memory(mid)
+                if m is not None:
+                    self.fast.put(m)
+            return m
+
+    def get_edge(self, src: str, dst: str, kind: str) -> Edge | None:
+        with self.lock:
+            return self.warm.get_edge(src, dst, kind)
+
+    def edges_of(self, mid: str) -> list[Edge]:
+        with self.lock:
+            return self.warm.edges_of(mid)
+
+    def memory(self, mid: Any) -> Memory:
+        mid = check_id(mid)
+        m = self.get_memory(mid)
+        if m is None:
+            raise NotFound(f"memory {mid} not found", field="id")
+        return m
+
+    def memory_json(self, m: Memory) -> dict[str, Any]:
+        return m.to_json(time.time_ns(), self.config.half_life_s)
+
+    def neighbors(self, mid: Any, direction: str = "both", depth: int = 1) -> list[dict[str, Any]]:
+        if direction not in ("out", "in", "both"):
+            raise ValidationError("direction must be out, in or both", field="direction")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 3:
+            raise ValidationError("depth must be an integer from 1 to 3", field="depth")
+        with self.lock:
+            start = self.memory(mid).id
+            seen = {start}
+            frontier = [start]
+            out: list[dict[str, Any]] = []
+            for d in range(1, depth + 1):
+                nxt = []
+                for cur in frontier:
+                    edges: list[tuple[Edge, str]] = []
+                    if direction in ("out", "both"):
+                        edges += [(e, e.dst) for e in self.warm.edges_out(cur)]
+                    if direction in ("in", "both"):
+                        edges += [(e, e.src) for e in self.warm.edges_in(cur)]
+                    for e, other in edges:
+                        if other in seen:
+                            continue
+                        seen.add(other)
+                        m = self.get_memory(other)
+                        if m is None:
+                            continue
+                        out.append({"depth": d, "edge": e.to_json(), "memory": self.memory_json(m)})
+                        nxt.append(other)
+                frontier = nxt
+            return out
+
+    def recall(self, query: Any, limit: int = 10) -> list[dict[str, Any]]:
+        """Full-text match, ranked by text score x strength, plus one step of spreading
+        activation: each match passes half its score, scaled by edge weight, to its out-neighbors.
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise ValidationError("query must be a non-empty string", field="query")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValidationError("limit must be an integer from 1 to 1000", field="limit")
+        words = _WORD.findall(query)
+        if not words:
+            raise ValidationError("query has no searchable words", field="query")
+        fts = " OR ".join('"' + w.replace('"', "") + '"' for w in words[:32])
+        now = time.time_ns()
+        hl = self.config.half_life_s
+        with self.lock:
+            hits = self.warm.search(fts, limit * 4)
+            scores: dict[str, float] = {}
+            matched: set[str] = set()
+            for mid, text_score in hits:
+                m = self.get_memory(mid)
+                if m is None:
+                    continue
+                s = max(text_score, 1e-6) * (0.5 + effective_strength(m, now, hl))
+                scores[mid] = scores.get(mid, 0.0) + s
+                matched.add(mid)
+            for mid in list(matched):
+                base = scores[mid]
+                for e in self.warm.edges_out(mid):
+                    scores[e.dst] = scores.get(e.dst, 0.0) + 0.5 * base * max(e.weight, 0.0)
+            ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+            out = []
+            for mid, score in ranked:
+                m = self.get_memory(mid)
+                if m is None:
+                    continue
+                j = self.memory_json(m)
+                j["score"] = round(score, 6)
+                j["matched"] = mid in matched
+                out.append(j)
+                if len(out) >= limit:
+                    break
+            return out
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            mems, edges, stubs = self.warm.counts()
+            return {
+                "database_id": self.database_id,
+                "memories": mems,
+                "edges": edges,
+                "lsn": self.last_lsn,
+                "digest": self.digest.hex,
+                "tiers": {
+                    "fast": {
+                        "memories": len(self.fast),
+                        "bytes": self.fast.bytes,
+                        "budget_bytes": self.fast.budget,
+                        "dirty": self.fast.dirty_count,
+                    },
+                    "warm": {
+                        "applied_lsn": self.checkpoint_lsn,
+                        "path": str(self.layout.warm_db),
+                    },
+                    "cold": {"stubs": stubs},
+                },
+            }
+
+    def recompute_digest(self) -> dg.Digest:
+        """The digest recomputed from the stored graph (fast-tier versions win)."""
+        with self.lock:
+            total = 0
+            for m in self.warm.iter_memories():
+                total += dg.memory_hash(self.fast.get(m.id) or m)
+            for e in self.warm.iter_edges():
+                total += dg.edge_hash(e)
+            return dg.Digest(total)
+
+    def iter_memories(self) -> Iterator[Memory]:
+        """All memories (export). Holds the lock per batch, not for the whole scan."""
+        last = ""
+        while True:
+            with self.lock:
+                rows = self.warm.conn.execute(
+                    "SELECT id FROM memories WHERE id > ? ORDER BY id LIMIT 1000", (last,)
+                ).fetchall()
+                batch = [self.get_memory(r[0]) for r in rows]
+            if not rows:
+                return
+            yield from (m for m in batch if m is not None)
+            last = rows[-1][0]
+
+    def iter_edges(self) -> Iterator[Edge]:
+        last = ("", "", "")
+        while True:
+            with self.lock:
+                rows = self.warm.conn.execute(
+                    "SELECT src, dst, kind, weight, created_at FROM edges "
+                    "WHERE (src, dst, kind) > (?, ?, ?) ORDER BY src, dst, kind LIMIT 1000",
+                    last,
+                ).fetchall()
+            if not rows:
+                return
+            yield from (Edge(*r) for r in rows)
+            last = (rows[-1][0], rows[-1][1], rows[-1][2])

@@ -1,0 +1,192 @@
+"""Memories, edges, ids and strength math. Pure: no I/O.
+
+Strength decays lazily: the stored ``strength`` is exact as of ``updated_at`` and the effective
+strength at time ``t`` is ``strength * 0.5 ** ((t - updated_at) / half_life)``. Decay therefore
+writes nothing and never touches the log or the digest; activation records the decayed-then-raised
+value as an after-image, so replay is deterministic.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from typing import Any
+
+import msgspec
+
+from engram.errors import ValidationError
+
+ID_RE = re.compile(r"^[A-Za-z0-9\-_.:@/]{1,256}$")
+KIND_RE = re.compile(r"^[A-Za-z0-9\-_.:@/]{1,64}$")
+DEFAULT_KIND = "related"
+DEFAULT_STRENGTH = 0.5
+DEFAULT_BOOST = 0.1
+MAX_CONTENT_BYTES = 1 << 20
+
+
+class OpType(enum.IntEnum):
+    CREATE_MEMORY = 1
+    UPDATE_MEMORY = 2
+    UPDATE_STRENGTH = 3
+    DELETE_MEMORY = 4
+    CREATE_EDGE = 5
+    DELETE_EDGE = 6
+    ARCHIVE_MEMORIES = 7
+    RESTORE_MEMORIES = 8
+    MARKER = 9
+
+
+MEMORY_OPS = frozenset(
+    {OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY, OpType.UPDATE_STRENGTH, OpType.DELETE_MEMORY}
+)
+EDGE_OPS = frozenset({OpType.CREATE_EDGE, OpType.DELETE_EDGE})
+
+
+class Memory(msgspec.Struct, array_like=True):
+    """A memory. Encoded as a msgpack array (field order is part of the format)."""
+
+    id: str
+    content: str
+    strength: float
+    metadata: dict[str, Any]
+    created_at: int  # UTC ns
+    updated_at: int
+    last_activated_at: int
+    activation_count: int
+
+    def to_json(self, now_ns: int | None = None, half_life_s: float | None = None) -> dict:
+        out = {
+            "id": self.id,
+            "content": self.content,
+            "strength": self.strength,
+            "metadata": self.metadata,
+            "created_at": ns_to_iso(self.created_at),
+            "updated_at": ns_to_iso(self.updated_at),
+            "last_activated_at": ns_to_iso(self.last_activated_at) if self.last_activated_at else None,
+            "activation_count": self.activation_count,
+        }
+        if now_ns is not None and half_life_s is not None:
+            out["effective_strength"] = effective_strength(self, now_ns, half_life_s)
+        return out
+
+
+class Edge(msgspec.Struct, array_like=True):
+    src: str
+    dst: str
+    kind: str
+    weight: float
+    created_at: int
+
+    def key(self) -> tuple[str, str, str]:
+        return (self.src, self.dst, self.kind)
+
+    def to_json(self) -> dict:
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "kind": self.kind,
+            "weight": self.weight,
+            "created_at": ns_to_iso(self.created_at),
+        }
+
+
+def edge_target(src: str, dst: str, kind: str) -> str:
+    # '|' is outside the id and kind alphabets, so the target string is unambiguous.
+    return f"{src}|{dst}|{kind}"
+
+
+def parse_edge_target(target: str) -> tuple[str, str, str]:
+    src, dst, kind = target.split("|")
+    return src, dst, kind
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def check_id(value: Any, field: str = "id") -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string", field=field)
+    if not ID_RE.match(value):
+        if len(value) > 256:
+            raise ValidationError(f"{field} is longer than 256 characters", field=field)
+        raise ValidationError(
+            f"{field} must be 1-256 characters of letters, digits and -_.:@/", field=field
+        )
+    return value
+
+
+def check_kind(value: Any, field: str = "kind") -> str:
+    if not isinstance(value, str) or not KIND_RE.match(value):
+        raise ValidationError(
+            f"{field} must be 1-64 characters of letters, digits and -_.:@/", field=field
+        )
+    return value
+
+
+def check_strength(value: Any, field: str = "strength") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{field} must be a number in [0, 1]", field=field)
+    v = float(value)
+    if not (0.0 <= v <= 1.0):
+        raise ValidationError(f"{field} must be in [0, 1], got {value}", field=field)
+    return v
+
+
+def check_weight(value: Any, field: str = "weight") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{field} must be a finite number", field=field)
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValidationError(f"{field} must be a finite number", field=field)
+    return v
+
+
+def check_content(value: Any, field: str = "content") -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} must be a string", field=field)
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_CONTENT_BYTES:
+        raise ValidationError(f"{field} is larger than {MAX_CONTENT_BYTES} bytes", field=field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{field} is not valid UTF-8 text", field=field) from None
+    return value
+
+
+def check_metadata(value: Any, field: str = "metadata") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValidationError(f"{field} must be a JSON object", field=field)
+    try:
+        msgspec.json.encode(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValidationError(f"{field} is not encodable as JSON: {e}", field=field) from None
+    return value
+
+
+def effective_strength(m: Memory, now_ns: int, half_life_s: float) -> float:
+    if half_life_s <= 0:
+        return m.strength
+    age_s = max(0, now_ns - m.updated_at) / 1e9
+    return m.strength * 0.5 ** (age_s / half_life_s)
+
+
+def activated(m: Memory, now_ns: int, boost: float, half_life_s: float) -> Memory:
+    """The memory after one activation at ``now_ns``: decay, then raise by ``boost`` (cap 1)."""
+    s = min(1.0, effective_strength(m, now_ns, half_life_s) + boost)
+    return msgspec.structs.replace(
+        m,
+        strength=s,
+        updated_at=now_ns,
+        last_activated_at=now_ns,
+        activation_count=m.activation_count + 1,
+    )
+
+
+def ns_to_iso(ns: int) -> str:
+    import datetime as _dt
+
+    secs, rem = divmod(ns, 1_000_000_000)
+    d = _dt.datetime.fromtimestamp(secs, tz=_dt.UTC).replace(microsecond=rem // 1000)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,238 @@
+"""Turning requested ops into log records: validation and before/after images.
+
+A batch is planned against the current state plus an overlay of the batch's own earlier ops, so
+one batch can create two memories and link them. Nothing is written while planning: the first bad
+op raises an error naming its index and field, and the batch as a whole is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from engram.errors import Conflict, EngramError, NotFound, ValidationError
+from engram.model import (
+    DEFAULT_BOOST,
+    DEFAULT_KIND,
+    DEFAULT_STRENGTH,
+    Edge,
+    Memory,
+    OpType,
+    activated,
+    check_content,
+    check_id,
+    check_kind,
+    check_metadata,
+    check_strength,
+    check_weight,
+    edge_target,
+    effective_strength,
+    new_id,
+)
+
+OP_NAMES = (
+    "create_memory",
+    "update_memory",
+    "activate",
+    "delete_memory",
+    "create_edge",
+    "delete_edge",
+    "mark",
+)
+
+_ALLOWED_FIELDS = {
+    "create_memory": {"op", "id", "content", "strength", "metadata"},
+    "update_memory": {"op", "id", "content", "strength", "metadata"},
+    "activate": {"op", "id", "boost"},
+    "delete_memory": {"op", "id"},
+    "create_edge": {"op", "src", "dst", "kind", "weight"},
+    "delete_edge": {"op", "src", "dst", "kind"},
+    "mark": {"op", "name"},
+}
+
+
+@dataclass(slots=True)
+class Planned:
+    op: OpType
+    target: str
+    before: Memory | Edge | None
+    after: Memory | Edge | dict | None
+
+
+class StateView:
+    """What the planner needs to read; the engine provides it (under its lock)."""
+
+    get_memory: Callable[[str], Memory | None]
+    get_edge: Callable[[str, str, str], Edge | None]
+    edges_of: Callable[[str], list[Edge]]
+
+
+class Planner:
+    def __init__(self, state: StateView, ts_ns: int, half_life_s: float) -> None:
+        self.state = state
+        self.ts = ts_ns
+        self.half_life_s = half_life_s
+        self.mems: dict[str, Memory | None] = {}
+        self.edges: dict[tuple[str, str, str], Edge | None] = {}
+        self.out: list[Planned] = []
+        self.results: list[dict[str, Any]] = []
+
+    # -- overlay reads -------------------------------------------------------------------
+
+    def memory(self, mid: str) -> Memory | None:
+        if mid in self.mems:
+            return self.mems[mid]
+        return self.state.get_memory(mid)
+
+    def edge(self, src: str, dst: str, kind: str) -> Edge | None:
+        k = (src, dst, kind)
+        if k in self.edges:
+            return self.edges[k]
+        return self.state.get_edge(src, dst, kind)
+
+    def edges_of(self, mid: str) -> list[Edge]:
+        found: dict[tuple[str, str, str], Edge] = {e.key(): e for e in self.state.edges_of(mid)}
+        for k, e in self.edges.items():
+            if mid in (k[0], k[1]):
+                if e is None:
+                    found.pop(k, None)
+                else:
+                    found[k] = e
+        return list(found.values())
+
+    def _emit(self, op: OpType, target: str, before: Any, after: Any) -> None:
+        self.out.append(Planned(op, target, before, after))
+        if op in (OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY, OpType.UPDATE_STRENGTH):
+            self.mems[target] = after
+        elif op == OpType.DELETE_MEMORY:
+            self.mems[target] = None
+        elif op == OpType.CREATE_EDGE:
+            self.edges[after.key()] = after
+        elif op == OpType.DELETE_EDGE:
+            self.edges[before.key()] = None
+
+    # -- ops -----------------------------------------------------------------------------
+
+    def add(self, raw: Any, index: int | None = None) -> dict[str, Any]:
+        """Plan one op (a dict as in POST /v1/batch); errors name the op's index."""
+        try:
+            if not isinstance(raw, dict):
+                raise ValidationError("each op must be a JSON object", field="op")
+            name = raw.get("op")
+            if name not in _ALLOWED_FIELDS:
+                raise ValidationError(
+                    f"op must be one of {', '.join(OP_NAMES)}, got {name!r}", field="op"
+                )
+            extra = set(raw) - _ALLOWED_FIELDS[name]
+            if extra:
+                f = sorted(extra)[0]
+                raise ValidationError(f"unknown field {f!r} for {name}", field=f)
+            result = getattr(self, name)(**{k: v for k, v in raw.items() if k != "op"})
+        except EngramError as e:
+            if index is not None:
+                e.details["index"] = index
+                e.message = f"op {index}: {e.message}"
+                e.args = (e.message,)
+            raise
+        self.results.append(result)
+        return result
+
+    def create_memory(
+        self,
+        content: Any = None,
+        id: Any = None,
+        strength: Any = None,
+        metadata: Any = None,
+    ) -> dict[str, Any]:
+        mid = new_id() if id is None else check_id(id)
+        if content is None:
+            raise ValidationError("content is required", field="content")
+        content = check_content(content)
+        s = DEFAULT_STRENGTH if strength is None else check_strength(strength)
+        md = {} if metadata is None else check_metadata(metadata)
+        if self.memory(mid) is not None:
+            raise Conflict(f"memory {mid} already exists; update it with PATCH", field="id")
+        m = Memory(mid, content, s, md, self.ts, self.ts, 0, 0)
+        self._emit(OpType.CREATE_MEMORY, mid, None, m)
+        return {"op": "create_memory", "id": mid}
+
+    def _existing(self, mid: Any, field: str = "id") -> Memory:
+        mid = check_id(mid, field)
+        m = self.memory(mid)
+        if m is None:
+            raise NotFound(f"memory {mid} does not exist", field=field)
+        return m
+
+    def update_memory(
+        self, id: Any = None, content: Any = None, strength: Any = None, metadata: Any = None
+    ) -> dict[str, Any]:
+        if id is None:
+            raise ValidationError("id is required", field="id")
+        m = self._existing(id)
+        changes: dict[str, Any] = {"updated_at": self.ts}
+        if content is not None:
+            changes["content"] = check_content(content)
+        # Strength is stored as of updated_at: carry the decayed value forward unless set.
+        changes["strength"] = (
+            check_strength(strength)
+            if strength is not None
+            else effective_strength(m, self.ts, self.half_life_s)
+        )
+        if metadata is not None:
+            changes["metadata"] = check_metadata(metadata)
+        after = msgspec.structs.replace(m, **changes)
+        self._emit(OpType.UPDATE_MEMORY, m.id, m, after)
+        return {"op": "update_memory", "id": m.id}
+
+    def activate(self, id: Any = None, boost: Any = None) -> dict[str, Any]:
+        if id is None:
+            raise ValidationError("id is required", field="id")
+        b = DEFAULT_BOOST if boost is None else check_strength(boost, "boost")
+        m = self._existing(id)
+        after = activated(m, self.ts, b, self.half_life_s)
+        self._emit(OpType.UPDATE_STRENGTH, m.id, m, after)
+        return {"op": "activate", "id": m.id, "strength": after.strength}
+
+    def delete_memory(self, id: Any = None) -> dict[str, Any]:
+        if id is None:
+            raise ValidationError("id is required", field="id")
+        m = self._existing(id)
+        edges = self.edges_of(m.id)
+        for e in sorted(edges, key=Edge.key):
+            self._emit(OpType.DELETE_EDGE, edge_target(*e.key()), e, None)
+        self._emit(OpType.DELETE_MEMORY, m.id, m, None)
+        return {"op": "delete_memory", "id": m.id, "edges_deleted": len(edges)}
+
+    def create_edge(
+        self, src: Any = None, dst: Any = None, kind: Any = None, weight: Any = None
+    ) -> dict[str, Any]:
+        if src is None:
+            raise ValidationError("src is required", field="src")
+        if dst is None:
+            raise ValidationError("dst is required", field="dst")
+        s = self._existing(src, "src").id
+        d = self._existing(dst, "dst").id
+        k = DEFAULT_KIND if kind is None else check_kind(kind)
+        w = 1.0 if weight is None else check_weight(weight)
+        old = self.edge(s, d, k)
+        e = Edge(s, d, k, w, old.created_at if old else self.ts)
+        self._emit(OpType.CREATE_EDGE, edge_target(s, d, k), old, e)
+        return {"op": "create_edge", "src": s, "dst": d, "kind": k}
+
+    def delete_edge(self, src: Any = None, dst: Any = None, kind: Any = None) -> dict[str, Any]:
+        s = check_id(src, "src")
+        d = check_id(dst, "dst")
+        k = DEFAULT_KIND if kind is None else check_kind(kind)
+        old = self.edge(s, d, k)
+        if old is None:
+            raise NotFound(f"edge {s} -> {d} ({k}) does not exist", field="src")
+        self._emit(OpType.DELETE_EDGE, edge_target(s, d, k), old, None)
+        return {"op": "delete_edge", "src": s, "dst": d, "kind": k}
+
+    def mark(self, name: Any = None) -> dict[str, Any]:
+        n = check_id(name, "name")
+        self._emit(OpType.MARKER, n, None, {"name": n})
+        return {"op": "mark", "name": n}

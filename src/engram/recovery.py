@@ -1,0 +1,176 @@
+"""Recovery on open (DESIGN O5): warm tier at ``applied_lsn``, then replay the log after it.
+
+Only the segments that hold records past ``applied_lsn`` are read; every segment's header is
+checked (database id, first LSN). A torn tail of the last segment is cut with a warning; any
+other damage stops start-up with the segment and offset named.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engram import digest as dg
+from engram.errors import CorruptData, CorruptLog, ForeignLog, LogGap
+from engram.format import record as fmt
+from engram.model import OpType
+from engram.oplog.reader import LogFile, iter_log_files, list_segments
+from engram.oplog.writer import LogWriter
+from engram.tiers.warm import WarmTier
+
+log = logging.getLogger("engram")
+
+REPLAY_BATCH = 10_000
+
+
+@dataclass
+class Recovered:
+    digest: dg.Digest
+    last_lsn: int
+    last_ts: int
+    replayed: int
+
+
+def read_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        try:
+            return fmt.decode_file_header(head, str(path))[1]
+        except CorruptLog:
+            f.seek(0)
+            return fmt.decode_file_header(f.read(fmt.max_header_size()), str(path))[1]
+
+
+def check_segment_headers(segs: list[tuple[int, Path]], database_id: str) -> None:
+    for first, path in segs:
+        h = read_header(path)
+        if h.get("database_id") != database_id:
+            raise ForeignLog(
+                f"{path} belongs to database {h.get('database_id')}, but this data dir is "
+                f"{database_id}; move that file out of oplog/"
+            )
+        if h.get("first_lsn") != first:
+            raise CorruptLog(
+                f"{path.name}: header says first LSN {h.get('first_lsn')}, name says {first}",
+                segment=str(path),
+                offset=0,
+            )
+
+
+def replay(
+    warm: WarmTier,
+    files: list[Path],
+    database_id: str,
+    digest: dg.Digest,
+    after_lsn: int,
+    *,
+    torn_tail_last: bool,
+    opened: list[LogFile] | None = None,
+    stop: Callable | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int, int]:
+    """Apply records after ``after_lsn`` to ``warm`` in batches, committing on transaction
+    boundaries. ``stop(rec)`` returning True ends the replay before ``rec``'s transaction.
+    Returns (last_lsn, last_ts, count)."""
+    last_lsn, last_ts, n, since_commit = after_lsn, 0, 0, 0
+    t0 = last_report = time.monotonic()
+    warm.begin()
+    txn: list = []
+    for rec in iter_log_files(files, database_id, after_lsn, torn_tail_last, opened):
+        txn.append(rec)
+        if not rec.txn_end:
+            continue
+        if stop is not None and stop(txn[0]):
+            break
+        for r in txn:
+            if r.op != OpType.MARKER:
+                digest.replace(r.decode_before(), r.decode_after())
+            warm.apply(r)
+        n += len(txn)
+        since_commit += len(txn)
+        last_lsn, last_ts = rec.lsn, rec.ts_ns
+        txn = []
+        if since_commit >= REPLAY_BATCH:
+            warm.commit(last_lsn, digest.hex, last_ts)
+            warm.begin()
+            since_commit = 0
+            if progress is not None:
+                progress(n, last_lsn)
+            now = time.monotonic()
+            if now - last_report >= 2.0:
+                rate = n / max(now - t0, 1e-9)
+                log.info("replayed %d records up to LSN %d (%.0f/s)", n, last_lsn, rate)
+                last_report = now
+    warm.commit(last_lsn, digest.hex, last_ts or None)
+    if progress is not None:
+        progress(n, last_lsn)
+    return last_lsn, last_ts, n
+
+
+def recover(
+    warm: WarmTier,
+    oplog_dir: Path,
+    database_id: str,
+    writer: LogWriter,
+    progress: Callable[[int, int], None] | None = None,
+) -> Recovered:
+    stored_id = warm.get_meta("database_id")
+    if stored_id is None:
+        warm.begin()
+        warm.set_meta("database_id", database_id)
+        warm.commit(warm.applied_lsn, warm.get_meta("digest", dg.EMPTY) or dg.EMPTY)
+    elif stored_id != database_id:
+        raise CorruptData(
+            f"the warm tier belongs to database {stored_id} but identity.json says {database_id}; "
+            "restore the data dir from a backup"
+        )
+    applied = warm.applied_lsn
+    digest = dg.Digest.from_hex(warm.get_meta("digest", dg.EMPTY) or dg.EMPTY)
+    last_ts = int(warm.get_meta("last_ts", "0") or 0)
+    segs = list_segments(oplog_dir)
+    if not segs:
+        writer.start_segment(applied + 1, digest.hex)
+        writer.written_lsn = writer.durable_lsn = applied
+        return Recovered(digest, applied, last_ts, 0)
+    check_segment_headers(segs, database_id)
+    if segs[0][0] > applied + 1:
+        raise LogGap(
+            f"the warm tier is at LSN {applied} but the log starts at {segs[0][0]}: records "
+            f"{applied + 1}..{segs[0][0] - 1} are missing; restore from a backup",
+        )
+    start = max(i for i, (first, _) in enumerate(segs) if first <= applied + 1)
+    paths = [p for _, p in segs[start:]]
+    opened: list[LogFile] = []
+    t0 = time.monotonic()
+    last_lsn, ts, n = replay(
+        warm,
+        paths,
+        database_id,
+        digest,
+        applied,
+        torn_tail_last=True,
+        opened=opened,
+        progress=progress,
+    )
+    tail = opened[-1]
+    log_end = tail.last_lsn if tail.last_lsn is not None else segs[-1][0] - 1
+    if log_end < applied:
+        raise CorruptData(
+            f"the warm tier is at LSN {applied} but the log ends at {log_end}; the log lost "
+            "records — restore from a backup (docs/RUNBOOK.md)"
+        )
+    if tail.torn is not None:
+        log.warning(
+            "%s: cut a torn tail at offset %d (%s); nothing acknowledged was lost",
+            tail.path.name,
+            tail.torn.offset,
+            tail.torn.reason,
+        )
+    writer.open_existing(tail.path, tail.valid_end, max(last_lsn, log_end))
+    if n:
+        dt = time.monotonic() - t0
+        log.info("recovery replayed %d records in %.2fs (%.0f/s)", n, dt, n / max(dt, 1e-9))
+    return Recovered(digest, max(last_lsn, applied), ts or last_ts, n)

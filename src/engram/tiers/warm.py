@@ -1,0 +1,297 @@
+"""The warm tier: the complete graph in SQLite (WAL mode) on local disk (DESIGN O4).
+
+One connection writes, inside a long-lived transaction that the engine commits at checkpoints;
+``applied_lsn`` and the digest are written in that same transaction, so the file on disk always
+says exactly which prefix of the log it contains. Reads made through the writing connection see
+its uncommitted changes; other connections (backups, verify) see the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import msgspec
+
+from engram.errors import CorruptData
+from engram.format.record import Record
+from engram.model import Edge, Memory, OpType, parse_edge_target
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS memories (
+    rowid INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    content TEXT NOT NULL,
+    strength REAL NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    last_activated_at INTEGER NOT NULL,
+    activation_count INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges (
+    src TEXT NOT NULL,
+    dst TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    weight REAL NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (src, dst, kind)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS edges_by_dst ON edges (dst, src, kind);
+CREATE TABLE IF NOT EXISTS cold_stubs (
+    id TEXT PRIMARY KEY,
+    segment TEXT NOT NULL,
+    archived_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cold_stubs_by_segment ON cold_stubs (segment);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
+    content, content='memories', content_rowid='rowid'
+);
+CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
+    INSERT INTO memories_fts(rowid, content) VALUES (new.rowid, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
+    INSERT INTO memories_fts(memories_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF content ON memories BEGIN
+    INSERT INTO memories_fts(memories_fts, rowid, content) VALUES ('delete', old.rowid, old.content);
+    INSERT INTO memories_fts(rowid, content) VALUES (new.rowid, new.content);
+END;
+"""
+
+_COLS = "id, content, strength, metadata, created_at, updated_at, last_activated_at, activation_count"
+_UPSERT_MEMORY = f"""
+INSERT INTO memories ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(id) DO UPDATE SET content=excluded.content, strength=excluded.strength,
+  metadata=excluded.metadata, created_at=excluded.created_at, updated_at=excluded.updated_at,
+  last_activated_at=excluded.last_activated_at, activation_count=excluded.activation_count
+"""
+_UPSERT_EDGE = """
+INSERT INTO edges (src, dst, kind, weight, created_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT(src, dst, kind) DO UPDATE SET weight=excluded.weight, created_at=excluded.created_at
+"""
+
+_json_enc = msgspec.json.Encoder()
+_json_dec = msgspec.json.Decoder(dict)
+
+
+def _mem_row(m: Memory) -> tuple:
+    return (
+        m.id,
+        m.content,
+        m.strength,
+        _json_enc.encode(m.metadata).decode(),
+        m.created_at,
+        m.updated_at,
+        m.last_activated_at,
+        m.activation_count,
+    )
+
+
+def row_to_memory(r: tuple) -> Memory:
+    return Memory(r[0], r[1], r[2], _json_dec.decode(r[3]), r[4], r[5], r[6], r[7])
+
+
+def row_to_edge(r: tuple) -> Edge:
+    return Edge(r[0], r[1], r[2], r[3], r[4])
+
+
+def connect(path: Path, readonly: bool = False, cache_mib: int = 64) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute(f"PRAGMA cache_size=-{cache_mib * 1024}")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    return conn
+
+
+class WarmTier:
+    def __init__(self, path: Path, readonly: bool = False, cache_mib: int = 64) -> None:
+        self.path = path
+        self.readonly = readonly
+        if not readonly:
+            if not path.exists():
+                path.touch(mode=0o600)
+        elif not path.exists():
+            raise CorruptData(f"{path} is missing; the data dir is incomplete")
+        try:
+            self.conn = connect(path, readonly=readonly, cache_mib=cache_mib)
+            if not readonly:
+                self.conn.executescript(SCHEMA)
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            self.conn.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise CorruptData(
+                f"{path}: cannot open the warm tier ({e}); restore from a backup (docs/RUNBOOK.md)"
+            ) from None
+        self.in_txn = False
+
+    # -- transactions --------------------------------------------------------------------
+
+    def begin(self) -> None:
+        if not self.in_txn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.in_txn = True
+
+    def commit(self, applied_lsn: int, digest_hex: str, last_ts: int | None = None) -> None:
+        """Record the covered LSN and digest in the same transaction as the changes (O4)."""
+        self.begin()
+        self.set_meta("applied_lsn", str(applied_lsn))
+        self.set_meta("digest", digest_hex)
+        if last_ts:
+            self.set_meta("last_ts", str(last_ts))
+        self.conn.execute("COMMIT")
+        self.in_txn = False
+
+    def rollback(self) -> None:
+        if self.in_txn:
+            self.conn.execute("ROLLBACK")
+            self.in_txn = False
+
+    def close(self) -> None:
+        self.rollback()
+        self.conn.close()
+
+    # -- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        r = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return r[0] if r else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    @property
+    def applied_lsn(self) -> int:
+        return int(self.get_meta("applied_lsn", "0") or 0)
+
+    # -- memories and edges --------------------------------------------------------------
+
+    def get_memory(self, mid: str) -> Memory | None:
+        r = self.conn.execute(f"SELECT {_COLS} FROM memories WHERE id=?", (mid,)).fetchone()
+        return row_to_memory(r) if r else None
+
+    def get_memories(self, ids: Iterable[str]) -> dict[str, Memory]:
+        ids = list(ids)
+        out: dict[str, Memory] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            q = f"SELECT {_COLS} FROM memories WHERE id IN ({','.join('?' * len(chunk))})"
+            for r in self.conn.execute(q, chunk):
+                out[r[0]] = row_to_memory(r)
+        return out
+
+    def put_memory(self, m: Memory) -> None:
+        self.conn.execute(_UPSERT_MEMORY, _mem_row(m))
+
+    def put_memories(self, ms: Iterable[Memory]) -> None:
+        self.conn.executemany(_UPSERT_MEMORY, (_mem_row(m) for m in ms))
+
+    def delete_memory(self, mid: str) -> None:
+        self.conn.execute("DELETE FROM memories WHERE id=?", (mid,))
+
+    def get_edge(self, src: str, dst: str, kind: str) -> Edge | None:
+        r = self.conn.execute(
+            "SELECT src, dst, kind, weight, created_at FROM edges WHERE src=? AND dst=? AND kind=?",
+            (src, dst, kind),
+        ).fetchone()
+        return row_to_edge(r) if r else None
+
+    def put_edge(self, e: Edge) -> None:
+        self.conn.execute(_UPSERT_EDGE, (e.src, e.dst, e.kind, e.weight, e.created_at))
+
+    def delete_edge(self, src: str, dst: str, kind: str) -> None:
+        self.conn.execute("DELETE FROM edges WHERE src=? AND dst=? AND kind=?", (src, dst, kind))
+
+    def edges_out(self, mid: str) -> list[Edge]:
+        rows = self.conn.execute(
+            "SELECT src, dst, kind, weight, created_at FROM edges WHERE src=?", (mid,)
+        )
+        return [row_to_edge(r) for r in rows]
+
+    def edges_in(self, mid: str) -> list[Edge]:
+        rows = self.conn.execute(
+            "SELECT src, dst, kind, weight, created_at FROM edges WHERE dst=?", (mid,)
+        )
+        return [row_to_edge(r) for r in rows]
+
+    def edges_of(self, mid: str) -> list[Edge]:
+        out = self.edges_out(mid)
+        out.extend(e for e in self.edges_in(mid) if e.src != mid)
+        return out
+
+    def has_memory(self, mid: str) -> bool:
+        r = self.conn.execute("SELECT 1 FROM memories WHERE id=?", (mid,)).fetchone()
+        return r is not None
+
+    def search(self, query: str, limit: int) -> list[tuple[str, float]]:
+        """Full-text matches as (id, bm25 score, higher is better)."""
+        rows = self.conn.execute(
+            "SELECT m.id, -bm25(memories_fts) FROM memories_fts JOIN memories m "
+            "ON m.rowid = memories_fts.rowid WHERE memories_fts MATCH ? "
+            "ORDER BY bm25(memories_fts) LIMIT ?",
+            (query, limit),
+        )
+        return [(r[0], float(r[1])) for r in rows]
+
+    def counts(self) -> tuple[int, int, int]:
+        m = self.conn.execute("SELECT count(*) FROM memories").fetchone()[0]
+        e = self.conn.execute("SELECT count(*) FROM edges").fetchone()[0]
+        c = self.conn.execute("SELECT count(*) FROM cold_stubs").fetchone()[0]
+        return m, e, c
+
+    def iter_memories(self, batch: int = 5000) -> Iterator[Memory]:
+        last = ""
+        while True:
+            rows = self.conn.execute(
+                f"SELECT {_COLS} FROM memories WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield row_to_memory(r)
+            last = rows[-1][0]
+
+    def iter_edges(self, batch: int = 5000) -> Iterator[Edge]:
+        last = ("", "", "")
+        while True:
+            rows = self.conn.execute(
+                "SELECT src, dst, kind, weight, created_at FROM edges "
+                "WHERE (src, dst, kind) > (?, ?, ?) ORDER BY src, dst, kind LIMIT ?",
+                (*last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield row_to_edge(r)
+            last = (rows[-1][0], rows[-1][1], rows[-1][2])
+
+    # -- redo ----------------------------------------------------------------------------
+
+    def apply(self, rec: Record) -> None:
+        """Redo one record from its after-image; idempotent (O3)."""
+        op = rec.op
+        if op in (OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY, OpType.UPDATE_STRENGTH):
+            self.put_memory(rec.decode_after())
+        elif op == OpType.DELETE_MEMORY:
+            self.delete_memory(rec.target)
+        elif op == OpType.CREATE_EDGE:
+            self.put_edge(rec.decode_after())
+        elif op == OpType.DELETE_EDGE:
+            self.delete_edge(*parse_edge_target(rec.target))
+        # Markers carry no state; archive records are handled by the cold tier.
