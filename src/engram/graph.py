@@ -9,7 +9,9 @@ is fsynced up to the same LSN, so ``applied_lsn`` never runs ahead of the durabl
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import threading
 import time
@@ -20,9 +22,10 @@ from typing import Any
 
 from engram import digest as dg
 from engram.datadir import DirLock, Layout, init_data_dir, is_initialized, read_identity
-from engram.errors import EngramError, NotFound, Unavailable, ValidationError
+from engram.errors import EngramError, LogGap, NotFound, Unavailable, ValidationError
 from engram.format import record as fmt
-from engram.model import Edge, Memory, OpType, check_id, effective_strength
+from engram.model import MEMORY_OPS, Edge, Memory, OpType, check_id, effective_strength
+from engram.oplog.reader import list_segments
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
 from engram.recovery import recover
@@ -44,6 +47,32 @@ class EngineConfig:
     checkpoint_ops: int = 50_000
     cache_mib: int = 64
     batch_interval: float = 0.01
+
+
+@dataclass
+class Cut:
+    """A consistent cut (DESIGN "Backups"): what a backup needs, pinned until ``release_cut``.
+
+    The warm tier's committed state is at ``warm_lsn`` (W); with checkpoints of the SQLite WAL
+    held off, ``warm/engram.db`` plus the first ``wal_size`` bytes of its WAL are exactly that
+    state. The log records (W, S] in ``segments`` bring it to ``snapshot_lsn`` (S).
+    """
+
+    database_id: str
+    snapshot_lsn: int
+    snapshot_ts: int
+    digest: str
+    warm_lsn: int
+    warm_digest: str
+    db_size: int
+    wal_size: int
+    wal_header: bytes
+    segments: list[Path]
+    hot_ids: list[str]
+    taken_ns: int
+    memories: int
+    edges: int
+    stall_ns: int = 0
 
 
 @dataclass
@@ -78,7 +107,11 @@ class Engine:
         self._stop = threading.Event()
         self._ckpt_thread: threading.Thread | None = None
         self._ops_since_ckpt = 0
-        self.checkpoint_hooks: list[Callable[[], None]] = []
+        self.checkpoint_digest = dg.EMPTY
+        self.n_memories = 0
+        self.n_edges = 0
+        self._cuts = 0
+        self._cuts_done = threading.Condition(self.lock)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -110,6 +143,7 @@ class Engine:
         if self.readonly:
             self.warm = WarmTier(self.layout.warm_db, readonly=True, cache_mib=self.config.cache_mib)
             self.last_lsn = self.checkpoint_lsn = self.warm.applied_lsn
+            self.n_memories, self.n_edges, _ = self.warm.counts()
             self.digest = dg.Digest.from_hex(self.warm.get_meta("digest", dg.EMPTY) or dg.EMPTY)
             self.ready = True
             return
@@ -128,8 +162,11 @@ class Engine:
         )
         state = recover(self.warm, self.layout.oplog, self.database_id, self.writer, progress)
         self.digest = state.digest
+        self.checkpoint_digest = state.digest.hex
         self.last_lsn = self.checkpoint_lsn = state.last_lsn
         self.last_ts = state.last_ts
+        self.n_memories, self.n_edges, _ = self.warm.counts()
+        self._prewarm()
         self.writer.start()
         self._ckpt_thread = threading.Thread(
             target=self._checkpointer, name="engram-checkpoint", daemon=True
@@ -147,6 +184,9 @@ class Engine:
             self._ckpt_thread.join()
             self._ckpt_thread = None
         with self.lock:
+            # A backup streaming the warm files needs them unchanged: let it finish first.
+            while self._cuts:
+                self._cuts_done.wait()
             if not self.readonly and self.failed is None and self.writer is not None:
                 try:
                     self.checkpoint()
@@ -197,9 +237,8 @@ class Engine:
                 self._fail(f"warm tier commit failed ({e})")
                 raise Unavailable(self.failed, retry_after=30) from None
             self.checkpoint_lsn = self.last_lsn
+            self.checkpoint_digest = self.digest.hex
             self._ops_since_ckpt = 0
-            for hook in self.checkpoint_hooks:
-                hook()
             return self.checkpoint_lsn
 
     def _checkpointer(self) -> None:
@@ -217,6 +256,124 @@ class Engine:
             "recovery replays the log"
         )
         log.error("%s", self.failed)
+
+    # -- backups -------------------------------------------------------------------------
+
+    def cut(self) -> Cut:
+        """Take a consistent cut; holds the lock for a stat and a 32-byte read only."""
+        if self.readonly or self.writer is None:
+            raise Unavailable("a backup needs the data dir opened for writing", retry_after=0)
+        wal = self.layout.warm_db.with_name("engram.db-wal")
+        t0 = time.perf_counter_ns()
+        with self.lock:
+            if self.failed is not None:
+                raise Unavailable(self.failed, retry_after=30)
+            if self._cuts == 0:
+                # No WAL checkpoints from here on: the main database file stays as it is now.
+                self.warm.conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._cuts += 1
+            try:
+                wal_size, wal_header = _wal_state(wal)
+                cut = Cut(
+                    database_id=self.database_id,
+                    snapshot_lsn=self.last_lsn,
+                    snapshot_ts=self.last_ts,
+                    digest=self.digest.hex,
+                    warm_lsn=self.checkpoint_lsn,
+                    warm_digest=self.checkpoint_digest,
+                    db_size=self.layout.warm_db.stat().st_size,
+                    wal_size=wal_size,
+                    wal_header=wal_header,
+                    segments=[],
+                    hot_ids=[],
+                    taken_ns=time.time_ns(),
+                    memories=self.n_memories,
+                    edges=self.n_edges,
+                )
+            except BaseException:
+                self._release_locked()
+                raise
+            stall = time.perf_counter_ns() - t0
+        cut.stall_ns = stall
+        with self.lock:  # a cache hint, not part of the cut: taken after it
+            cut.hot_ids = self.fast.hot_ids(10_000)
+        segs = list_segments(self.layout.oplog)
+        start = 0
+        for i, (first, _) in enumerate(segs):
+            if first <= cut.warm_lsn + 1:
+                start = i
+        cut.segments = [p for _, p in segs[start:]]
+        return cut
+
+    def position(self) -> tuple[int, int, str]:
+        """(last LSN, its timestamp, digest there), taken together under the lock."""
+        with self.lock:
+            return self.last_lsn, self.last_ts, self.digest.hex
+
+    def release_cut(self, cut: Cut) -> None:
+        with self.lock:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        self._cuts -= 1
+        if self._cuts == 0:
+            self.warm.conn.execute("PRAGMA wal_autocheckpoint=1000")
+            self._cuts_done.notify_all()
+
+    def wal_still_valid(self, cut: Cut) -> bool:
+        """False when SQLite restarted the WAL since the cut (only possible when every frame
+        was already in the main file at the cut, so the main file alone is the W state)."""
+        _, header = _wal_state(self.layout.warm_db.with_name("engram.db-wal"))
+        return header == cut.wal_header
+
+    def _prewarm(self) -> None:
+        """Load the hot set a restored backup brought (fast/hot.json), then forget it."""
+        hot = self.root / "fast" / "hot.json"
+        if not hot.exists():
+            return
+        try:
+            ids = json.loads(hot.read_text()).get("ids", [])
+        except (OSError, ValueError, AttributeError):
+            ids = []
+        for m in self.warm.get_memories([i for i in ids if isinstance(i, str)]).values():
+            self.fast.put(m)
+        hot.unlink(missing_ok=True)
+
+    def append_replayed(self, txn: list[fmt.Record]) -> None:
+        """Append one whole transaction of another log (apply-log, PITR) and apply it: the
+        records keep their LSNs and timestamps, so this data dir's log stays the truth (O1)."""
+        if not txn:
+            return
+        with self.lock:
+            self._check_writable()
+            assert self.writer is not None
+            first = txn[0].lsn
+            if first != self.last_lsn + 1:
+                raise LogGap(
+                    f"the next record is LSN {first} but the data dir is at {self.last_lsn}: "
+                    f"records {self.last_lsn + 1}..{first - 1} are missing"
+                )
+            if self.writer.needs_rotation():
+                self.writer.start_segment(first, self.digest.hex)
+            self.writer.append(b"".join(fmt.record_bytes(r) for r in txn), txn[-1].lsn)
+            self.last_lsn = txn[-1].lsn
+            self.last_ts = max(self.last_ts, txn[-1].ts_ns)
+            try:
+                self.warm.begin()
+                for r in txn:
+                    if r.op == OpType.MARKER:
+                        continue
+                    self.digest.replace(r.decode_before(), r.decode_after())
+                    self._count(r.op, r.before is not None, r.after is not None)
+                    if r.op in MEMORY_OPS:
+                        self.fast.discard(r.target)
+                    self.warm.apply(r)
+            except Exception as e:
+                self._fail(f"applying LSN {first}..{self.last_lsn} failed ({e})")
+                raise Unavailable(self.failed, retry_after=30) from None
+            self._ops_since_ckpt += len(txn)
+            if self._ops_since_ckpt >= self.config.checkpoint_ops:
+                self.checkpoint()
 
     # -- writes --------------------------------------------------------------------------
 
@@ -284,6 +441,7 @@ class Engine:
         for p in planned:
             if p.op != OpType.MARKER:
                 self.digest.replace(p.before, p.after)  # type: ignore[arg-type]
+                self._count(p.op, p.before is not None, p.after is not None)
             if p.op == OpType.UPDATE_STRENGTH:
                 fast.put(p.after, dirty=True)  # type: ignore[arg-type]
             elif p.op in (OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY):
@@ -298,6 +456,13 @@ class Engine:
                 e = p.before
                 assert isinstance(e, Edge)
                 warm.delete_edge(e.src, e.dst, e.kind)
+
+    def _count(self, op: OpType, had: bool, has: bool) -> None:
+        delta = int(has) - int(had)
+        if op in MEMORY_OPS:
+            self.n_memories += delta
+        elif op in (OpType.CREATE_EDGE, OpType.DELETE_EDGE):
+            self.n_edges += delta
 
     def wait(self, lsn: int, timeout: float | None = None) -> None:
         if self.writer is not None:
@@ -417,11 +582,11 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            mems, edges, stubs = self.warm.counts()
+            stubs = self.warm.conn.execute("SELECT count(*) FROM cold_stubs").fetchone()[0]
             return {
                 "database_id": self.database_id,
-                "memories": mems,
-                "edges": edges,
+                "memories": self.n_memories,
+                "edges": self.n_edges,
                 "lsn": self.last_lsn,
                 "digest": self.digest.hex,
                 "tiers": {
@@ -476,3 +641,15 @@ class Engine:
                 return
             yield from (Edge(*r) for r in rows)
             last = (rows[-1][0], rows[-1][1], rows[-1][2])
+
+
+def _wal_state(wal: Path) -> tuple[int, bytes]:
+    """(size, checkpoint sequence and salts) of a SQLite WAL file; (0, b"") when absent."""
+    try:
+        fd = os.open(wal, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0, b""
+    try:
+        return os.fstat(fd).st_size, os.pread(fd, 12, 12)
+    finally:
+        os.close(fd)

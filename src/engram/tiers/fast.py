@@ -9,6 +9,7 @@ being written to the warm tier first.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 
 from engram.model import Memory
@@ -78,9 +79,10 @@ class FastTier:
         self._dirty.clear()
         return out
 
-    def hot_ids(self, limit: int | None = None) -> list[str]:
-        ranked = sorted(self._items.values(), key=lambda m: m.activation_count, reverse=True)
-        return [m.id for m in ranked[:limit]]
+    def hot_ids(self, limit: int) -> list[str]:
+        """The ``limit`` most-activated cached memories, most activated first."""
+        top = heapq.nlargest(limit, self._items.values(), key=lambda m: m.activation_count)
+        return [m.id for m in top]
 
     def clear(self) -> None:
         self._items.clear()

@@ -1,0 +1,384 @@
+"""Streaming tar archives, compressed with zstd or gzip, hashed as they are written and read.
+
+Writing: GNU-format tar headers written by hand and file data streamed in large chunks straight
+into the compressor (no temp copies); sha256 of each member's data and of the compressed output.
+Reading: our own tar reader over the decompressor, which refuses anything but regular files with
+names on the allow-list (no absolute paths, no ``..``, no links, no devices) and writes only into
+the directory it is given, hashing as it goes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tarfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import zstandard
+
+from engram.errors import BadArchive
+from engram.format.manifest import allowed_member
+
+CHUNK = 4 << 20
+BLOCK = 512
+RECORD = 20 * BLOCK
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+Progress = Callable[[int], None]
+
+
+class RawSink(Protocol):
+    def write(self, data: bytes | memoryview) -> int: ...
+
+
+class FileSink:
+    """The compressed output: an O_EXCL file, hashed as written."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha.update(data)
+        mv = memoryview(data)
+        while mv:
+            mv = mv[os.write(self.fd, mv) :]
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def sync_close(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _GzipWriter:
+    def __init__(self, sink: FileSink, level: int = 6) -> None:
+        self.sink = sink
+        self.z = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def write(self, data: bytes | memoryview) -> int:
+        out = self.z.compress(data)
+        if out:
+            self.sink.write(out)
+        return len(data)
+
+    def finish(self) -> None:
+        self.sink.write(self.z.flush())
+
+
+class _ZstdWriter:
+    def __init__(self, sink: FileSink, level: int = 1) -> None:
+        threads = min(os.cpu_count() or 1, 8)
+        cctx = zstandard.ZstdCompressor(level=level, threads=threads if threads > 1 else 0)
+        self.w = cctx.stream_writer(sink, closefd=False, write_size=CHUNK)
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self.w.write(data)
+
+    def finish(self) -> None:
+        self.w.flush(zstandard.FLUSH_FRAME)
+        self.w.close()
+
+
+@dataclass
+class Member:
+    size: int
+    sha256: str
+
+
+@dataclass
+class ArchiveWriter:
+    """Write a tar archive member by member; ``members`` maps name to size and sha256."""
+
+    sink: FileSink
+    compression: str
+    progress: Progress | None = None
+    members: dict[str, Member] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out: _GzipWriter | _ZstdWriter = (
+            _ZstdWriter(self.sink) if self.compression == "zstd" else _GzipWriter(self.sink)
+        )
+        self._buf = bytearray(CHUNK)
+        self.mtime = int(time.time())
+
+    def _header(self, name: str, size: int) -> bytes:
+        ti = tarfile.TarInfo(name)
+        ti.size = size
+        ti.mode = 0o600
+        ti.mtime = self.mtime
+        ti.type = tarfile.REGTYPE
+        ti.uname = ti.gname = "engram"
+        return ti.tobuf(format=tarfile.GNU_FORMAT)
+
+    def _pad(self, size: int) -> None:
+        rem = size % BLOCK
+        if rem:
+            self.out.write(b"\0" * (BLOCK - rem))
+
+    def add_bytes(self, name: str, data: bytes) -> Member:
+        self.out.write(self._header(name, len(data)))
+        self.out.write(data)
+        self._pad(len(data))
+        m = Member(len(data), hashlib.sha256(data).hexdigest())
+        self.members[name] = m
+        if self.progress:
+            self.progress(len(data))
+        return m
+
+    def add_file(self, name: str, path: Path, size: int) -> Member:
+        """Stream the first ``size`` bytes of ``path`` (which must not shrink meanwhile)."""
+        self.out.write(self._header(name, size))
+        sha = hashlib.sha256()
+        buf = self._buf
+        mv = memoryview(buf)
+        left = size
+        with open(path, "rb", buffering=0) as f:
+            while left:
+                n = f.readinto(mv[: min(CHUNK, left)])  # type: ignore[attr-defined]
+                if not n:
+                    raise BadArchive(f"{path} shrank while it was being archived")
+                chunk = mv[:n]
+                sha.update(chunk)
+                self.out.write(chunk)
+                left -= n
+                if self.progress:
+                    self.progress(n)
+        self._pad(size)
+        m = Member(size, sha.hexdigest())
+        self.members[name] = m
+        return m
+
+    def finish(self) -> None:
+        self.out.write(b"\0" * (2 * BLOCK))
+        self.out.finish()
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+class HashingReader:
+    """Reads the compressed archive, hashing every byte (the sidecar check, in the same pass)."""
+
+    def __init__(self, f: BinaryIO, progress: Progress | None = None) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.progress = progress
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        if self.progress and data:
+            self.progress(len(data))
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        n = self.f.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self.sha.update(memoryview(b)[:n])
+            self.size += n
+            if self.progress:
+                self.progress(n)
+        return n or 0
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def sniff_compression(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    raise BadArchive(f"{path} is neither zstd- nor gzip-compressed; it is not an engram backup")
+
+
+class _Decompressed:
+    """A readable stream of the decompressed tar, for zstd or gzip input."""
+
+    def __init__(self, raw: HashingReader, compression: str) -> None:
+        self.raw = raw
+        if compression == "zstd":
+            dctx = zstandard.ZstdDecompressor()
+            self.r: BinaryIO = dctx.stream_reader(raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[assignment]
+        else:
+            import gzip
+
+            self.r = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                chunk = self.r.read(n - len(out))
+            except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
+                raise BadArchive(f"the archive is damaged: decompression failed in {what} ({e})") from None
+            if not chunk:
+                raise BadArchive(f"the archive is truncated: it ends inside {what}")
+            out += chunk
+        return bytes(out)
+
+    def readinto(self, mv: memoryview, what: str) -> int:
+        try:
+            n = self.r.readinto(mv)  # type: ignore[attr-defined]
+        except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
+            raise BadArchive(f"the archive is damaged: decompression failed in {what} ({e})") from None
+        if not n:
+            raise BadArchive(f"the archive is truncated: it ends inside {what}")
+        return int(n)
+
+
+def check_member_name(name: str) -> str:
+    """Refuse names that could write outside the target or that are not ours."""
+    if not name or name.startswith("/") or "\\" in name or "\0" in name:
+        raise BadArchive(f"archive member {name!r} has an absolute or invalid path; refused")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise BadArchive(f"archive member {name!r} has a '..' or empty path component; refused")
+    if not allowed_member(name):
+        raise BadArchive(f"archive member {name!r} is not part of an engram backup; refused")
+    return name
+
+
+_KIND_NAMES = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.DIRTYPE: "a directory",
+    tarfile.CONTTYPE: "a contiguous file",
+}
+
+
+def extract_verified(
+    archive: Path,
+    dest: Path,
+    progress: Progress | None = None,
+    writer: Callable[[Path], BinaryIO] | None = None,
+) -> tuple[dict[str, Member], bytes | None, str]:
+    """Extract every member into ``dest`` (an empty private dir), hashing as it goes.
+
+    Returns (members, manifest bytes or None, sha256 of the compressed archive). Refuses any
+    member that is not a regular file with an allowed name, duplicates, and trailing garbage.
+    """
+    compression = sniff_compression(archive)
+    members: dict[str, Member] = {}
+    manifest: bytes | None = None
+    open_out = writer or (lambda p: open(p, "xb", buffering=0))  # noqa: SIM115
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    with open(archive, "rb") as f:
+        raw = HashingReader(f, progress)
+        src = _Decompressed(raw, compression)
+        zero_blocks = 0
+        while True:
+            hdr = src.read_exact(BLOCK, "a tar header")
+            if hdr == b"\0" * BLOCK:
+                zero_blocks += 1
+                if zero_blocks == 2:
+                    break
+                continue
+            if zero_blocks:
+                raise BadArchive("the archive has data after an end-of-archive marker")
+            try:
+                ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "strict")
+            except (tarfile.HeaderError, UnicodeDecodeError) as e:
+                raise BadArchive(f"the archive has an invalid tar header ({e})") from None
+            name = ti.name
+            if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                kind = _KIND_NAMES.get(ti.type, f"of tar type {ti.type!r}")
+                raise BadArchive(f"archive member {name!r} is {kind}, not a regular file; refused")
+            check_member_name(name)
+            if name in members:
+                raise BadArchive(f"archive member {name!r} appears twice; refused")
+            if ti.size < 0 or ti.size > 1 << 44:
+                raise BadArchive(f"archive member {name!r} has an impossible size")
+            target = dest / name
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            sha = hashlib.sha256()
+            keep = bytearray() if name == "manifest.json" else None
+            if keep is not None and ti.size > 16 << 20:
+                raise BadArchive("manifest.json is implausibly large; refused")
+            left = ti.size
+            try:
+                out = open_out(target)
+            except FileExistsError:
+                raise BadArchive(f"archive member {name!r} appears twice; refused") from None
+            try:
+                while left:
+                    n = src.readinto(mv[: min(CHUNK, left)], repr(name))
+                    chunk = mv[:n]
+                    sha.update(chunk)
+                    _write_all(out, chunk)
+                    if keep is not None:
+                        keep += chunk
+                    left -= n
+                os.fsync(out.fileno())
+            finally:
+                out.close()
+            os.chmod(target, 0o600)
+            pad = (-ti.size) % BLOCK
+            if pad:
+                src.read_exact(pad, repr(name))
+            members[name] = Member(ti.size, sha.hexdigest())
+            if keep is not None:
+                manifest = bytes(keep)
+        # The rest of the stream must be zeros (tar record padding), then nothing.
+        while True:
+            try:
+                rest = src.r.read(CHUNK)
+            except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
+                raise BadArchive(f"the archive is damaged after its last member ({e})") from None
+            if not rest:
+                break
+            if rest.count(0) != len(rest):
+                raise BadArchive("the archive has data after an end-of-archive marker")
+        raw.drain()
+    return members, manifest, raw.sha.hexdigest()
+
+
+def _write_all(out: BinaryIO, data: memoryview) -> None:
+    while data:
+        n = out.write(data)
+        if n is None:
+            raise OSError(errno.EIO, "short write")
+        data = data[n:]
+
+
+def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    sha = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(mv)  # type: ignore[attr-defined]
+            if not n:
+                break
+            sha.update(mv[:n])
+            if progress:
+                progress(n)
+    return sha.hexdigest()

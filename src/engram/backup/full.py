@@ -1,0 +1,237 @@
+"""Full backups: one archive of a consistent cut (DESIGN "Backups").
+
+Write order: the archive goes to a hidden temp file beside PATH while it is hashed; it is
+fsynced, then the sidecar is written the same way; only then are both renamed into place and the
+directory fsynced. On any failure both temp files are removed and nothing appears at PATH or
+PATH.sha256; earlier backups in the directory are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engram import __version__
+from engram.backup.archive import ArchiveWriter, FileSink
+from engram.backup.catalog import write_info
+from engram.errors import BackupError, EngramError, UsageError
+from engram.format import record as fmt
+from engram.format.manifest import (
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    compression_for,
+    encode_manifest,
+    encode_sidecar,
+)
+from engram.fsutil import fsync_dir
+from engram.graph import Cut, Engine
+from engram.model import ns_to_iso
+from engram.oplog.reader import iter_log_files
+
+SinkFactory = Callable[[Path], FileSink]
+
+
+@dataclass
+class BackupResult:
+    kind: str
+    path: str
+    sidecar: str
+    size: int
+    sha256: str
+    duration_s: float
+    snapshot_lsn: int
+    snapshot_time: str
+    digest: str
+    database_id: str
+    from_lsn: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    stall_ms: float = 0.0
+    note: str | None = None
+    validation: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_output(output: Path, kinds: tuple[str, ...]) -> None:
+    if output.exists() or output.with_name(output.name + ".sha256").exists():
+        raise UsageError(f"{output} already exists; choose a new name (backups are never overwritten)")
+    if not output.parent.is_dir():
+        raise UsageError(f"directory {output.parent} does not exist; create it first")
+
+
+def temp_paths(output: Path) -> tuple[Path, Path]:
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    return (
+        output.with_name(f".{output.name}.tmp-{tag}"),
+        output.with_name(f".{output.name}.sha256.tmp-{tag}"),
+    )
+
+
+def publish(tmp: Path, tmp_side: Path, output: Path, sha: str) -> Path:
+    """Write the sidecar, then rename archive and sidecar into place (see module doc)."""
+    side = output.with_name(output.name + ".sha256")
+    fd = os.open(tmp_side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, encode_sidecar(sha))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, output)
+    try:
+        os.rename(tmp_side, side)
+    except OSError:
+        output.unlink(missing_ok=True)
+        raise
+    fsync_dir(output.parent)
+    return side
+
+
+def describe_os_error(e: OSError, output: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"disk full while writing {output}; free space and run the backup again"
+    return f"I/O error while writing {output} ({e.strerror or e}); check the disk and retry"
+
+
+def _log_segment_bytes(engine: Engine, cut: Cut) -> bytes | None:
+    """The records (W, S] as one segment file whose header carries the digest at W."""
+    if cut.snapshot_lsn == cut.warm_lsn:
+        return None
+    parts = [
+        fmt.encode_file_header(
+            fmt.KIND_SEGMENT,
+            {
+                "database_id": cut.database_id,
+                "format_version": fmt.FORMAT_VERSION,
+                "first_lsn": cut.warm_lsn + 1,
+                "created_at_ns": cut.taken_ns,
+                "base_digest": cut.warm_digest,
+            },
+        )
+    ]
+    for rec in iter_log_files(cut.segments, cut.database_id, cut.warm_lsn):
+        if rec.lsn > cut.snapshot_lsn:
+            break
+        parts.append(fmt.record_bytes(rec))
+        if rec.lsn == cut.snapshot_lsn:
+            break
+    return b"".join(parts)
+
+
+def full_backup(
+    engine: Engine,
+    output: Path,
+    progress: Callable[[int, int], None] | None = None,
+    sink_factory: SinkFactory = FileSink,
+) -> BackupResult:
+    output = Path(output).absolute()
+    compression = compression_for(output.name)
+    if compression is None:
+        raise UsageError(
+            f"{output.name}: a full backup must end in .tar.zst (recommended) or .tar.gz"
+        )
+    check_output(output, ("full",))
+    t0 = time.monotonic()
+    tmp, tmp_side = temp_paths(output)
+    cut = engine.cut()
+    sink: FileSink | None = None
+    try:
+        wal = engine.layout.warm_db.with_name("engram.db-wal")
+        total = cut.db_size + cut.wal_size
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+
+        sink = sink_factory(tmp)
+        aw = ArchiveWriter(sink, compression, tick)
+        identity = engine.layout.identity.read_bytes()
+        aw.add_bytes("identity.json", identity)
+        aw.add_file("warm/engram.db", engine.layout.warm_db, cut.db_size)
+        wal_data = _read_wal(wal, cut.wal_size)
+        # A WAL restarted since the cut means every frame was in the main file already.
+        if wal_data and engine.wal_still_valid(cut):
+            aw.add_bytes("warm/engram.db-wal", wal_data)
+        seg = _log_segment_bytes(engine, cut)
+        if seg is not None:
+            aw.add_bytes(f"oplog/{fmt.segment_name(cut.warm_lsn + 1)}", seg)
+        aw.add_bytes("fast/hot.json", json.dumps({"ids": cut.hot_ids}).encode())
+        cold = sorted(p for p in engine.layout.cold.glob("*.seg") if p.is_file())
+        for p in cold:
+            aw.add_file(f"cold/{p.name}", p, p.stat().st_size)
+        manifest = {
+            "format_version": MANIFEST_VERSION,
+            "kind": "full",
+            "database_id": cut.database_id,
+            "engram_version": __version__,
+            "created_at": ns_to_iso(time.time_ns()),
+            "snapshot_lsn": cut.snapshot_lsn,
+            "snapshot_time": ns_to_iso(cut.snapshot_ts) if cut.snapshot_ts else "",
+            "snapshot_time_ns": cut.snapshot_ts,
+            "warm_lsn": cut.warm_lsn,
+            "warm_digest": cut.warm_digest,
+            "digest": cut.digest,
+            "counts": {"memories": cut.memories, "edges": cut.edges},
+            "files": {n: {"size": m.size, "sha256": m.sha256} for n, m in aw.members.items()},
+            "tiers": {
+                "fast": {"hot_ids": len(cut.hot_ids), "file": "fast/hot.json"},
+                "warm": {
+                    "file": "warm/engram.db",
+                    "wal": "warm/engram.db-wal" in aw.members,
+                    "applied_lsn": cut.warm_lsn,
+                },
+                "log": {"from_lsn": cut.warm_lsn + 1, "to_lsn": cut.snapshot_lsn},
+                "cold": {"segments": [p.name for p in cold]},
+            },
+        }
+        aw.add_bytes(MANIFEST_NAME, encode_manifest(manifest))
+        aw.finish()
+        sink.sync_close()
+        publish(tmp, tmp_side, output, sink.sha.hexdigest())
+    except OSError as e:
+        raise BackupError(describe_os_error(e, output)) from None
+    except EngramError:
+        raise
+    except KeyboardInterrupt:
+        raise BackupError(f"interrupted; nothing was written at {output}") from None
+    finally:
+        engine.release_cut(cut)
+        if sink is not None:
+            sink.close()
+        tmp.unlink(missing_ok=True)
+        tmp_side.unlink(missing_ok=True)
+    result = BackupResult(
+        kind="full",
+        path=str(output),
+        sidecar=str(output) + ".sha256",
+        size=output.stat().st_size,
+        sha256=sink.sha.hexdigest(),
+        duration_s=round(time.monotonic() - t0, 3),
+        snapshot_lsn=cut.snapshot_lsn,
+        snapshot_time=manifest["snapshot_time"],
+        digest=cut.digest,
+        database_id=cut.database_id,
+        from_lsn=1,
+        counts=manifest["counts"],
+        stall_ms=round(cut.stall_ns / 1e6, 3),
+    )
+    write_info(output, result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0})
+    return result
+
+
+def _read_wal(wal: Path, size: int) -> bytes:
+    if size <= 0:
+        return b""
+    with open(wal, "rb") as f:
+        data = f.read(size)
+    if len(data) != size:
+        raise BackupError(f"{wal} shrank while it was being archived; run the backup again")
+    return data

@@ -1,0 +1,177 @@
+"""Incremental backups: the log records of a range, in the op-log format (docs/FORMAT.md).
+
+A chain never has a gap: when the newest backup in the output directory ends before the
+requested start, the range starts right after it instead, and the result says so. Ranges always
+begin on a transaction boundary (a transaction's id is its first LSN), so every file can be
+replayed on its own terms.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from engram.backup.archive import FileSink
+from engram.backup.catalog import newest_end, write_info
+from engram.backup.full import BackupResult, check_output, describe_os_error, publish, temp_paths
+from engram.errors import BackupError, EngramError, LogGap, UsageError
+from engram.format import record as fmt
+from engram.format.manifest import compression_for
+from engram.format.record import Record
+from engram.graph import Engine
+from engram.model import ns_to_iso
+from engram.oplog.reader import LogFile, iter_log_files, list_segments
+
+
+def _segments_from(oplog: Path, lsn: int) -> list[Path]:
+    segs = list_segments(oplog)
+    start = 0
+    for i, (first, _) in enumerate(segs):
+        if first <= lsn:
+            start = i
+    return [p for _, p in segs[start:]]
+
+
+def _records(engine: Engine, start: int, end: int, db: str) -> Iterator[Record]:
+    for rec in iter_log_files(_segments_from(engine.layout.oplog, start), db, start - 1):
+        if rec.lsn > end:
+            return
+        yield rec
+
+
+def _first_lsn_since(engine: Engine, since_ns: int) -> int:
+    """The first LSN whose timestamp is at or after ``since_ns`` (scanning newest first)."""
+    segs = list_segments(engine.layout.oplog)
+    for first, path in reversed(segs):
+        lf = LogFile.open(path)
+        recs = list(lf.records(allow_torn_tail=path == segs[-1][1]))
+        if recs and recs[0].ts_ns < since_ns:
+            for r in recs:
+                if r.ts_ns >= since_ns:
+                    return r.txid
+            return recs[-1].lsn + 1
+        if not recs and first <= 1:
+            break
+    return segs[0][0] if segs else 1
+
+
+def _txn_start(engine: Engine, lsn: int, end: int, db: str) -> int:
+    for rec in _records(engine, lsn, end, db):
+        return rec.txid
+    return lsn
+
+
+def incremental_backup(
+    engine: Engine,
+    output: Path,
+    since_s: float | None = None,
+    since_lsn: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    sink_factory: Callable[[Path], FileSink] = FileSink,
+) -> BackupResult:
+    output = Path(output).absolute()
+    if compression_for(output.name):
+        raise UsageError(f"{output.name} names a full backup archive; an incremental is a .log file")
+    check_output(output, ("incremental",))
+    t0 = time.monotonic()
+    db = engine.database_id
+    end, end_ts, end_digest = engine.position()
+    newest = newest_end(output.parent, db)
+    note = None
+    if since_lsn is not None:
+        start = since_lsn
+    elif since_s is not None:
+        start = _first_lsn_since(engine, time.time_ns() - int(since_s * 1e9))
+    elif newest is not None:
+        start = newest.to_lsn + 1
+    else:
+        raise UsageError(
+            f"no earlier backup in {output.parent} to continue from; give --since or --since-lsn, "
+            "or take a full backup there first"
+        )
+    if newest is not None and newest.to_lsn + 1 < start:
+        note = (
+            f"the newest backup in {output.parent} ({newest.name}) ends at LSN {newest.to_lsn}; "
+            f"starting at LSN {newest.to_lsn + 1} instead of {start} so the chain has no gap"
+        )
+        start = newest.to_lsn + 1
+    start = max(1, start)
+    if start <= end:
+        start = _txn_start(engine, start, end, db)
+        segs = list_segments(engine.layout.oplog)
+        if not segs or segs[0][0] > start:
+            oldest = segs[0][0] if segs else end + 1
+            raise LogGap(
+                f"records from LSN {start} are no longer in the log (it starts at {oldest}); "
+                "take a full backup instead"
+            )
+    count, first_ts = 0, 0
+    for rec in _records(engine, start, end, db) if start <= end else ():
+        if not count:
+            first_ts = rec.ts_ns
+        count += 1
+    header = {
+        "database_id": db,
+        "format_version": fmt.FORMAT_VERSION,
+        "from_lsn": start,
+        "to_lsn": end,
+        "from_time_ns": first_ts,
+        "to_time_ns": end_ts,
+        "digest": end_digest,
+        "parent": newest.name if newest is not None else None,
+        "created_at_ns": time.time_ns(),
+        "record_count": count,
+    }
+    tmp, tmp_side = temp_paths(output)
+    sink = None
+    try:
+        sink = sink_factory(tmp)
+        sink.write(fmt.encode_file_header(fmt.KIND_INCREMENTAL, header))
+        done = 0
+        batch: list[bytes] = []
+        for rec in _records(engine, start, end, db) if start <= end else ():
+            batch.append(fmt.record_bytes(rec))
+            if len(batch) >= 4096:
+                sink.write(b"".join(batch))
+                done += len(batch)
+                batch.clear()
+                if progress:
+                    progress(done, count)
+        if batch:
+            sink.write(b"".join(batch))
+        sink.sync_close()
+        publish(tmp, tmp_side, output, sink.sha.hexdigest())
+    except OSError as e:
+        raise BackupError(describe_os_error(e, output)) from None
+    except EngramError:
+        raise
+    except KeyboardInterrupt:
+        raise BackupError(f"interrupted; nothing was written at {output}") from None
+    finally:
+        if sink is not None:
+            sink.close()
+        tmp.unlink(missing_ok=True)
+        tmp_side.unlink(missing_ok=True)
+    result = BackupResult(
+        kind="incremental",
+        path=str(output),
+        sidecar=str(output) + ".sha256",
+        size=os.path.getsize(output),
+        sha256=sink.sha.hexdigest(),
+        duration_s=round(time.monotonic() - t0, 3),
+        snapshot_lsn=end,
+        snapshot_time=ns_to_iso(end_ts) if end_ts else "",
+        digest=end_digest,
+        database_id=db,
+        from_lsn=start,
+        counts={"records": count},
+        note=note,
+    )
+    write_info(
+        output,
+        result.to_json()
+        | {"snapshot_time_ns": end_ts, "from_time_ns": first_ts, "parent": header["parent"]},
+    )
+    return result

@@ -1,0 +1,221 @@
+"""Restoring a full backup (DESIGN "Backups", promise 3: restore never destroys data).
+
+1. Refuse a target held by a running server (even with --force), and a non-empty target
+   without --force.
+2. Extract into a fresh private staging dir beside the target, hashing the compressed stream
+   (the sidecar) and every member (the manifest) in the same pass; refuse any member that is not
+   a regular file the manifest names.
+3. Open the staging dir: recovery replays the log records (W, S] the archive carries, so it lands
+   exactly on the snapshot LSN; the digest is recomputed from scratch and must equal the
+   manifest's (O7).
+4. Only then move a non-empty target aside to ``DIR.before-restore-<timestamp>`` and rename the
+   staging dir into place. On any failure the staging dir is removed and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engram.backup.archive import extract_verified
+from engram.datadir import read_identity, read_owner
+from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, UsageError
+from engram.format.manifest import MANIFEST_NAME, decode_manifest, decode_sidecar
+from engram.fsutil import fsync_dir
+from engram.graph import Engine, EngineConfig
+
+
+@dataclass
+class RestoreResult:
+    archive: str
+    path: str
+    database_id: str
+    snapshot_lsn: int
+    snapshot_time: str
+    digest: str
+    counts: dict[str, int]
+    moved_aside: str | None
+    duration_s: float
+    sidecar_checked: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_target(to: Path, force: bool) -> None:
+    owner = read_owner(to) if to.is_dir() else None
+    if owner is not None:
+        pid, url = owner.get("pid"), owner.get("url")
+        raise RestoreError(
+            f"{to} is in use by a running engram (pid {pid}{', ' + url if url else ''}); "
+            "stop it first — a live data dir is never restored over"
+        )
+    if to.exists() and not to.is_dir():
+        raise UsageError(f"{to} exists and is not a directory; choose another target")
+    if to.is_dir() and any(to.iterdir()) and not force:
+        raise UsageError(
+            f"{to} is not empty; use --force to move it aside to {to.name}.before-restore-<time> "
+            "(nothing is deleted), or choose another target"
+        )
+
+
+def staging_dir(to: Path, what: str = "restore") -> Path:
+    to.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    p = to.parent / f".{to.name}.{what}-{os.getpid()}-{time.monotonic_ns()}"
+    p.mkdir(mode=0o700)
+    return p
+
+
+def sidecar_hash(archive: Path) -> str | None:
+    side = archive.with_name(archive.name + ".sha256")
+    if not side.exists():
+        return None
+    return decode_sidecar(side.read_bytes(), side.name)
+
+
+def extract_backup(
+    archive: Path, staging: Path, progress: Callable[[int, int], None] | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Extract and check ``archive`` into ``staging``; returns (manifest, sidecar_checked)."""
+    if not archive.is_file():
+        raise UsageError(f"{archive} does not exist or is not a file")
+    expected = sidecar_hash(archive)
+    total = archive.stat().st_size
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    members, manifest_bytes, actual = extract_verified(archive, staging, tick)
+    if expected is not None and expected != actual:
+        raise BadArchive(
+            f"checksum mismatch: {archive.name}.sha256 says {expected[:16]}…, the archive hashes "
+            f"to {actual[:16]}…; the archive or its sidecar is damaged — use another backup"
+        )
+    if manifest_bytes is None:
+        raise BadArchive(f"{archive.name} has no {MANIFEST_NAME}; it is not a full engram backup")
+    manifest = decode_manifest(manifest_bytes)
+    files = manifest["files"]
+    for name, info in files.items():
+        got = members.get(name)
+        if got is None:
+            raise BadArchive(f"{name} is listed in the manifest but missing from the archive")
+        if got.size != info["size"] or got.sha256 != info["sha256"]:
+            raise BadArchive(
+                f"{name} does not match the manifest (size {got.size} vs {info['size']}, sha256 "
+                f"{got.sha256[:16]}… vs {info['sha256'][:16]}…); the archive is damaged"
+            )
+    extra = set(members) - set(files) - {MANIFEST_NAME}
+    if extra:
+        raise BadArchive(f"archive member {sorted(extra)[0]!r} is not in the manifest; refused")
+    ident = read_identity(staging)
+    if ident.database_id != manifest["database_id"]:
+        raise BadArchive(
+            f"identity.json says database {ident.database_id} but the manifest says "
+            f"{manifest['database_id']}; the archive is inconsistent"
+        )
+    (staging / MANIFEST_NAME).rename(staging / "backup-manifest.json")
+    return manifest, expected is not None
+
+
+def open_and_check(staging: Path, manifest: dict[str, Any], recompute: bool = True) -> Engine:
+    """Open a staged restore (recovery lands on S) and check the digest against the manifest."""
+    eng = Engine.open(staging, EngineConfig(checkpoint_interval=3600), create=False)
+    try:
+        if eng.last_lsn != manifest["snapshot_lsn"]:
+            raise CorruptData(
+                f"the restored data ends at LSN {eng.last_lsn}, the manifest says "
+                f"{manifest['snapshot_lsn']}; the backup is inconsistent — use another backup"
+            )
+        if eng.digest.hex != manifest["digest"]:
+            raise CorruptData(
+                "the restored digest differs from the manifest's; the backup is inconsistent — "
+                "use another backup"
+            )
+        if recompute and eng.recompute_digest().hex != manifest["digest"]:
+            raise CorruptData(
+                "the digest recomputed from the restored graph differs from the manifest's; the "
+                "backup is damaged — use another backup"
+            )
+    except BaseException:
+        eng.close()
+        raise
+    return eng
+
+
+def place(staging: Path, to: Path, force: bool) -> str | None:
+    """Move ``to`` aside when needed, then rename ``staging`` into place."""
+    check_target(to, force)
+    aside = None
+    if to.is_dir():
+        if any(to.iterdir()):
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside_path = to.with_name(f"{to.name}.before-restore-{stamp}")
+            n = 1
+            while aside_path.exists():
+                n += 1
+                aside_path = to.with_name(f"{to.name}.before-restore-{stamp}-{n}")
+            os.rename(to, aside_path)
+            aside = str(aside_path)
+        else:
+            to.rmdir()
+    os.rename(staging, to)
+    fsync_dir(to.parent)
+    return aside
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def restore(
+    archive: Path,
+    to: Path,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> RestoreResult:
+    archive, to = Path(archive).absolute(), Path(to).absolute()
+    t0 = time.monotonic()
+    check_target(to, force)
+    staging = staging_dir(to)
+    try:
+        manifest, checked = extract_backup(archive, staging, progress)
+        eng = open_and_check(staging, manifest)
+        eng.close()
+        fsync_tree(staging)
+        aside = place(staging, to, force)
+    except EngramError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RestoreError(f"restore failed ({e.strerror or e}); the target was not changed") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RestoreResult(
+        archive=str(archive),
+        path=str(to),
+        database_id=manifest["database_id"],
+        snapshot_lsn=manifest["snapshot_lsn"],
+        snapshot_time=manifest["snapshot_time"],
+        digest=manifest["digest"],
+        counts=manifest["counts"],
+        moved_aside=aside,
+        duration_s=round(time.monotonic() - t0, 3),
+        sidecar_checked=checked,
+    )
