@@ -24,7 +24,15 @@ from engram import digest as dg
 from engram.datadir import DirLock, Layout, init_data_dir, is_initialized, read_identity
 from engram.errors import EngramError, LogGap, NotFound, Unavailable, ValidationError
 from engram.format import record as fmt
-from engram.model import MEMORY_OPS, Edge, Memory, OpType, check_id, effective_strength
+from engram.model import (
+    MEMORY_OPS,
+    Edge,
+    Memory,
+    OpType,
+    check_id,
+    effective_strength,
+    ns_to_iso,
+)
 from engram.oplog.reader import list_segments
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
@@ -110,6 +118,8 @@ class Engine:
         self.checkpoint_digest = dg.EMPTY
         self.n_memories = 0
         self.n_edges = 0
+        self.quiesced_until: float | None = None  # wall-clock seconds
+        self._quiesce_timer: threading.Timer | None = None
         self._cuts = 0
         self._cuts_done = threading.Condition(self.lock)
 
@@ -180,6 +190,8 @@ class Engine:
 
     def close(self) -> None:
         self._stop.set()
+        if self._quiesce_timer is not None:
+            self._quiesce_timer.cancel()
         if self._ckpt_thread is not None:
             self._ckpt_thread.join()
             self._ckpt_thread = None
@@ -256,6 +268,60 @@ class Engine:
             "recovery replays the log"
         )
         log.error("%s", self.failed)
+
+    # -- quiesce -------------------------------------------------------------------------
+
+    def quiesce(self, timeout_s: float) -> dict[str, Any]:
+        """Refuse new writes (503 + Retry-After) until ``resume`` or until the timeout lapses;
+        writes already accepted finish and a checkpoint runs before this returns."""
+        if not timeout_s > 0:
+            raise ValidationError("the quiesce timeout must be positive", field="timeout")
+        with self.lock:
+            self._check_writable()
+            until = time.time() + timeout_s
+            self.write_block = (
+                "writes are paused by `engram quiesce` until "
+                f"{time.strftime('%H:%M:%S', time.localtime(until))} or `engram resume`"
+            )
+            self.write_block_retry = min(timeout_s, 5.0)
+            self.quiesced_until = until
+            if self._quiesce_timer is not None:
+                self._quiesce_timer.cancel()
+            self._quiesce_timer = threading.Timer(timeout_s, self._quiesce_lapsed, args=(until,))
+            self._quiesce_timer.daemon = True
+            self._quiesce_timer.start()
+            last = self.last_lsn
+        self.wait(last)
+        self.checkpoint()
+        return self.quiesce_state()
+
+    def _quiesce_lapsed(self, until: float) -> None:
+        with self.lock:
+            if self.quiesced_until == until:
+                log.warning("quiesce timeout lapsed; writes resume without `engram resume`")
+                self._lift_quiesce()
+
+    def _lift_quiesce(self) -> None:
+        self.write_block = None
+        self.quiesced_until = None
+        if self._quiesce_timer is not None:
+            self._quiesce_timer.cancel()
+            self._quiesce_timer = None
+
+    def resume(self) -> dict[str, Any]:
+        with self.lock:
+            was = self.quiesced_until is not None
+            self._lift_quiesce()
+        return self.quiesce_state() | {"was_quiesced": was}
+
+    def quiesce_state(self) -> dict[str, Any]:
+        until = self.quiesced_until
+        return {
+            "quiesced": until is not None,
+            "until": ns_to_iso(int(until * 1e9)) if until else None,
+            "checkpoint_lsn": self.checkpoint_lsn,
+            "lsn": self.last_lsn,
+        }
 
     # -- backups -------------------------------------------------------------------------
 

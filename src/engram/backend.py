@@ -1,0 +1,264 @@
+"""One way in for the CLI: the data dir itself, or the server that owns it.
+
+``open_backend(data_dir)`` looks at ``engram.lock``: a live server named there is used over HTTP
+(``RemoteBackend``); a free directory is opened in-process (``LocalBackend``) and closed, with a
+checkpoint, at the end. Both expose the same methods with the same results and errors, so a
+command never knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from engram.client import EngramClient
+from engram.datadir import LOCK, read_owner
+from engram.errors import DataDirError, DataDirLocked, UsageError
+from engram.graph import Engine, EngineConfig
+
+
+Progress = Callable[[int, int], None]
+
+
+def status_of(engine: Engine) -> dict[str, Any]:
+    """What `engram status` shows of an engine, local or in the server."""
+    return engine.stats() | {
+        "ready": engine.ready,
+        "failed": engine.failed,
+        "quiesce": engine.quiesce_state(),
+        "durability": engine.config.durability,
+        "data_dir": str(engine.root),
+    }
+
+
+class Backend(Protocol):
+    """What a command can ask of a database, wherever it lives."""
+
+    where: str
+
+    def apply(self, ops: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+    def memory(self, mid: str) -> dict[str, Any]: ...
+
+    def neighbors(self, mid: str, direction: str, depth: int) -> list[dict[str, Any]]: ...
+
+    def recall(self, query: str, limit: int) -> list[dict[str, Any]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def export(self) -> Iterator[dict[str, Any]]: ...
+
+    def mark(self, name: str) -> dict[str, Any]: ...
+
+    def backup(
+        self, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]: ...
+
+    def quiesce(self, timeout_s: float) -> dict[str, Any]: ...
+
+    def resume(self) -> dict[str, Any]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def _run_backup(
+    engine: Engine, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    # Imported here: only backup commands pay for the backup modules.
+    from engram.backup.full import full_backup
+    from engram.backup.incremental import incremental_backup
+
+    if kind == "full":
+        return full_backup(engine, output, progress).to_json()
+    if kind == "incremental":
+        return incremental_backup(engine, output, since_s, since_lsn, progress).to_json()
+    raise UsageError(f"backup kind must be full or incremental, got {kind!r}")
+
+
+def _no_server(root: Path, what: str) -> UsageError:
+    return UsageError(f"no engram server is running on {root}; {what} acts on a running server")
+
+
+def export_ops(engine: Engine) -> Iterator[dict[str, Any]]:
+    """The graph as ops that rebuild it: every memory, then every edge (so edges find both ends).
+
+    ``strength`` is the stored value (exact as of the memory's last update), so exporting an
+    import of an export gives the same bytes.
+    """
+    for m in engine.iter_memories():
+        yield {
+            "op": "create_memory",
+            "id": m.id,
+            "content": m.content,
+            "strength": m.strength,
+            "metadata": m.metadata,
+        }
+    for e in engine.iter_edges():
+        yield {"op": "create_edge", "src": e.src, "dst": e.dst, "kind": e.kind, "weight": e.weight}
+
+
+class LocalBackend:
+    """The data dir opened in this process (it holds the lock until closed)."""
+
+    remote = False
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.where = str(engine.root)
+
+    def backup(
+        self, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        return _run_backup(self.engine, kind, output, since_s, since_lsn, progress)
+
+    def quiesce(self, timeout_s: float) -> dict[str, Any]:
+        raise _no_server(self.engine.root, "quiesce")
+
+    def resume(self) -> dict[str, Any]:
+        raise _no_server(self.engine.root, "resume")
+
+    def status(self) -> dict[str, Any]:
+        return status_of(self.engine) | {"server": None}
+
+    def apply(self, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        res = self.engine.apply(ops)
+        return {"lsn": res.lsn, "results": res.results}
+
+    def memory(self, mid: str) -> dict[str, Any]:
+        return self.engine.memory_json(self.engine.memory(mid))
+
+    def neighbors(self, mid: str, direction: str, depth: int) -> list[dict[str, Any]]:
+        return self.engine.neighbors(mid, direction, depth)
+
+    def recall(self, query: str, limit: int) -> list[dict[str, Any]]:
+        return self.engine.recall(query, limit)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        return export_ops(self.engine)
+
+    def mark(self, name: str) -> dict[str, Any]:
+        res = self.engine.apply([{"op": "mark", "name": name}])
+        return {"name": res.results[0]["name"], "lsn": res.lsn}
+
+
+class RemoteBackend:
+    """The server that owns the data dir, over HTTP."""
+
+    def __init__(self, client: EngramClient) -> None:
+        self.client = client
+        self.where = client.url
+
+    def apply(self, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.client.batch(ops)
+
+    def memory(self, mid: str) -> dict[str, Any]:
+        return self.client.get_memory(mid)
+
+    def neighbors(self, mid: str, direction: str, depth: int) -> list[dict[str, Any]]:
+        return list(self.client.neighbors(mid, direction, depth)["neighbors"])
+
+    def recall(self, query: str, limit: int) -> list[dict[str, Any]]:
+        return list(self.client.recall(query, limit)["results"])
+
+    def stats(self) -> dict[str, Any]:
+        return self.client.stats()
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        return self.client.export()
+
+    def mark(self, name: str) -> dict[str, Any]:
+        return self.client.mark(name)
+
+    remote = True
+
+    def backup(
+        self, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        # The server writes the file: the path must mean the same to it, so make it absolute.
+        return self.client.backup(kind, str(Path(output).absolute()), since_s, since_lsn)
+
+    def quiesce(self, timeout_s: float) -> dict[str, Any]:
+        return self.client.quiesce(timeout_s)
+
+    def resume(self) -> dict[str, Any]:
+        return self.client.resume()
+
+    def status(self) -> dict[str, Any]:
+        return self.client.status()
+
+
+def _owner(root: Path) -> dict[str, Any] | None:
+    if root.exists() and not root.is_dir():
+        raise DataDirError(f"{root} exists and is not a directory; choose another --data-dir")
+    owner: dict[str, Any] | None = None
+    for _ in range(50):
+        try:
+            owner = read_owner(root)
+        except OSError as e:
+            raise DataDirError(
+                f"cannot read {root / LOCK} ({e.strerror}); check permissions"
+            ) from None
+        # An owner with no pid yet is between taking the lock and writing its name: it passes.
+        if owner is None or owner.get("pid"):
+            return owner
+        time.sleep(0.01)
+    return owner
+
+
+def _busy(root: Path, pid: Any) -> DataDirLocked:
+    who = f"another engram process (pid {pid})" if pid else "another engram process"
+    return DataDirLocked(
+        f"{root} is in use by {who} that is not serving; wait for it to finish and retry",
+        pid=pid if isinstance(pid, int) else None,
+    )
+
+
+@contextmanager
+def open_backend(
+    data_dir: str | Path,
+    token: str | None = None,
+    *,
+    write: bool = False,
+    config: EngineConfig | None = None,
+) -> Iterator[Backend]:
+    """The backend for ``data_dir``: its server if one owns it, else the directory itself.
+
+    ``write`` lets a missing data dir be created; reads of a missing one fail with "not an
+    engram data dir".
+    """
+    root = Path(data_dir)
+    owner = _owner(root)
+    engine: Engine | None = None
+    url: str | None = None
+    if owner is not None:
+        url = owner.get("url")
+        if not url:
+            raise _busy(root, owner.get("pid"))
+    else:
+        try:
+            engine = Engine.open(root, config, create=write)
+        except DataDirLocked as e:
+            # A server took the directory between our look at the lock and our open.
+            if not e.url:
+                raise _busy(root, e.pid) from None
+            url = e.url
+    if engine is not None:
+        try:
+            yield LocalBackend(engine)
+        finally:
+            engine.close()
+        return
+    assert url is not None
+    with EngramClient(url, token) as client:
+        yield RemoteBackend(client)

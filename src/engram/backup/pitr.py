@@ -1,0 +1,422 @@
+"""Applying logs and point-in-time recovery (DESIGN "Apply / PITR").
+
+Every log is scanned completely before anything is applied — CRCs, database id, continuity from
+the target's LSN, the covered range, restore points — so a damaged, foreign or gapped log, or a
+target outside the covered range, is refused with nothing changed. Then whole transactions are
+appended to the data dir's own log and applied, stopping at the target: a time (inclusive),
+an LSN or a restore point name, always on a transaction boundary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engram.backup.archive import sha256_file
+from engram.backup.catalog import Entry, scan
+from engram.backup.restore import (
+    check_target,
+    extract_backup,
+    fsync_tree,
+    open_and_check,
+    place,
+    staging_dir,
+)
+from engram.errors import (
+    BadArchive,
+    CorruptData,
+    DataDirLocked,
+    EngramError,
+    ForeignLog,
+    RestoreError,
+    UsageError,
+)
+from engram.format import record as fmt
+from engram.format.manifest import decode_sidecar
+from engram.format.record import Record
+from engram.graph import Engine
+from engram.model import OpType, ns_to_iso
+from engram.oplog.reader import iter_log_files
+from engram.recovery import read_header
+
+Progress = Callable[[int, int], None]
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> int:
+    """UTC ns of ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (local time) or ISO 8601 with Z or an offset."""
+    s = text.strip()
+    try:
+        d = dt.datetime.fromisoformat(s.replace(" ", "T", 1) if " " in s else s)
+    except ValueError:
+        raise UsageError(
+            f"cannot read the time {text!r}; use 'YYYY-MM-DD HH:MM:SS' (local time) or ISO 8601 "
+            "with Z or an offset, e.g. 2025-10-24T14:30:00Z"
+        ) from None
+    if d.tzinfo is None:
+        d = d.astimezone()  # local time, as `date` prints it
+    delta = d - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+@dataclass(frozen=True)
+class Target:
+    time_ns: int | None = None
+    lsn: int | None = None
+    name: str | None = None
+
+    @classmethod
+    def from_options(
+        cls, time_text: str | None, lsn: int | None, name: str | None, required: bool
+    ) -> Target:
+        given = [x for x in (time_text, lsn, name) if x is not None]
+        if len(given) > 1:
+            raise UsageError("give only one of --target-time, --target-lsn, --target-name")
+        if not given and required:
+            raise UsageError("give a target: --target-time, --target-lsn or --target-name")
+        if lsn is not None and lsn < 0:
+            raise UsageError("--target-lsn must be a non-negative LSN")
+        return cls(parse_time(time_text) if time_text is not None else None, lsn, name)
+
+    @property
+    def given(self) -> bool:
+        return self.time_ns is not None or self.lsn is not None or self.name is not None
+
+    def describe(self) -> str:
+        if self.time_ns is not None:
+            return f"time {ns_to_iso(self.time_ns)}"
+        if self.lsn is not None:
+            return f"LSN {self.lsn}"
+        if self.name is not None:
+            return f"restore point {self.name!r}"
+        return "the end of the logs"
+
+
+# -- log files -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogSource:
+    path: Path
+    kind: int
+    database_id: str
+    first_lsn: int
+
+
+def collect_logs(paths: list[Path], database_id: str) -> list[LogSource]:
+    """Log files named directly or found in the given directories (oplog/ or a backup dir),
+    sidecars checked, sorted by first LSN. A foreign database's log is refused."""
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.iterdir() if q.is_file() and q.suffix == ".log"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"{p} does not exist; give a log file or a directory of them")
+    out: list[LogSource] = []
+    for f in files:
+        h = read_header(f)
+        kind = fmt.KIND_INCREMENTAL if "from_lsn" in h else fmt.KIND_SEGMENT
+        if h.get("database_id") != database_id:
+            raise ForeignLog(
+                f"{f} belongs to database {h.get('database_id')}, but the target is database "
+                f"{database_id}; use logs of the same database"
+            )
+        side = f.with_name(f.name + ".sha256")
+        if side.exists() and decode_sidecar(side.read_bytes(), side.name) != sha256_file(f):
+            raise BadArchive(f"checksum mismatch: {side.name} does not match {f.name}; the log is damaged")
+        first = int(h["from_lsn"] if kind == fmt.KIND_INCREMENTAL else h["first_lsn"])
+        out.append(LogSource(f, kind, database_id, first))
+    if not out:
+        raise UsageError(f"no log files found in {', '.join(map(str, paths))}")
+    out.sort(key=lambda s: (s.first_lsn, s.path.name))
+    return out
+
+
+@dataclass
+class Coverage:
+    first_lsn: int = 0
+    last_lsn: int = 0
+    first_ts: int = 0
+    last_ts: int = 0
+    records: int = 0
+    markers: dict[str, int] = field(default_factory=dict)
+
+
+def _iter(sources: list[LogSource], database_id: str, after: int) -> Any:
+    # A data dir's last segment may end in a torn tail; other files must be whole.
+    last_is_segment = bool(sources) and sources[-1].kind == fmt.KIND_SEGMENT
+    return iter_log_files([s.path for s in sources], database_id, after, last_is_segment)
+
+
+def scan_logs(sources: list[LogSource], database_id: str, after: int) -> Coverage:
+    """Verify every record after ``after`` and measure what the logs cover."""
+    cov = Coverage(first_lsn=after + 1, last_lsn=after)
+    for rec in _iter(sources, database_id, after):
+        if not cov.records:
+            cov.first_ts = rec.ts_ns
+        cov.records += 1
+        cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
+        if rec.op == OpType.MARKER:
+            cov.markers[rec.target] = rec.lsn
+    return cov
+
+
+def check_target_range(target: Target, cov: Coverage, base_lsn: int, base_ts: int) -> None:
+    covered = (
+        f"the base and logs cover LSN {base_lsn}..{cov.last_lsn}"
+        + (f", {ns_to_iso(base_ts)} .. {ns_to_iso(cov.last_ts)}" if cov.last_ts else "")
+    )
+    if target.time_ns is not None:
+        if base_ts and target.time_ns < base_ts:
+            raise UsageError(
+                f"target {target.describe()} is before the base backup's snapshot "
+                f"({ns_to_iso(base_ts)}); {covered} — use an older base backup"
+            )
+        last = cov.last_ts or base_ts
+        if target.time_ns > last:
+            raise UsageError(
+                f"target {target.describe()} is after the last record ({ns_to_iso(last)}); "
+                f"{covered} — supply later logs or choose an earlier time"
+            )
+    elif target.lsn is not None:
+        if target.lsn < base_lsn or target.lsn > cov.last_lsn:
+            raise UsageError(f"target LSN {target.lsn} is outside the covered range; {covered}")
+    elif target.name is not None and target.name not in cov.markers:
+        known = ", ".join(sorted(cov.markers)) or "none"
+        raise UsageError(
+            f"no restore point named {target.name!r} after LSN {base_lsn} in the logs "
+            f"(restore points there: {known}); {covered}"
+        )
+
+
+@dataclass
+class ApplyResult:
+    records: int
+    from_lsn: int
+    to_lsn: int
+    to_time: str
+    target: str
+    duration_s: float
+    rate: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def apply_sources(
+    engine: Engine,
+    sources: list[LogSource],
+    target: Target,
+    progress: Progress | None = None,
+    expected_total: int = 0,
+) -> ApplyResult:
+    """Append and apply whole transactions after the engine's LSN, stopping at ``target``."""
+    t0 = time.monotonic()
+    start = engine.last_lsn
+    n = reported = 0
+    txn: list[Record] = []
+    stop_after = False
+    for rec in _iter(sources, engine.database_id, start):
+        txn.append(rec)
+        if not rec.txn_end:
+            continue
+        if target.time_ns is not None and rec.ts_ns > target.time_ns:
+            break
+        if target.lsn is not None and rec.lsn > target.lsn:
+            break
+        if target.name is not None and any(
+            r.op == OpType.MARKER and r.target == target.name for r in txn
+        ):
+            stop_after = True
+        engine.append_replayed(txn)
+        n += len(txn)
+        txn = []
+        if progress and n - reported >= 8192:
+            progress(n, expected_total)
+            reported = n
+        if stop_after:
+            break
+    engine.checkpoint()
+    if progress:
+        progress(n, expected_total)
+    dur = time.monotonic() - t0
+    return ApplyResult(
+        records=n,
+        from_lsn=start + 1,
+        to_lsn=engine.last_lsn,
+        to_time=ns_to_iso(engine.last_ts) if engine.last_ts else "",
+        target=target.describe(),
+        duration_s=round(dur, 3),
+        rate=round(n / dur, 1) if dur > 0 else 0.0,
+    )
+
+
+def check_digest(engine: Engine) -> None:
+    if engine.recompute_digest().hex != engine.digest.hex:
+        raise CorruptData(
+            "after replay the digest recomputed from the graph differs from the maintained one; "
+            "the logs or the base are damaged — use other backups"
+        )
+
+
+def apply_log(
+    data_dir: Path,
+    logs: list[Path],
+    target: Target,
+    progress: Progress | None = None,
+) -> ApplyResult:
+    """``engram apply-log``: replay logs into a data dir that no server holds."""
+    try:
+        engine = Engine.open(data_dir, create=False)
+    except DataDirLocked as e:
+        raise RestoreError(
+            f"{data_dir} is held by a running engram (pid {e.pid}); stop it before apply-log"
+        ) from None
+    try:
+        sources = collect_logs(logs, engine.database_id)
+        cov = scan_logs(sources, engine.database_id, engine.last_lsn)
+        if target.given:
+            check_target_range(target, cov, engine.last_lsn, engine.last_ts)
+        result = apply_sources(engine, sources, target, progress, cov.records)
+        check_digest(engine)
+        return result
+    finally:
+        engine.close()
+
+
+# -- restore-pitr ----------------------------------------------------------------------------
+
+
+@dataclass
+class PitrResult:
+    base: str
+    logs: list[str]
+    output: str
+    target: str
+    target_utc: str | None
+    base_lsn: int
+    reached_lsn: int
+    reached_time: str
+    records: int
+    rate: float
+    digest: str
+    moved_aside: str | None
+    duration_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]:
+    """The newest validated-or-unchecked full backup before the target and the incrementals
+    after it, with a sentence saying which were chosen."""
+    entries = scan(repo)
+    if not entries:
+        raise UsageError(f"no backups with catalog entries (*.info.json) in {repo}")
+    fulls = [e for e in entries if e.kind == "full" and e.validated is not False]
+    marker_lsn = None
+    if target.name is not None:
+        incs = [e for e in entries if e.kind == "incremental"]
+        for e in incs:
+            srcs = collect_logs([e.path], e.database_id)
+            cov = scan_logs(srcs, e.database_id, e.from_lsn - 1)
+            if target.name in cov.markers:
+                marker_lsn = cov.markers[target.name]
+        if marker_lsn is None:
+            raise UsageError(f"no restore point named {target.name!r} in the incrementals of {repo}")
+
+    def before(e: Entry) -> bool:
+        if target.time_ns is not None:
+            return e.to_time_ns <= target.time_ns
+        if target.lsn is not None:
+            return e.to_lsn <= target.lsn
+        if marker_lsn is not None:
+            return e.to_lsn < marker_lsn
+        return True
+
+    candidates = [e for e in fulls if before(e)]
+    if not candidates:
+        raise UsageError(f"no full backup in {repo} before {target.describe()}")
+    base = max(candidates, key=lambda e: (e.to_lsn, e.name))
+    incs = sorted(
+        (
+            e
+            for e in entries
+            if e.kind == "incremental"
+            and e.database_id == base.database_id
+            and e.to_lsn > base.to_lsn
+        ),
+        key=lambda e: (e.from_lsn, e.name),
+    )
+    says = f"base {base.name} (LSN {base.to_lsn})"
+    says += f" + {len(incs)} incremental(s)" + (
+        f": {', '.join(e.name for e in incs)}" if incs else ""
+    )
+    return base.path, [e.path for e in incs], says
+
+
+def restore_pitr(
+    base: Path,
+    logs: list[Path],
+    target: Target,
+    output: Path,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> PitrResult:
+    base, output = Path(base).absolute(), Path(output).absolute()
+    t0 = time.monotonic()
+    check_target(output, force)
+    staging = staging_dir(output, "pitr")
+    try:
+        manifest, _ = extract_backup(base, staging)
+        engine = open_and_check(staging, manifest, recompute=False)
+        try:
+            base_lsn, base_ts = engine.last_lsn, engine.last_ts
+            sources = collect_logs(logs, engine.database_id) if logs else []
+            cov = scan_logs(sources, engine.database_id, base_lsn) if sources else Coverage(
+                first_lsn=base_lsn + 1, last_lsn=base_lsn
+            )
+            check_target_range(target, cov, base_lsn, manifest["snapshot_time_ns"])
+            res = apply_sources(engine, sources, target, progress, cov.records)
+            check_digest(engine)
+            digest = engine.digest.hex
+        finally:
+            engine.close()
+        fsync_tree(staging)
+        aside = place(staging, output, force)
+    except EngramError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RestoreError(f"restore-pitr failed ({e.strerror or e}); {output} was not changed") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PitrResult(
+        base=str(base),
+        logs=[str(p) for p in logs],
+        output=str(output),
+        target=target.describe(),
+        target_utc=ns_to_iso(target.time_ns) if target.time_ns is not None else None,
+        base_lsn=base_lsn,
+        reached_lsn=res.to_lsn,
+        reached_time=res.to_time,
+        records=res.records,
+        rate=res.rate,
+        digest=digest,
+        moved_aside=aside,
+        duration_s=round(time.monotonic() - t0, 3),
+    )
+
+

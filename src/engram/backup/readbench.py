@@ -1,0 +1,115 @@
+"""A short read benchmark on a read-only open (validation level 4, ``engram benchmark``).
+
+The mix is 70% lookups, 20% neighbor walks, 10% recalls over ids and words sampled from the data.
+It reports latency percentiles in milliseconds and the rate, and never writes.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engram.errors import EngramError
+from engram.graph import Engine
+
+_WORD = re.compile(r"[A-Za-z]{3,}")
+
+
+@dataclass
+class BenchResult:
+    duration_s: float
+    ops: int
+    ops_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    memories: int
+    by_kind: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _percentile(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return 0.0
+    idx = min(len(sorted_vals) - 1, max(0, int(round(q * (len(sorted_vals) - 1)))))
+    return sorted_vals[idx]
+
+
+def _sample(engine: Engine, rng: random.Random, k: int = 1000) -> tuple[list[str], list[str]]:
+    conn = engine.warm.conn
+    max_rowid = conn.execute("SELECT max(rowid) FROM memories").fetchone()[0] or 0
+    ids: list[str] = []
+    words: list[str] = []
+    if max_rowid:
+        picks = sorted({rng.randint(1, max_rowid) for _ in range(k * 2)})
+        for i in range(0, len(picks), 500):
+            chunk = picks[i : i + 500]
+            q = f"SELECT id, content FROM memories WHERE rowid IN ({','.join('?' * len(chunk))})"
+            for mid, content in conn.execute(q, chunk):
+                ids.append(mid)
+                words.extend(_WORD.findall(content)[:3])
+    return ids[:k] or ["missing-id"], words[: k * 3] or ["memory"]
+
+
+def run_benchmark(data_dir: Path, duration_s: float = 10.0, seed: int = 1) -> BenchResult:
+    if duration_s <= 0:
+        raise EngramError("--duration must be positive")
+    engine = Engine.open(data_dir, readonly=True)
+    try:
+        rng = random.Random(seed)
+        ids, words = _sample(engine, rng)
+        lat: list[float] = []
+        kinds = {"lookup": 0, "neighbors": 0, "recall": 0}
+        start = time.perf_counter()
+        deadline = start + duration_s
+        clock = time.perf_counter
+        while True:
+            t = clock()
+            if t >= deadline:
+                break
+            r = rng.random()
+            if r < 0.7:
+                engine.get_memory(rng.choice(ids))
+                kinds["lookup"] += 1
+            elif r < 0.9:
+                try:
+                    engine.neighbors(rng.choice(ids), "both", 1)
+                except EngramError:
+                    pass
+                kinds["neighbors"] += 1
+            else:
+                try:
+                    engine.recall(rng.choice(words), 10)
+                except EngramError:
+                    pass
+                kinds["recall"] += 1
+            lat.append((clock() - t) * 1000.0)
+        elapsed = clock() - start
+        lat.sort()
+        return BenchResult(
+            duration_s=round(elapsed, 3),
+            ops=len(lat),
+            ops_per_s=round(len(lat) / elapsed, 1) if elapsed else 0.0,
+            p50_ms=round(statistics.median(lat), 4) if lat else 0.0,
+            p95_ms=round(_percentile(lat, 0.95), 4),
+            p99_ms=round(_percentile(lat, 0.99), 4),
+            memories=engine.n_memories,
+            by_kind=kinds,
+        )
+    finally:
+        engine.close()
+
+
+def render_lines(r: BenchResult) -> str:
+    """The lines the seed's script parses: `p50: <ms>` etc., each value a bare number."""
+    return (
+        f"p50: {r.p50_ms}\np95: {r.p95_ms}\np99: {r.p99_ms}\nops/s: {r.ops_per_s}\n"
+        f"ops: {r.ops}\nmemories: {r.memories}\n"
+    )

@@ -1,0 +1,287 @@
+"""Backup and recovery commands: backup, restore, apply-log, restore-pitr, validate-backup.
+
+Each is one call into ``engram.backup`` and a rendering of its result. ``backup`` goes through
+the server when one owns the data dir (it takes the cut), and validates the new backup here
+afterwards, unless ``--no-validate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from engram.cli.common import DEFAULT_DATA_DIR as _DD
+from engram.cli.common import (
+    DataDir,
+    Json,
+    TokenFile,
+    backend,
+    console,
+    emit_json,
+    parse_duration,
+    progress_bar,
+)
+from engram.errors import UsageError
+
+Level = Annotated[
+    int,
+    typer.Option(
+        "--level",
+        min=1,
+        max=4,
+        help="1 manifest and structure, 2 checksums, 3 restore + verify + digest, 4 benchmark.",
+    ),
+]
+P50Warn = Annotated[
+    float, typer.Option("--p50-warn-ms", help="Warn when the benchmark's read p50 exceeds this.")
+]
+TargetTime = Annotated[
+    str | None,
+    typer.Option(
+        "--target-time",
+        help="'YYYY-MM-DD HH:MM:SS[.ffffff]' in local time, or ISO 8601 with Z or an offset.",
+    ),
+]
+TargetLsn = Annotated[int | None, typer.Option("--target-lsn", help="Stop at this LSN.")]
+TargetName = Annotated[
+    str | None, typer.Option("--target-name", help="Stop after this restore point (engram mark).")
+]
+
+
+def _size(n: int) -> str:
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if f < 1024 or unit == "GiB":
+            return f"{f:.1f} {unit}" if unit != "B" else f"{n} B"
+        f /= 1024
+    return f"{n} B"
+
+
+def _validate(path: Path, level: int, p50_warn_ms: float, as_json: bool) -> dict[str, Any]:
+    from engram.backup.validate import validate_backup
+
+    if as_json:
+        return validate_backup(path, level, p50_warn_ms).to_json()
+    con = console()
+    with con.status("validating…") as st:
+        rep = validate_backup(path, level, p50_warn_ms, progress=lambda s: st.update(f"validating: {s}"))
+    return rep.to_json()
+
+
+def _render_validation(v: dict[str, Any]) -> None:
+    con = console()
+    for step in v["steps"]:
+        mark = "ok  " if step["ok"] else "FAIL"
+        con.print(f"  L{step['level']} {mark} {step['name']}: {step['detail']}", markup=False)
+    for w in v["warnings"]:
+        con.print(f"  WARNING: {w}", markup=False)
+    con.print("PASS" if v["ok"] else f"FAIL: {v['reason']}", markup=False)
+
+
+def backup(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Archive (.tar.zst or .tar.gz) or .log path.")
+    ],
+    full: Annotated[bool, typer.Option("--full", help="A full backup archive.")] = False,
+    incremental: Annotated[
+        bool, typer.Option("--incremental", help="The log records of a range.")
+    ] = False,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Incremental: records of the last 5m, 1h, …")
+    ] = None,
+    since_lsn: Annotated[
+        int | None, typer.Option("--since-lsn", help="Incremental: records from this LSN on.")
+    ] = None,
+    no_validate: Annotated[
+        bool, typer.Option("--no-validate", help="Skip validate-backup after the backup.")
+    ] = False,
+    level: Level = 4,
+    p50_warn_ms: P50Warn = 10.0,
+    data_dir: DataDir = _DD,
+    token_file: TokenFile = None,
+    as_json: Json = False,
+) -> None:
+    """Take a full or incremental backup, then validate it (exit 1 if validation fails)."""
+    if full == incremental:
+        raise UsageError("give exactly one of --full or --incremental")
+    if full and (since is not None or since_lsn is not None):
+        raise UsageError("--since and --since-lsn only apply to --incremental")
+    if since is not None and since_lsn is not None:
+        raise UsageError("give only one of --since or --since-lsn")
+    since_s = parse_duration(since, "--since") if since is not None else None
+    kind = "full" if full else "incremental"
+    with backend(data_dir, token_file) as b, progress_bar(f"{kind} backup") as bar:
+        res = b.backup(kind, output.absolute(), since_s, since_lsn, None if as_json else bar)
+    path = Path(res["path"])
+    res["validation"] = None if no_validate else _validate(path, level, p50_warn_ms, as_json)
+    ok = res["validation"] is None or res["validation"]["ok"]
+    if as_json:
+        emit_json(res)
+    else:
+        con = console()
+        con.print(f"{kind} backup written: {res['path']} ({_size(res['size'])})", markup=False)
+        lsn = (
+            f"LSN {res['from_lsn']}..{res['snapshot_lsn']}"
+            if kind == "incremental"
+            else f"snapshot LSN {res['snapshot_lsn']}"
+        )
+        counts = ", ".join(f"{v} {k}" for k, v in res["counts"].items())
+        con.print(f"  {lsn} at {res['snapshot_time'] or '-'}; {counts}", markup=False)
+        con.print(f"  digest {res['digest']}", markup=False)
+        con.print(f"  sha256 {res['sha256']} (in {Path(res['sidecar']).name})", markup=False)
+        con.print(f"  took {res['duration_s']} s", markup=False)
+        if res.get("note"):
+            con.print(f"  note: {res['note']}", markup=False)
+        if res["validation"] is not None:
+            _render_validation(res["validation"])
+    if not ok:
+        raise typer.Exit(1)
+
+
+def restore(
+    from_: Annotated[Path, typer.Option("--from", help="The full backup archive.")],
+    to: Annotated[Path, typer.Option("--to", help="The data dir to restore into.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Move a non-empty target aside (never deleted).")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Restore a full backup into a new data dir, checking every hash and the digest first."""
+    from engram.backup.restore import restore as do_restore
+
+    with progress_bar("restore") as bar:
+        res = do_restore(from_, to, force, None if as_json else bar)
+    if as_json:
+        emit_json(res.to_json())
+        return
+    con = console()
+    con.print(f"restored {res.archive} into {res.path}", markup=False)
+    con.print(
+        f"  snapshot LSN {res.snapshot_lsn} at {res.snapshot_time}; "
+        f"{res.counts.get('memories', 0)} memories, {res.counts.get('edges', 0)} edges",
+        markup=False,
+    )
+    side = "checked" if res.sidecar_checked else "absent (not checked)"
+    con.print(f"  digest {res.digest} recomputed and equal; sidecar {side}", markup=False)
+    if res.moved_aside:
+        con.print(f"  the previous contents were moved to {res.moved_aside}", markup=False)
+    con.print(f"  took {res.duration_s} s", markup=False)
+
+
+def apply_log(
+    log: Annotated[
+        list[Path],
+        typer.Option("--log", help="An incremental, a directory of them, or an oplog/ dir."),
+    ],
+    target_time: TargetTime = None,
+    target_lsn: TargetLsn = None,
+    data_dir: DataDir = _DD,
+    as_json: Json = False,
+) -> None:
+    """Replay logs into a stopped data dir (records already applied are skipped)."""
+    from engram.backup.pitr import Target
+    from engram.backup.pitr import apply_log as do_apply
+
+    target = Target.from_options(target_time, target_lsn, None, required=False)
+    with progress_bar("apply-log", unit="records") as bar:
+        res = do_apply(data_dir, list(log), target, None if as_json else bar)
+    if as_json:
+        emit_json(res.to_json())
+        return
+    console().print(
+        f"applied {res.records} records (LSN {res.from_lsn}..{res.to_lsn}, up to "
+        f"{res.to_time or '-'}) to {data_dir}, {res.rate:.0f} records/s; target: {res.target}",
+        markup=False,
+    )
+
+
+def restore_pitr(
+    base_backup: Annotated[
+        Path | None, typer.Option("--base-backup", help="The full backup to start from.")
+    ] = None,
+    operation_log: Annotated[
+        list[Path] | None,
+        typer.Option("--operation-log", help="Log file or directory; repeat for several."),
+    ] = None,
+    repo: Annotated[
+        Path | None,
+        typer.Option("--repo", help="A backup directory: pick the base and incrementals."),
+    ] = None,
+    target_time: TargetTime = None,
+    target_lsn: TargetLsn = None,
+    target_name: TargetName = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Data dir to create.", show_default="--data-dir"),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Move a non-empty output aside (never deleted).")
+    ] = False,
+    data_dir: DataDir = _DD,
+    as_json: Json = False,
+) -> None:
+    """Recover to a moment: base backup + logs replayed up to the target, on a txn boundary."""
+    from engram.backup.pitr import Target, choose_from_repo
+    from engram.backup.pitr import restore_pitr as do_pitr
+    from engram.model import ns_to_iso
+
+    target = Target.from_options(target_time, target_lsn, target_name, required=True)
+    con = console()
+    if target.time_ns is not None and not as_json:
+        con.print(f"target time {target_time!r} is {ns_to_iso(target.time_ns)} UTC", markup=False)
+    if repo is not None:
+        if base_backup is not None or operation_log:
+            raise UsageError("give --repo, or --base-backup with --operation-log, not both")
+        base, logs, says = choose_from_repo(repo, target)
+        if not as_json:
+            con.print(f"chose {says}", markup=False)
+    else:
+        if base_backup is None:
+            raise UsageError("give --base-backup (and --operation-log), or --repo")
+        base, logs = base_backup, list(operation_log or [])
+    out = output if output is not None else data_dir
+    with progress_bar("replay", unit="records") as bar:
+        res = do_pitr(base, logs, target, out, force, None if as_json else bar)
+    if as_json:
+        emit_json(res.to_json())
+        return
+    con.print(
+        f"recovered {res.output} to LSN {res.reached_lsn} ({res.reached_time or 'base'}), "
+        f"target {res.target}",
+        markup=False,
+    )
+    con.print(
+        f"  base LSN {res.base_lsn}, replayed {res.records} records at {res.rate:.0f}/s; "
+        f"digest {res.digest} recomputed and equal",
+        markup=False,
+    )
+    if res.moved_aside:
+        con.print(f"  the previous contents were moved to {res.moved_aside}", markup=False)
+    con.print(f"  took {res.duration_s} s", markup=False)
+
+
+def validate_backup(
+    path: Annotated[Path, typer.Argument(help="A full archive or an incremental .log.")],
+    level: Level = 4,
+    p50_warn_ms: P50Warn = 10.0,
+    as_json: Json = False,
+) -> None:
+    """Check a backup like the seed's script: checksum, restore, verify, digest, benchmark."""
+    v = _validate(path, level, p50_warn_ms, as_json)
+    if as_json:
+        emit_json(v)
+    else:
+        _render_validation(v)
+    if not v["ok"]:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("backup")(backup)
+    app.command("restore")(restore)
+    app.command("apply-log")(apply_log)
+    app.command("restore-pitr")(restore_pitr)
+    app.command("validate-backup")(validate_backup)
+

@@ -1,0 +1,184 @@
+"""Operating a data dir: quiesce, resume, status, verify, benchmark, test."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from engram.cli.common import DEFAULT_DATA_DIR as _DD
+from engram.cli.common import (
+    DataDir,
+    Json,
+    TokenFile,
+    backend,
+    console,
+    emit_json,
+    parse_duration,
+    resolve_token,
+)
+from engram.errors import EngramError, UsageError
+
+
+def quiesce(
+    timeout: Annotated[
+        str, typer.Option("--timeout", help="Lift the pause by itself after this long (3m, 90s).")
+    ] = "3m",
+    data_dir: DataDir = _DD,
+    token_file: TokenFile = None,
+    as_json: Json = False,
+) -> None:
+    """Pause writes on the running server (503 + Retry-After) after a checkpoint."""
+    seconds = parse_duration(timeout, "--timeout")
+    with backend(data_dir, token_file) as b:
+        st = b.quiesce(seconds)
+    if as_json:
+        emit_json(st)
+    else:
+        console().print(
+            f"writes paused at LSN {st['lsn']} (checkpointed); they resume at {st['until']} "
+            "or with `engram resume`",
+            markup=False,
+        )
+
+
+def resume(
+    data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json = False
+) -> None:
+    """Let the running server take writes again."""
+    with backend(data_dir, token_file) as b:
+        st = b.resume()
+    if as_json:
+        emit_json(st)
+    else:
+        was = "resumed" if st.get("was_quiesced") else "was not paused; nothing to resume"
+        console().print(f"writes {was} (LSN {st['lsn']})", markup=False)
+
+
+def status(data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json = False) -> None:
+    """What the data dir (or its server) is doing: LSN, counts, tiers, quiesce, health."""
+    with backend(data_dir, token_file) as b:
+        st = b.status()
+    if as_json:
+        emit_json(st)
+        return
+    con = console()
+    server = st.get("server")
+    con.print(f"data dir   {st['data_dir']}", markup=False)
+    con.print(f"server     {server['url'] + ' (pid ' + str(server['pid']) + ')' if server else 'none (opened directly)'}", markup=False)
+    con.print(f"database   {st['database_id']}", markup=False)
+    con.print(f"lsn        {st['lsn']} (warm tier checkpointed at {st['tiers']['warm']['applied_lsn']})", markup=False)
+    con.print(f"graph      {st['memories']} memories, {st['edges']} edges", markup=False)
+    fast = st["tiers"]["fast"]
+    con.print(f"fast tier  {fast['memories']} memories, {fast['bytes']} of {fast['budget_bytes']} bytes, {fast['dirty']} dirty", markup=False)
+    q = st["quiesce"]
+    con.print(f"writes     {'PAUSED until ' + q['until'] if q['quiesced'] else 'accepted'}", markup=False)
+    if st.get("failed"):
+        con.print(f"FAILED     {st['failed']}", markup=False)
+    con.print(f"durability {st['durability']}; digest {st['digest']}", markup=False)
+
+
+def verify(
+    data_dir: DataDir = _DD,
+    check_all: Annotated[
+        bool, typer.Option("--check-all", help="SQLite integrity_check instead of quick_check.")
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Check a data dir: SQLite, edges, strengths, cold stubs, log CRCs, LSNs, digest."""
+    from engram.backup.verify import render_text, verify_data_dir
+
+    rep = verify_data_dir(Path(data_dir), check_all=check_all)
+    if as_json:
+        emit_json(rep.to_json())
+    else:
+        console().print(render_text(rep), markup=False)
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+def benchmark(
+    data_dir: DataDir = _DD,
+    duration: Annotated[str, typer.Option("--duration", help="How long to run (10s, 1m).")] = "10s",
+    as_json: Json = False,
+) -> None:
+    """A read benchmark on a read-only open; prints `p50: <ms>`, `p95:`, `p99:`, `ops/s:`."""
+    from engram.backup.readbench import render_lines, run_benchmark
+
+    res = run_benchmark(Path(data_dir), parse_duration(duration, "--duration"))
+    if as_json:
+        emit_json(res.to_json())
+    else:
+        typer.echo(render_lines(res), nl=False)
+
+
+def _smoke(url: str, token: str | None) -> list[tuple[str, str]]:
+    from engram.client import EngramClient
+
+    steps: list[tuple[str, str]] = []
+    tag = uuid.uuid4().hex[:12]
+    cid = f"engram-canary-{tag}"
+    word = f"canary{tag}"
+
+    def step(name: str, fn: Any) -> Any:
+        try:
+            out = fn()
+        except EngramError as e:
+            raise EngramError(f"smoke test failed at step '{name}': {e.message}") from None
+        steps.append((name, "ok"))
+        return out
+
+    with EngramClient(url, token, timeout=10) as c:
+        step("health", lambda: c.live() and (c.ready() or _raise("server is not ready")))
+        step("write", lambda: c.create_memory(f"engram smoke test {word}", id=cid))
+        got = step("read", lambda: c.get_memory(cid))
+        if got.get("content") != f"engram smoke test {word}":
+            raise EngramError("smoke test failed at step 'read': the canary came back different")
+        hits = step("recall", lambda: c.recall(word, 5))
+        if not any(r.get("id") == cid for r in hits.get("results", [])):
+            raise EngramError("smoke test failed at step 'recall': the canary was not recalled")
+        step("delete", lambda: c.delete_memory(cid))
+    return steps
+
+
+def _raise(msg: str) -> None:
+    raise EngramError(msg)
+
+
+def test(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The smoke test (the only test there is now).")
+    ] = True,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Server URL; default: the one in engram.lock.")
+    ] = None,
+    data_dir: DataDir = _DD,
+    token_file: TokenFile = None,
+    as_json: Json = False,
+) -> None:
+    """Smoke-test the running server: health, write a canary, read, recall, delete it."""
+    from engram.datadir import read_owner
+
+    if url is None:
+        owner = read_owner(Path(data_dir))
+        if not owner or not owner.get("url"):
+            raise UsageError(
+                f"no engram server is running on {data_dir}; start one, or give --url"
+            )
+        url = owner["url"]
+    steps = _smoke(url, resolve_token(token_file))
+    if as_json:
+        emit_json({"ok": True, "url": url, "steps": [s for s, _ in steps]})
+    else:
+        console().print(f"smoke test of {url}: " + ", ".join(s for s, _ in steps) + " — PASS", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quiesce")(quiesce)
+    app.command("resume")(resume)
+    app.command("status")(status)
+    app.command("verify")(verify)
+    app.command("benchmark")(benchmark)
+    app.command("test")(test)

@@ -1,0 +1,268 @@
+"""``engram import`` and ``engram export``: the graph as JSON lines, one op per line.
+
+The ops are exactly those of ``POST /v1/batch``; ``export`` writes every memory as a
+``create_memory`` op and then every edge as ``create_edge``, so its output imports as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Annotated, Any, BinaryIO
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from engram.backend import Backend
+from engram.cli.common import DEFAULT_DATA_DIR as _DD
+from engram.cli.common import (
+    DataDir,
+    Json,
+    TokenFile,
+    backend,
+    console,
+    emit_json,
+    err_console,
+)
+from engram.errors import EngramError, RemoteError, ValidationError
+from engram.fsutil import fsync_dir
+
+# A batch is also capped in bytes so that it stays well under the server's body limit.
+MAX_BATCH_BYTES = 4 << 20
+
+
+# -- import ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(total: int | None, show: bool) -> Iterator[Callable[[int], None]]:
+    if not show:
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn("importing"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console()) as bar:
+        task = bar.add_task("import", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@contextmanager
+def _input(path: Path) -> Iterator[tuple[BinaryIO, int | None]]:
+    if str(path) == "-":
+        yield sys.stdin.buffer, None
+        return
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise ValidationError(f"cannot read {path} ({e.strerror})", field="file") from None
+    with fh:
+        yield fh, os.fstat(fh.fileno()).st_size
+
+
+class _Importer:
+    """Sends ops in atomic batches and keeps the promise of the error messages: everything
+    before a bad line is applied, nothing from it on, so a fixed file resumes at that line."""
+
+    def __init__(self, b: Backend, batch_size: int) -> None:
+        self.b = b
+        self.batch_size = batch_size
+        self.ops: list[dict[str, Any]] = []
+        self.lines: list[int] = []
+        self.bytes = 0
+        self.applied = 0
+        self.batches = 0
+        self.lsn: int | None = None
+
+    def add(self, op: dict[str, Any], lineno: int, size: int) -> None:
+        self.ops.append(op)
+        self.lines.append(lineno)
+        self.bytes += size
+        if len(self.ops) >= self.batch_size or self.bytes >= MAX_BATCH_BYTES:
+            self.flush()
+
+    def _send(self, ops: list[dict[str, Any]]) -> None:
+        res = self.b.apply(ops)
+        self.lsn = res["lsn"]
+        self.applied += len(ops)
+        self.batches += 1
+
+    def flush(self) -> None:
+        if not self.ops:
+            return
+        ops, lines = self.ops, self.lines
+        self.ops, self.lines, self.bytes = [], [], 0
+        try:
+            self._send(ops)
+        except EngramError as e:
+            idx = e.details.get("index")
+            if idx is None and len(ops) == 1:
+                idx = 0
+            if not isinstance(idx, int) or not 0 <= idx < len(ops):
+                # Not one op's fault (server unavailable, connection lost, ...).
+                msg = f"{e.message} (batch from line {lines[0]})"
+                if isinstance(e, RemoteError):
+                    msg += "; that batch may or may not have been applied"
+                raise self.failed(e, msg, lines[0], fix=False) from None
+            if idx > 0:
+                self._send(ops[:idx])  # the ops before the bad one are good on their own
+            msg = e.message.removeprefix(f"op {idx}: ")
+            raise self.failed(e, f"line {lines[idx]}: {msg}", lines[idx]) from None
+
+    def failed(
+        self, e: EngramError, message: str, resume_line: int, fix: bool = True
+    ) -> EngramError:
+        n = self.applied
+        todo = "fix it and import again" if fix else "import again"
+        done = "1 op before it was applied" if n == 1 else f"{n} ops before it were applied"
+        e.message = f"{message}; {done} — {todo} from line {resume_line}"
+        e.args = (e.message,)
+        e.details["line"] = resume_line
+        e.details["applied"] = self.applied
+        return e
+
+
+def _parse(raw: bytes, lineno: int) -> dict[str, Any] | None:
+    if not raw.strip():
+        return None
+    try:
+        op = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ValidationError(f"line {lineno}: not UTF-8 text", field="file") from None
+    except ValueError as e:
+        msg = getattr(e, "msg", str(e))
+        raise ValidationError(f"line {lineno}: not valid JSON ({msg})", field="file") from None
+    if not isinstance(op, dict):
+        raise ValidationError(f"line {lineno}: each line must be a JSON object", field="file")
+    return op
+
+
+def import_(
+    file: Annotated[
+        Path, typer.Option("--file", "-f", help="JSON-lines file of ops, or - for stdin.")
+    ],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=100_000, help="Ops per atomic batch.")
+    ] = 1000,
+    data_dir: DataDir = _DD,
+    token_file: TokenFile = None,
+    as_json: Json = False,
+) -> None:
+    """Apply ops from a JSON-lines file (as written by `export`), in atomic batches."""
+    with _input(file) as (fh, total), backend(data_dir, token_file, write=True) as b:
+        imp = _Importer(b, batch_size)
+        with _progress(total, sys.stderr.isatty()) as advance:
+            for lineno, raw in enumerate(fh, 1):
+                advance(len(raw))
+                try:
+                    op = _parse(raw, lineno)
+                except ValidationError as e:
+                    imp.flush()
+                    raise imp.failed(e, e.message, lineno) from None
+                if op is not None:
+                    imp.add(op, lineno, len(raw))
+            imp.flush()
+    out = {"ops": imp.applied, "batches": imp.batches, "lsn": imp.lsn}
+    if as_json:
+        emit_json(out)
+    else:
+        lsn = "" if imp.lsn is None else f" (lsn {imp.lsn})"
+        console().print(f"imported {imp.applied} ops in {imp.batches} batches{lsn}", markup=False)
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def _encode(op: dict[str, Any]) -> bytes:
+    return (json.dumps(op, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+@contextmanager
+def _atomic_output(path: Path) -> Iterator[IO[bytes]]:
+    """A file that appears at ``path`` complete (temp, fsync, rename, fsync dir) or not at all."""
+    if path.is_dir():
+        raise ValidationError(f"{path} is a directory; name a file", field="output")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise ValidationError(f"cannot write {path} ({e.strerror})", field="output") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _write(ops: Iterator[dict[str, Any]], fh: IO[bytes]) -> dict[str, Any]:
+    h = hashlib.sha256()
+    counts = {"memories": 0, "edges": 0, "ops": 0, "bytes": 0}
+    for op in ops:
+        line = _encode(op)
+        fh.write(line)
+        h.update(line)
+        counts["ops"] += 1
+        counts["bytes"] += len(line)
+        if op.get("op") == "create_memory":
+            counts["memories"] += 1
+        elif op.get("op") == "create_edge":
+            counts["edges"] += 1
+    return {**counts, "sha256": h.hexdigest()}
+
+
+def export(
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="File to write (replaced atomically); - for stdout."),
+    ],
+    data_dir: DataDir = _DD,
+    token_file: TokenFile = None,
+    as_json: Json = False,
+) -> None:
+    """Write the whole graph as JSON-lines ops that `import` turns back into the same graph."""
+    to_stdout = str(output) == "-"
+    with backend(data_dir, token_file) as b:
+        if to_stdout:
+            out = _write(b.export(), sys.stdout.buffer)
+            sys.stdout.flush()
+        else:
+            with _atomic_output(output) as fh:
+                out = _write(b.export(), fh)
+    out = {"output": str(output), **out}
+    if as_json and not to_stdout:
+        emit_json(out)
+        return
+    text = (
+        f"exported {out['memories']} memories and {out['edges']} edges to {output} "
+        f"({out['bytes']} bytes, sha256 {out['sha256']})"
+    )
+    if to_stdout:  # stdout carries the data; the report goes beside it
+        err_console().print(json.dumps(out) if as_json else text, markup=False)
+    else:
+        console().print(text, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("import")(import_)
+    app.command("export")(export)

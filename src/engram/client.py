@@ -1,0 +1,275 @@
+"""An HTTP client of the engram server API (used by the CLI, tests and benchmarks).
+
+Every error the server answers with is turned back into the ``EngramError`` subclass it came
+from (by the body's ``error`` code, else by HTTP status), so a caller sees the same message and
+exit code whether it talked to the server or opened the data dir itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+
+from engram import errors
+from engram.errors import (
+    Conflict,
+    EngramError,
+    NotFound,
+    RemoteError,
+    Unavailable,
+    ValidationError,
+)
+
+_BY_STATUS: dict[int, type[EngramError]] = {
+    400: ValidationError,
+    404: NotFound,
+    409: Conflict,
+    422: ValidationError,
+    503: Unavailable,
+}
+_RESERVED = frozenset({"args", "code", "details", "exit_code", "http_status", "message"})
+
+
+def _error_classes() -> dict[str, type[EngramError]]:
+    """Every code of the shared error tree -> its class (the first class wins a shared code).
+
+    Only ``engram.errors`` counts: adapters (the server) define private subclasses whose
+    presence would otherwise depend on what happens to be imported.
+    """
+    out: dict[str, type[EngramError]] = {}
+    todo: list[type[EngramError]] = [errors.EngramError]
+    while todo:
+        cls = todo.pop(0)
+        if cls.__module__ == errors.__name__:
+            out.setdefault(cls.code, cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def _rebuild(cls: type[EngramError], message: str, details: dict[str, Any]) -> EngramError:
+    # Subclasses have different constructors; build through the base one and then set the
+    # attributes the subclasses expose (field, retry_after, pid, url, ...), so callers can rely
+    # on them exactly as for a locally raised error.
+    err = cls.__new__(cls)
+    EngramError.__init__(err, message, **details)
+    for key, value in details.items():
+        if key.isidentifier() and key not in _RESERVED:
+            setattr(err, key, value)
+    if isinstance(err, ValidationError) and "field" not in details:
+        err.field = None
+    if isinstance(err, Unavailable) and "retry_after" not in details:
+        err.retry_after = 1.0
+    return err
+
+
+def error_from_response(status: int, body: bytes, headers: httpx.Headers, url: str) -> EngramError:
+    """The ``EngramError`` a server error response stands for."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("error"), str):
+        # Not an engram error body (a proxy, another service on the port, FastAPI's default).
+        text = body.decode("utf-8", "replace").strip().replace("\n", " ")[:200]
+        detail = data.get("detail") if isinstance(data, dict) else None
+        if status in (400, 422) and detail is not None:
+            return ValidationError(f"the server refused the request: {detail}")
+        return RemoteError(f"{url} answered HTTP {status}: {text or 'no body'}")
+    code = data["error"]
+    message = str(data.get("message") or f"HTTP {status}")
+    details = {k: v for k, v in data.items() if k not in ("error", "message")}
+    if status == 503 and "retry_after" not in details and headers.get("retry-after"):
+        try:
+            details["retry_after"] = float(headers["retry-after"])
+        except ValueError:
+            pass
+    cls = _error_classes().get(code) or _BY_STATUS.get(status, RemoteError)
+    return _rebuild(cls, message, details)
+
+
+def local_url(url: str) -> str:
+    """A URL a local client can connect to: a wildcard bind address becomes loopback."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    repl = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host)
+    if repl is None:
+        return url.rstrip("/")
+    netloc = repl + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme or "http", netloc, parts.path, "", "")).rstrip("/")
+
+
+def _seg(value: str) -> str:
+    # Ids may contain '/', ':' and '@'; encode everything so an id is always one path segment.
+    return quote(value, safe="")
+
+
+class EngramClient:
+    """Synchronous client of one engram server; a context manager that closes its connections."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = local_url(url)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.has_token = bool(token)
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> EngramClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _unreachable(self, e: httpx.HTTPError) -> RemoteError:
+        reason = str(e) or type(e).__name__
+        return RemoteError(
+            f"cannot reach the engram server at {self.url} ({reason}); "
+            "check that it is running, or stop it and retry"
+        )
+
+    def _raise_for(self, resp: httpx.Response) -> None:
+        if resp.status_code < 400:
+            return
+        err = error_from_response(resp.status_code, resp.read(), resp.headers, self.url)
+        if resp.status_code == 401:
+            hint = (
+                "check the token" if self.has_token else "pass --token-file F or set ENGRAM_TOKEN"
+            )
+            err = RemoteError(f"{self.url} refused the request ({err.message}); {hint}")
+        raise err
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise self._unreachable(e) from None
+        self._raise_for(resp)
+        try:
+            return resp.json()
+        except ValueError:
+            raise RemoteError(
+                f"{self.url} answered {method} {path} with a body that is not JSON"
+            ) from None
+
+    # -- health --------------------------------------------------------------------------
+
+    def live(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/health/live"))
+
+    def ready(self) -> bool:
+        try:
+            resp = self._http.get("/health/ready")
+        except httpx.HTTPError as e:
+            raise self._unreachable(e) from None
+        return resp.status_code == 200
+
+    # -- memories and edges --------------------------------------------------------------
+
+    def create_memory(
+        self,
+        content: str,
+        id: str | None = None,
+        strength: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {"content": content, "id": id, "strength": strength, "metadata": metadata}
+        return dict(self.request("POST", "/v1/memories", json=_drop_none(body)))
+
+    def get_memory(self, mid: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/memories/{_seg(mid)}"))
+
+    def update_memory(self, mid: str, **changes: Any) -> dict[str, Any]:
+        return dict(self.request("PATCH", f"/v1/memories/{_seg(mid)}", json=_drop_none(changes)))
+
+    def delete_memory(self, mid: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/v1/memories/{_seg(mid)}"))
+
+    def activate(self, mid: str, boost: float | None = None) -> dict[str, Any]:
+        body = {} if boost is None else {"boost": boost}
+        return dict(self.request("POST", f"/v1/memories/{_seg(mid)}/activate", json=body))
+
+    def create_edge(
+        self, src: str, dst: str, kind: str | None = None, weight: float | None = None
+    ) -> dict[str, Any]:
+        body = {"src": src, "dst": dst, "kind": kind, "weight": weight}
+        return dict(self.request("POST", "/v1/edges", json=_drop_none(body)))
+
+    def delete_edge(self, src: str, dst: str, kind: str | None = None) -> dict[str, Any]:
+        params = _drop_none({"src": src, "dst": dst, "kind": kind})
+        return dict(self.request("DELETE", "/v1/edges", params=params))
+
+    def neighbors(self, mid: str, direction: str = "both", depth: int = 1) -> dict[str, Any]:
+        params = {"direction": direction, "depth": depth}
+        return dict(self.request("GET", f"/v1/memories/{_seg(mid)}/neighbors", params=params))
+
+    def recall(self, query: str, limit: int = 10) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/recall", params={"query": query, "limit": limit}))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/stats"))
+
+    def batch(self, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/batch", json={"ops": ops}))
+
+    def mark(self, name: str) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/mark", json={"name": name}))
+
+    # -- operations (backups, quiesce, status) -------------------------------------------
+
+    def backup(
+        self, kind: str, output: str, since_s: float | None = None, since_lsn: int | None = None
+    ) -> dict[str, Any]:
+        body = _drop_none({"kind": kind, "output": output, "since_s": since_s, "since_lsn": since_lsn})
+        return dict(self.request("POST", "/v1/admin/backup", json=body, timeout=None))
+
+    def quiesce(self, timeout_s: float) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/admin/quiesce", json={"timeout_s": timeout_s}))
+
+    def resume(self) -> dict[str, Any]:
+        return dict(self.request("POST", "/v1/admin/resume", json={}))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/v1/admin/status"))
+
+    def export(self) -> Iterator[dict[str, Any]]:
+        """The ops of ``GET /v1/export``, streamed; a cut-off stream raises, never ends early."""
+        try:
+            with self._http.stream("GET", "/v1/export", timeout=None) as resp:
+                self._raise_for(resp)
+                for n, line in enumerate(resp.iter_lines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        op = json.loads(line)
+                    except ValueError:
+                        raise RemoteError(
+                            f"{self.url} sent a malformed export line {n}; retry the export"
+                        ) from None
+                    yield op
+        except httpx.HTTPError as e:
+            raise RemoteError(
+                f"the export stream from {self.url} broke ({e or type(e).__name__}); "
+                "retry the export"
+            ) from None
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}

@@ -1,0 +1,70 @@
+"""``python -m engram.server``: a thin entry point for tests and benchmarks.
+
+The user-facing command is ``engram serve``; this takes the same core options without the CLI's
+dependencies, so a test can start a real server process cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from engram.errors import EngramError, UsageError
+from engram.graph import EngineConfig
+from engram.oplog.writer import DURABILITY_MODES
+from engram.server.app import DEFAULT_MAX_BODY, serve
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The token from ``token_file`` (stripped), else ENGRAM_TOKEN, else None."""
+    if token_file is None:
+        return os.environ.get("ENGRAM_TOKEN") or None
+    try:
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read --token-file {token_file} ({e.strerror})") from None
+    if not token:
+        raise UsageError(f"--token-file {token_file} is empty; put a secret in it")
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m engram.server", description="Serve an engram data dir over HTTP."
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("ENGRAM_DATA_DIR", "engram-data"))
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token-file", type=Path)
+    p.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback bind without a token"
+    )
+    p.add_argument("--durability", choices=DURABILITY_MODES, default="sync")
+    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="body limit in bytes")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        serve(
+            args.data_dir,
+            args.host,
+            args.port,
+            read_token(args.token_file),
+            args.insecure,
+            EngineConfig(durability=args.durability),
+            args.max_body,
+            log_level=args.log_level,
+            access_log=args.access_log,
+        )
+    except EngramError as e:
+        print(f"engram: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Operations over HTTP: backups taken by the server, quiesce/resume, status.
+
+The server takes a backup itself because only the process that owns the data dir can make the
+consistent cut; the CLI sends the (absolute) output path and validates the result afterwards.
+These routes sit under /v1 and need the token like every other /v1 route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from engram.backend import _run_backup, status_of
+from engram.errors import ValidationError
+from engram.graph import Engine
+
+Result = tuple[int, Any]
+
+_STARTED = time.time()
+
+
+def _field(body: dict[str, Any], name: str, types: tuple[type, ...], required: bool = False) -> Any:
+    v = body.get(name)
+    if v is None:
+        if required:
+            raise ValidationError(f"{name} is required", field=name)
+        return None
+    if isinstance(v, bool) or not isinstance(v, types):
+        raise ValidationError(f"{name} has the wrong type", field=name)
+    return v
+
+
+def _only_fields(body: dict[str, Any], allowed: set[str], what: str) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise ValidationError(f"unknown field {extra[0]!r} for {what}", field=extra[0])
+
+
+async def backup(eng: Engine, body: dict[str, Any]) -> Result:
+    _only_fields(body, {"kind", "output", "since_s", "since_lsn"}, "backup")
+    kind = _field(body, "kind", (str,), required=True)
+    output = _field(body, "output", (str,), required=True)
+    if not os.path.isabs(output):
+        raise ValidationError("output must be an absolute path on the server", field="output")
+    since_s = _field(body, "since_s", (int, float))
+    since_lsn = _field(body, "since_lsn", (int,))
+    loop = asyncio.get_running_loop()
+    res = await loop.run_in_executor(
+        None, _run_backup, eng, kind, Path(output), since_s, since_lsn, None
+    )
+    return 200, res
+
+
+async def quiesce(eng: Engine, body: dict[str, Any]) -> Result:
+    _only_fields(body, {"timeout_s"}, "quiesce")
+    timeout = _field(body, "timeout_s", (int, float), required=True)
+    loop = asyncio.get_running_loop()
+    return 200, await loop.run_in_executor(None, eng.quiesce, float(timeout))
+
+
+async def resume(eng: Engine, body: dict[str, Any]) -> Result:
+    _only_fields(body, set(), "resume")
+    return 200, eng.resume()
+
+
+async def status(eng: Engine, url: str | None) -> Result:
+    loop = asyncio.get_running_loop()
+    st = await loop.run_in_executor(None, status_of, eng)
+    st["server"] = {"pid": os.getpid(), "url": url, "uptime_s": round(time.time() - _STARTED, 1)}
+    return 200, st

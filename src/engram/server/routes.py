@@ -1,0 +1,418 @@
+"""The HTTP API (README "HTTP API"): routing, auth, and one small handler per route.
+
+Each handler makes one call into the engine and shapes its answer. Writes go through
+``Engine.submit`` on the event loop (microseconds, never blocks on the disk) and then await
+durability through ``DurableWaiter``; point reads call the engine directly; scans (neighbors,
+recall, stats, export) run in the default thread pool so a large one does not stall the loop.
+
+Ids may contain '/': clients send them percent-encoded (``a%2Fb``). Unencoded, the path after
+``/v1/memories/`` is the id, except a final ``/activate`` on POST or ``/neighbors`` on GET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+from engram.errors import EngramError, Unavailable, ValidationError
+from engram.graph import Engine, WriteResult
+from engram.server.asgi import (
+    CT_NDJSON,
+    BodyTooLarge,
+    ClientGone,
+    Headers,
+    MethodNotAllowed,
+    NoRoute,
+    Receive,
+    Request,
+    Scope,
+    Send,
+    Unauthorized,
+    encode,
+    error_response,
+    path_param,
+    send_json,
+)
+from engram.datadir import read_owner
+from engram.server import admin
+from engram.server.durable import DurableWaiter
+
+log = logging.getLogger("engram.server")
+
+Result = tuple[int, Any]
+Handler = Callable[..., Awaitable["Result | Stream"]]
+
+# Batches larger than this are planned in a worker thread: planning 100k ops takes long enough
+# to stall every other request if done on the loop.
+BIG_BATCH = 1000
+EXPORT_CHUNK = 1000
+_INTERNAL = {
+    "error": "internal",
+    "message": "unexpected server error; it is in the server log — please report it",
+}
+_PATCH_FIELDS = frozenset({"content", "strength", "metadata"})
+
+
+class Stream:
+    """A streamed 200 response (export); chunks are produced in a worker thread."""
+
+    def __init__(self, chunks: Iterator[bytes], content_type: tuple[bytes, bytes]) -> None:
+        self.chunks = chunks
+        self.content_type = content_type
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = await loop.run_in_executor(None, next, self.chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+
+
+class EngramApp:
+    """The ASGI application. ``engine`` stays None while the server recovers (503s until set)."""
+
+    def __init__(self, engine: Engine | None, token: str | None, max_body: int) -> None:
+        self.engine = engine
+        self.max_body = max_body
+        # Compared in constant time with the whole Authorization header.
+        self._expected_auth = b"Bearer " + token.encode() if token else None
+        self.startup_error: str | None = None  # set when the engine failed to open
+        self.progress: tuple[int, int] | None = None  # (records replayed, LSN) during recovery
+        self._waiter: DurableWaiter | None = None
+        self._one_memory: dict[str, Handler] = {
+            "GET": self._get_memory,
+            "PATCH": self._patch,
+            "DELETE": self._delete,
+        }
+        self._static: dict[str, dict[str, Handler]] = {
+            "edges": {"POST": self._create_edge, "DELETE": self._delete_edge},
+            "recall": {"GET": self._recall},
+            "stats": {"GET": self._stats},
+            "batch": {"POST": self._batch},
+            "mark": {"POST": self._mark},
+            "export": {"GET": self._export},
+        }
+        self._admin: dict[str, dict[str, Handler]] = {
+            "backup": {"POST": self._admin_backup},
+            "quiesce": {"POST": self._admin_quiesce},
+            "resume": {"POST": self._admin_resume},
+            "status": {"GET": self._admin_status},
+        }
+
+    # -- ASGI entry ----------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        req = Request(scope, receive)
+        headers: Headers = []
+        try:
+            out = await self._dispatch(req)
+            if isinstance(out, Stream):
+                await _stream(send, out, req)
+                return
+            status, body = out
+        except EngramError as e:
+            status, body, headers = error_response(e)
+            if isinstance(e, BodyTooLarge):
+                # The rest of the body is never read; do not reuse the connection for it.
+                headers.append((b"connection", b"close"))
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("unexpected error on %s %s", req.method, req.path)
+            status, body = 500, _INTERNAL
+        await send_json(send, status, body, headers)
+
+    async def _dispatch(self, req: Request) -> Result | Stream:
+        seg = req.segments
+        if len(seg) == 2 and seg[0] == "health":
+            if seg[1] == "live":
+                _only(req, "GET")
+                return 200, {"status": "live"}
+            if seg[1] == "ready":
+                _only(req, "GET")
+                return self._ready()
+            raise NoRoute(f"no route {req.path}; see the HTTP API in README.md")
+        if not seg or seg[0] != "v1" or len(seg) < 2:
+            raise NoRoute(f"no route {req.path}; see the HTTP API in README.md")
+        self._authorize(req)
+        handler, args = self._route(req)
+        return await handler(req, self._engine(), *args)
+
+    def _route(self, req: Request) -> tuple[Handler, tuple[str, ...]]:
+        seg, method = req.segments, req.method
+        name = seg[1]
+        if name == "memories":
+            if len(seg) == 2:
+                _only(req, "POST")
+                return self._create_memory, ()
+            rest = seg[2:]
+            if len(rest) >= 2 and rest[-1] == "activate" and method == "POST":
+                return self._activate, (path_param(rest[:-1]),)
+            if len(rest) >= 2 and rest[-1] == "neighbors" and method == "GET":
+                return self._neighbors, (path_param(rest[:-1]),)
+            handler = self._one_memory.get(method)
+            if handler is None:
+                raise MethodNotAllowed(
+                    f"{method} is not allowed on {req.path}", allow=list(self._one_memory)
+                )
+            return handler, (path_param(rest),)
+        if name == "admin" and len(seg) == 3:
+            admin = self._admin.get(seg[2])
+            if admin is None:
+                raise NoRoute(f"no route {req.path}; see the HTTP API in README.md")
+            if method not in admin:
+                raise MethodNotAllowed(f"{method} is not allowed on {req.path}", allow=list(admin))
+            return admin[method], ()
+        routes = self._static.get(name) if len(seg) == 2 else None
+        if routes is None:
+            raise NoRoute(f"no route {req.path}; see the HTTP API in README.md")
+        static = routes.get(method)
+        if static is None:
+            raise MethodNotAllowed(f"{method} is not allowed on {req.path}", allow=list(routes))
+        return static, ()
+
+    def _authorize(self, req: Request) -> None:
+        if self._expected_auth is None:
+            return
+        got = req.header(b"authorization") or b""
+        if not hmac.compare_digest(got, self._expected_auth):
+            raise Unauthorized()
+
+    def _engine(self) -> Engine:
+        eng = self.engine
+        if eng is None:
+            if self.startup_error is not None:
+                raise Unavailable(
+                    f"the database failed to open ({self.startup_error})", retry_after=30
+                )
+            raise Unavailable("the server is starting: recovery in progress", retry_after=1)
+        return eng
+
+    def _ready(self) -> Result:
+        eng = self.engine
+        if eng is None:
+            if self.startup_error is not None:
+                return 503, {"status": "failed", "reason": self.startup_error}
+            body: dict[str, Any] = {"status": "starting", "reason": "recovery in progress"}
+            if self.progress is not None:
+                body["replayed"], body["lsn"] = self.progress
+            return 503, body
+        if eng.failed is not None:
+            return 503, {"status": "failed", "reason": eng.failed}
+        if eng.write_block is not None:
+            return 503, {"status": "blocked", "reason": eng.write_block}
+        return 200, {"status": "ready"}
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def _write(self, eng: Engine, ops: list[Any]) -> WriteResult:
+        if len(ops) > BIG_BATCH:
+            res = await asyncio.get_running_loop().run_in_executor(None, eng.submit, ops)
+        else:
+            res = eng.submit(ops)
+        if eng.config.durability != "sync":
+            eng.wait(res.lsn)  # returns at once in these modes; raises if the log has failed
+            return res
+        loop = asyncio.get_running_loop()
+        if self._waiter is None or self._waiter.loop is not loop:
+            # One waiter per loop: an app driven by several loops in turn (in-process tests)
+            # must not wake a closed one.
+            self._waiter = DurableWaiter(loop)
+        await self._waiter.wait(eng, res.lsn)
+        return res
+
+    async def _body(
+        self, req: Request, op: str, reserved: tuple[str, ...] = ("op",), optional: bool = False
+    ) -> dict[str, Any]:
+        body = await req.json_object(self.max_body, optional=optional)
+        # The op (and for per-memory routes the id) come from the route, never from the body.
+        for key in reserved:
+            if key in body:
+                raise ValidationError(f"unknown field {key!r} for {op}", field=key)
+        return body
+
+    async def _create_memory(self, req: Request, eng: Engine) -> Result:
+        body = await self._body(req, "create_memory")
+        res = await self._write(eng, [{"op": "create_memory", **body}])
+        return 201, {"id": res.results[0]["id"], "lsn": res.lsn}
+
+    async def _patch(self, req: Request, eng: Engine, mid: str) -> Result:
+        body = await self._body(req, "update_memory")
+        unknown = sorted(set(body) - _PATCH_FIELDS)
+        if unknown:
+            raise ValidationError(
+                f"unknown field {unknown[0]!r} for update_memory", field=unknown[0]
+            )
+        if all(body.get(k) is None for k in _PATCH_FIELDS):
+            raise ValidationError(
+                "nothing to update: give content, strength or metadata", field="body"
+            )
+        res = await self._write(eng, [{"op": "update_memory", "id": mid, **body}])
+        return 200, {"id": res.results[0]["id"], "lsn": res.lsn}
+
+    async def _delete(self, req: Request, eng: Engine, mid: str) -> Result:
+        res = await self._write(eng, [{"op": "delete_memory", "id": mid}])
+        r = res.results[0]
+        return 200, {"id": r["id"], "lsn": res.lsn, "edges_deleted": r["edges_deleted"]}
+
+    async def _activate(self, req: Request, eng: Engine, mid: str) -> Result:
+        body = await self._body(req, "activate", ("op", "id"), optional=True)
+        res = await self._write(eng, [{"op": "activate", "id": mid, **body}])
+        r = res.results[0]
+        return 200, {"id": r["id"], "lsn": res.lsn, "strength": r["strength"]}
+
+    async def _create_edge(self, req: Request, eng: Engine) -> Result:
+        body = await self._body(req, "create_edge")
+        res = await self._write(eng, [{"op": "create_edge", **body}])
+        r = res.results[0]
+        return 201, {"src": r["src"], "dst": r["dst"], "kind": r["kind"], "lsn": res.lsn}
+
+    async def _delete_edge(self, req: Request, eng: Engine) -> Result:
+        q = req.query(frozenset({"src", "dst", "kind"}))
+        for name in ("src", "dst"):
+            if name not in q:
+                raise ValidationError(f"{name} is required (query parameter)", field=name)
+        op: dict[str, Any] = {"op": "delete_edge", "src": q["src"], "dst": q["dst"]}
+        if "kind" in q:
+            op["kind"] = q["kind"]
+        res = await self._write(eng, [op])
+        r = res.results[0]
+        return 200, {"src": r["src"], "dst": r["dst"], "kind": r["kind"], "lsn": res.lsn}
+
+    async def _batch(self, req: Request, eng: Engine) -> Result:
+        body = await req.json_object(self.max_body)
+        unknown = sorted(set(body) - {"ops"})
+        if unknown:
+            raise ValidationError(f"unknown field {unknown[0]!r} for batch", field=unknown[0])
+        if "ops" not in body:
+            raise ValidationError("ops is required", field="ops")
+        res = await self._write(eng, body["ops"])
+        return 200, {"lsn": res.lsn, "results": res.results}
+
+    async def _mark(self, req: Request, eng: Engine) -> Result:
+        body = await self._body(req, "mark")
+        res = await self._write(eng, [{"op": "mark", **body}])
+        return 201, {"name": res.results[0]["name"], "lsn": res.lsn}
+
+    # -- operations ----------------------------------------------------------------------
+
+    async def _admin_backup(self, req: Request, eng: Engine) -> Result:
+        return await admin.backup(eng, await req.json_object(self.max_body))
+
+    async def _admin_quiesce(self, req: Request, eng: Engine) -> Result:
+        return await admin.quiesce(eng, await req.json_object(self.max_body))
+
+    async def _admin_resume(self, req: Request, eng: Engine) -> Result:
+        return await admin.resume(eng, await req.json_object(self.max_body, optional=True))
+
+    async def _admin_status(self, req: Request, eng: Engine) -> Result:
+        owner = read_owner(eng.root)
+        return await admin.status(eng, owner.get("url") if owner else None)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def _get_memory(self, req: Request, eng: Engine, mid: str) -> Result:
+        return 200, eng.memory_json(eng.memory(mid))
+
+    async def _neighbors(self, req: Request, eng: Engine, mid: str) -> Result:
+        q = req.query(frozenset({"direction", "depth"}))
+        direction = q.get("direction", "both")
+        depth = _int_param(q, "depth", 1)
+        found = await _in_thread(eng.neighbors, mid, direction, depth)
+        return 200, {"id": mid, "neighbors": found}
+
+    async def _recall(self, req: Request, eng: Engine) -> Result:
+        q = req.query(frozenset({"query", "limit"}))
+        query = q.get("query")
+        limit = _int_param(q, "limit", 10)
+        results = await _in_thread(eng.recall, query, limit)
+        return 200, {"query": query, "results": results}
+
+    async def _stats(self, req: Request, eng: Engine) -> Result:
+        return 200, await _in_thread(eng.stats)
+
+    async def _export(self, req: Request, eng: Engine) -> Stream:
+        return Stream(_export_chunks(eng), CT_NDJSON)
+
+
+def create_app(engine: Engine | None, token: str | None, max_body: int = 16 << 20) -> EngramApp:
+    """The ASGI app over ``engine`` (None = still recovering: set ``app.engine`` when open)."""
+    return EngramApp(engine, token, max_body)
+
+
+def _export_chunks(eng: Engine) -> Iterator[bytes]:
+    """Every memory as a create_memory op, then every edge as a create_edge op (NDJSON)."""
+    buf: list[bytes] = []
+    for m in eng.iter_memories():
+        op = {
+            "op": "create_memory",
+            "id": m.id,
+            "content": m.content,
+            "strength": m.strength,
+            "metadata": m.metadata,
+        }
+        buf.append(encode(op))
+        if len(buf) >= EXPORT_CHUNK:
+            yield b"\n".join(buf) + b"\n"
+            buf = []
+    for e in eng.iter_edges():
+        op = {"op": "create_edge", "src": e.src, "dst": e.dst, "kind": e.kind, "weight": e.weight}
+        buf.append(encode(op))
+        if len(buf) >= EXPORT_CHUNK:
+            yield b"\n".join(buf) + b"\n"
+            buf = []
+    if buf:
+        yield b"\n".join(buf) + b"\n"
+
+
+async def _stream(send: Send, out: Stream, req: Request) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [out.content_type]})
+    try:
+        async for chunk in out:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except Exception:
+        # The status is already sent: end without the final chunk so the client sees a
+        # truncated response instead of a complete-looking partial export.
+        log.exception("export failed midway on %s", req.path)
+        return
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _int_param(q: dict[str, str], name: str, default: int) -> int:
+    raw = q.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be an integer, got {raw[:40]!r}", field=name) from None
+
+
+def _only(req: Request, method: str) -> None:
+    if req.method != method:
+        raise MethodNotAllowed(f"{req.method} is not allowed on {req.path}", allow=[method])
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # Nothing to set up per process: serve() owns the engine's lifecycle.
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
