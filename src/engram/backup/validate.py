@@ -191,7 +191,11 @@ def _validate_incremental(run: _Runner, path: Path, level: int, work: Path, p50_
 
     def restore_chain() -> str:
         h = holder["h"]
-        base, incs, says = choose_from_repo(path.parent, Target(lsn=h["to_lsn"]))
+        # Prefer a base from before this incremental, so that its own records are replayed.
+        try:
+            base, incs, says = choose_from_repo(path.parent, Target(lsn=h["from_lsn"] - 1))
+        except UsageError:
+            base, incs, says = choose_from_repo(path.parent, Target(lsn=h["to_lsn"]))
         if path not in incs:
             incs.append(path)
         res = restore_pitr(base, incs, Target(lsn=h["to_lsn"]), out)
