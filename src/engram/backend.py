@@ -9,17 +9,15 @@ command never knows which one it talks to.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from engram.client import EngramClient
 from engram.datadir import LOCK, read_owner
 from engram.errors import DataDirError, DataDirLocked, UsageError
 from engram.graph import Engine, EngineConfig
-
 
 Progress = Callable[[int, int], None]
 
@@ -55,7 +53,11 @@ class Backend(Protocol):
     def mark(self, name: str) -> dict[str, Any]: ...
 
     def backup(
-        self, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+        self,
+        kind: str,
+        output: Path,
+        since_s: float | None,
+        since_lsn: int | None,
         progress: Progress | None = None,
     ) -> dict[str, Any]: ...
 
@@ -67,7 +69,11 @@ class Backend(Protocol):
 
 
 def _run_backup(
-    engine: Engine, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+    engine: Engine,
+    kind: str,
+    output: Path,
+    since_s: float | None,
+    since_lsn: int | None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     # Imported here: only backup commands pay for the backup modules.
@@ -85,24 +91,6 @@ def _no_server(root: Path, what: str) -> UsageError:
     return UsageError(f"no engram server is running on {root}; {what} acts on a running server")
 
 
-def export_ops(engine: Engine) -> Iterator[dict[str, Any]]:
-    """The graph as ops that rebuild it: every memory, then every edge (so edges find both ends).
-
-    ``strength`` is the stored value (exact as of the memory's last update), so exporting an
-    import of an export gives the same bytes.
-    """
-    for m in engine.iter_memories():
-        yield {
-            "op": "create_memory",
-            "id": m.id,
-            "content": m.content,
-            "strength": m.strength,
-            "metadata": m.metadata,
-        }
-    for e in engine.iter_edges():
-        yield {"op": "create_edge", "src": e.src, "dst": e.dst, "kind": e.kind, "weight": e.weight}
-
-
 class LocalBackend:
     """The data dir opened in this process (it holds the lock until closed)."""
 
@@ -113,7 +101,11 @@ class LocalBackend:
         self.where = str(engine.root)
 
     def backup(
-        self, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+        self,
+        kind: str,
+        output: Path,
+        since_s: float | None,
+        since_lsn: int | None,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         return _run_backup(self.engine, kind, output, since_s, since_lsn, progress)
@@ -144,7 +136,7 @@ class LocalBackend:
         return self.engine.stats()
 
     def export(self) -> Iterator[dict[str, Any]]:
-        return export_ops(self.engine)
+        return self.engine.export_ops()
 
     def mark(self, name: str) -> dict[str, Any]:
         res = self.engine.apply([{"op": "mark", "name": name}])
@@ -182,7 +174,11 @@ class RemoteBackend:
     remote = True
 
     def backup(
-        self, kind: str, output: Path, since_s: float | None, since_lsn: int | None,
+        self,
+        kind: str,
+        output: Path,
+        since_s: float | None,
+        since_lsn: int | None,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         # The server writes the file: the path must mean the same to it, so make it absolute.

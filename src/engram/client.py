@@ -237,7 +237,9 @@ class EngramClient:
     def backup(
         self, kind: str, output: str, since_s: float | None = None, since_lsn: int | None = None
     ) -> dict[str, Any]:
-        body = _drop_none({"kind": kind, "output": output, "since_s": since_s, "since_lsn": since_lsn})
+        body = _drop_none(
+            {"kind": kind, "output": output, "since_s": since_s, "since_lsn": since_lsn}
+        )
         return dict(self.request("POST", "/v1/admin/backup", json=body, timeout=None))
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:

@@ -151,7 +151,9 @@ class Engine:
 
     def _open(self, url: str | None, progress: Callable[[int, int], None] | None) -> None:
         if self.readonly:
-            self.warm = WarmTier(self.layout.warm_db, readonly=True, cache_mib=self.config.cache_mib)
+            self.warm = WarmTier(
+                self.layout.warm_db, readonly=True, cache_mib=self.config.cache_mib
+            )
             self.last_lsn = self.checkpoint_lsn = self.warm.applied_lsn
             self.n_memories, self.n_edges, _ = self.warm.counts()
             self.digest = dg.Digest.from_hex(self.warm.get_meta("digest", dg.EMPTY) or dg.EMPTY)
@@ -693,6 +695,27 @@ class Engine:
                 return
             yield from (m for m in batch if m is not None)
             last = rows[-1][0]
+
+    def export_ops(self) -> Iterator[dict[str, Any]]:
+        """The graph as ops that rebuild it: every memory, then every edge (so edges find both
+        ends). ``strength`` is the stored value, so an export of an import of an export is
+        byte-identical (the decay clock restarts at the import)."""
+        for m in self.iter_memories():
+            yield {
+                "op": "create_memory",
+                "id": m.id,
+                "content": m.content,
+                "strength": m.strength,
+                "metadata": m.metadata,
+            }
+        for e in self.iter_edges():
+            yield {
+                "op": "create_edge",
+                "src": e.src,
+                "dst": e.dst,
+                "kind": e.kind,
+                "weight": e.weight,
+            }
 
     def iter_edges(self) -> Iterator[Edge]:
         last = ("", "", "")

@@ -235,7 +235,9 @@ class _Decompressed:
             try:
                 chunk = self.r.read(n - len(out))
             except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
-                raise BadArchive(f"the archive is damaged: decompression failed in {what} ({e})") from None
+                raise BadArchive(
+                    f"the archive is damaged: decompression failed in {what} ({e})"
+                ) from None
             if not chunk:
                 raise BadArchive(f"the archive is truncated: it ends inside {what}")
             out += chunk
@@ -245,7 +247,9 @@ class _Decompressed:
         try:
             n = self.r.readinto(mv)  # type: ignore[attr-defined]
         except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
-            raise BadArchive(f"the archive is damaged: decompression failed in {what} ({e})") from None
+            raise BadArchive(
+                f"the archive is damaged: decompression failed in {what} ({e})"
+            ) from None
         if not n:
             raise BadArchive(f"the archive is truncated: it ends inside {what}")
         return int(n)

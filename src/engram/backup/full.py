@@ -61,7 +61,9 @@ class BackupResult:
 
 def check_output(output: Path, kinds: tuple[str, ...]) -> None:
     if output.exists() or output.with_name(output.name + ".sha256").exists():
-        raise UsageError(f"{output} already exists; choose a new name (backups are never overwritten)")
+        raise UsageError(
+            f"{output} already exists; choose a new name (backups are never overwritten)"
+        )
     if not output.parent.is_dir():
         raise UsageError(f"directory {output.parent} does not exist; create it first")
 

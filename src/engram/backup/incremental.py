@@ -73,7 +73,9 @@ def incremental_backup(
 ) -> BackupResult:
     output = Path(output).absolute()
     if compression_for(output.name):
-        raise UsageError(f"{output.name} names a full backup archive; an incremental is a .log file")
+        raise UsageError(
+            f"{output.name} names a full backup archive; an incremental is a .log file"
+        )
     check_output(output, ("incremental",))
     t0 = time.monotonic()
     db = engine.database_id

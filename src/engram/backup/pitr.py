@@ -133,7 +133,9 @@ def collect_logs(paths: list[Path], database_id: str) -> list[LogSource]:
             )
         side = f.with_name(f.name + ".sha256")
         if side.exists() and decode_sidecar(side.read_bytes(), side.name) != sha256_file(f):
-            raise BadArchive(f"checksum mismatch: {side.name} does not match {f.name}; the log is damaged")
+            raise BadArchive(
+                f"checksum mismatch: {side.name} does not match {f.name}; the log is damaged"
+            )
         first = int(h["from_lsn"] if kind == fmt.KIND_INCREMENTAL else h["first_lsn"])
         out.append(LogSource(f, kind, database_id, first))
     if not out:
@@ -172,9 +174,8 @@ def scan_logs(sources: list[LogSource], database_id: str, after: int) -> Coverag
 
 
 def check_target_range(target: Target, cov: Coverage, base_lsn: int, base_ts: int) -> None:
-    covered = (
-        f"the base and logs cover LSN {base_lsn}..{cov.last_lsn}"
-        + (f", {ns_to_iso(base_ts)} .. {ns_to_iso(cov.last_ts)}" if cov.last_ts else "")
+    covered = f"the base and logs cover LSN {base_lsn}..{cov.last_lsn}" + (
+        f", {ns_to_iso(base_ts)} .. {ns_to_iso(cov.last_ts)}" if cov.last_ts else ""
     )
     if target.time_ns is not None:
         if base_ts and target.time_ns < base_ts:
@@ -333,7 +334,9 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
             if target.name in cov.markers:
                 marker_lsn = cov.markers[target.name]
         if marker_lsn is None:
-            raise UsageError(f"no restore point named {target.name!r} in the incrementals of {repo}")
+            raise UsageError(
+                f"no restore point named {target.name!r} in the incrementals of {repo}"
+            )
 
     def before(e: Entry) -> bool:
         if target.time_ns is not None:
@@ -381,10 +384,12 @@ def restore_pitr(
         manifest, _ = extract_backup(base, staging)
         engine = open_and_check(staging, manifest, recompute=False)
         try:
-            base_lsn, base_ts = engine.last_lsn, engine.last_ts
+            base_lsn = engine.last_lsn
             sources = collect_logs(logs, engine.database_id) if logs else []
-            cov = scan_logs(sources, engine.database_id, base_lsn) if sources else Coverage(
-                first_lsn=base_lsn + 1, last_lsn=base_lsn
+            cov = (
+                scan_logs(sources, engine.database_id, base_lsn)
+                if sources
+                else Coverage(first_lsn=base_lsn + 1, last_lsn=base_lsn)
             )
             check_target_range(target, cov, base_lsn, manifest["snapshot_time_ns"])
             res = apply_sources(engine, sources, target, progress, cov.records)
@@ -399,7 +404,9 @@ def restore_pitr(
         raise
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise RestoreError(f"restore-pitr failed ({e.strerror or e}); {output} was not changed") from None
+        raise RestoreError(
+            f"restore-pitr failed ({e.strerror or e}); {output} was not changed"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -418,5 +425,3 @@ def restore_pitr(
         moved_aside=aside,
         duration_s=round(time.monotonic() - t0, 3),
     )
-
-

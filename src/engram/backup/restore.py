@@ -203,7 +203,9 @@ def restore(
         raise
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise RestoreError(f"restore failed ({e.strerror or e}); the target was not changed") from None
+        raise RestoreError(
+            f"restore failed ({e.strerror or e}); the target was not changed"
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

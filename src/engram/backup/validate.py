@@ -93,12 +93,15 @@ def _check_sidecar(path: Path, required: bool) -> str:
     expected = decode_sidecar(side.read_bytes(), side.name)
     actual = sha256_file(path)
     if expected != actual:
-        raise BadArchive(f"checksum mismatch ({side.name} says {expected[:16]}…, file is {actual[:16]}…)")
+        raise BadArchive(
+            f"checksum mismatch ({side.name} says {expected[:16]}…, file is {actual[:16]}…)"
+        )
     return f"sha256 {actual[:16]}… matches {side.name}"
 
 
-def _validate_full(run: _Runner, path: Path, level: int, work: Path, p50_warn_ms: float,
-                   bench_s: float) -> None:
+def _validate_full(
+    run: _Runner, path: Path, level: int, work: Path, p50_warn_ms: float, bench_s: float
+) -> None:
     staging = work / "restore"
     staging.mkdir(mode=0o700)
     holder: dict[str, Any] = {}
@@ -154,8 +157,9 @@ def _bench(run: _Runner, data_dir: Path, p50_warn_ms: float, bench_s: float) -> 
     run.step(4, "benchmark", bench)
 
 
-def _validate_incremental(run: _Runner, path: Path, level: int, work: Path, p50_warn_ms: float,
-                          bench_s: float) -> None:
+def _validate_incremental(
+    run: _Runner, path: Path, level: int, work: Path, p50_warn_ms: float, bench_s: float
+) -> None:
     holder: dict[str, Any] = {}
 
     def structure() -> str:
@@ -212,7 +216,9 @@ def _validate_incremental(run: _Runner, path: Path, level: int, work: Path, p50_
         rep = verify_data_dir(out, check_all=True)
         if not rep.ok:
             first = rep.problems[0]
-            raise EngramError(f"{len(rep.problems)} problem(s), first: {first.location}: {first.message}")
+            raise EngramError(
+                f"{len(rep.problems)} problem(s), first: {first.location}: {first.message}"
+            )
         return "verify --check-all: no problems"
 
     run.step(3, "verify", verify)

@@ -66,7 +66,9 @@ def _validate(path: Path, level: int, p50_warn_ms: float, as_json: bool) -> dict
         return validate_backup(path, level, p50_warn_ms).to_json()
     con = console()
     with con.status("validating…") as st:
-        rep = validate_backup(path, level, p50_warn_ms, progress=lambda s: st.update(f"validating: {s}"))
+        rep = validate_backup(
+            path, level, p50_warn_ms, progress=lambda s: st.update(f"validating: {s}")
+        )
     return rep.to_json()
 
 
@@ -284,4 +286,3 @@ def register(app: typer.Typer) -> None:
     app.command("apply-log")(apply_log)
     app.command("restore-pitr")(restore_pitr)
     app.command("validate-backup")(validate_backup)
-

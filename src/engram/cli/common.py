@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,6 +122,8 @@ def parse_duration(text: str, option: str) -> float:
     try:
         value = float(t)
     except ValueError:
+        value = -1.0
+    if value < 0:
         pos, value = 0, 0.0
         for m in _DURATION.finditer(t):
             if m.start() != pos:
@@ -130,7 +132,7 @@ def parse_duration(text: str, option: str) -> float:
             pos = m.end()
         if pos != len(t) or not t:
             raise UsageError(f"{option} {text!r} is not a duration; use e.g. 90, 10s, 5m, 1h30m")
-    if value <= 0:
+    if not value > 0:
         raise UsageError(f"{option} must be positive")
     return value
 

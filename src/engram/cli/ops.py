@@ -44,9 +44,7 @@ def quiesce(
         )
 
 
-def resume(
-    data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json = False
-) -> None:
+def resume(data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json = False) -> None:
     """Let the running server take writes again."""
     with backend(data_dir, token_file) as b:
         st = b.resume()
@@ -67,14 +65,24 @@ def status(data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json 
     con = console()
     server = st.get("server")
     con.print(f"data dir   {st['data_dir']}", markup=False)
-    con.print(f"server     {server['url'] + ' (pid ' + str(server['pid']) + ')' if server else 'none (opened directly)'}", markup=False)
+    where = f"{server['url']} (pid {server['pid']})" if server else "none (opened directly)"
+    con.print(f"server     {where}", markup=False)
     con.print(f"database   {st['database_id']}", markup=False)
-    con.print(f"lsn        {st['lsn']} (warm tier checkpointed at {st['tiers']['warm']['applied_lsn']})", markup=False)
+    con.print(
+        f"lsn        {st['lsn']} (warm tier checkpointed at {st['tiers']['warm']['applied_lsn']})",
+        markup=False,
+    )
     con.print(f"graph      {st['memories']} memories, {st['edges']} edges", markup=False)
     fast = st["tiers"]["fast"]
-    con.print(f"fast tier  {fast['memories']} memories, {fast['bytes']} of {fast['budget_bytes']} bytes, {fast['dirty']} dirty", markup=False)
+    con.print(
+        f"fast tier  {fast['memories']} memories, {fast['bytes']} of {fast['budget_bytes']} "
+        f"bytes, {fast['dirty']} dirty",
+        markup=False,
+    )
     q = st["quiesce"]
-    con.print(f"writes     {'PAUSED until ' + q['until'] if q['quiesced'] else 'accepted'}", markup=False)
+    con.print(
+        f"writes     {'PAUSED until ' + q['until'] if q['quiesced'] else 'accepted'}", markup=False
+    )
     if st.get("failed"):
         con.print(f"FAILED     {st['failed']}", markup=False)
     con.print(f"durability {st['durability']}; digest {st['digest']}", markup=False)
@@ -164,15 +172,15 @@ def test(
     if url is None:
         owner = read_owner(Path(data_dir))
         if not owner or not owner.get("url"):
-            raise UsageError(
-                f"no engram server is running on {data_dir}; start one, or give --url"
-            )
+            raise UsageError(f"no engram server is running on {data_dir}; start one, or give --url")
         url = owner["url"]
     steps = _smoke(url, resolve_token(token_file))
     if as_json:
         emit_json({"ok": True, "url": url, "steps": [s for s, _ in steps]})
     else:
-        console().print(f"smoke test of {url}: " + ", ".join(s for s, _ in steps) + " — PASS", markup=False)
+        console().print(
+            f"smoke test of {url}: " + ", ".join(s for s, _ in steps) + " — PASS", markup=False
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -93,7 +93,7 @@ def encode_sidecar(sha256_hex: str) -> bytes:
 
 
 def decode_sidecar(data: bytes, name: str) -> str:
-    """The bare hex sha256 of a sidecar; also accepts `sha256sum` output (hash, two spaces, name)."""
+    """The bare hex sha256 of a sidecar; `sha256sum` output (hash, two spaces, name) works too."""
     text = data.decode("ascii", "replace").strip()
     first = text.split()[0].lower() if text.split() else ""
     if not HEX64.match(first):

@@ -17,8 +17,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+from engram.datadir import read_owner
 from engram.errors import EngramError, Unavailable, ValidationError
 from engram.graph import Engine, WriteResult
+from engram.server import admin
 from engram.server.asgi import (
     CT_NDJSON,
     BodyTooLarge,
@@ -36,8 +38,6 @@ from engram.server.asgi import (
     path_param,
     send_json,
 )
-from engram.datadir import read_owner
-from engram.server import admin
 from engram.server.durable import DurableWaiter
 
 log = logging.getLogger("engram.server")
@@ -351,22 +351,9 @@ def create_app(engine: Engine | None, token: str | None, max_body: int = 16 << 2
 
 
 def _export_chunks(eng: Engine) -> Iterator[bytes]:
-    """Every memory as a create_memory op, then every edge as a create_edge op (NDJSON)."""
+    """``Engine.export_ops`` as NDJSON, in chunks of EXPORT_CHUNK lines."""
     buf: list[bytes] = []
-    for m in eng.iter_memories():
-        op = {
-            "op": "create_memory",
-            "id": m.id,
-            "content": m.content,
-            "strength": m.strength,
-            "metadata": m.metadata,
-        }
-        buf.append(encode(op))
-        if len(buf) >= EXPORT_CHUNK:
-            yield b"\n".join(buf) + b"\n"
-            buf = []
-    for e in eng.iter_edges():
-        op = {"op": "create_edge", "src": e.src, "dst": e.dst, "kind": e.kind, "weight": e.weight}
+    for op in eng.export_ops():
         buf.append(encode(op))
         if len(buf) >= EXPORT_CHUNK:
             yield b"\n".join(buf) + b"\n"
