@@ -160,10 +160,20 @@ def _iter(sources: list[LogSource], database_id: str, after: int) -> Any:
     return iter_log_files([s.path for s in sources], database_id, after, last_is_segment)
 
 
-def scan_logs(sources: list[LogSource], database_id: str, after: int) -> Coverage:
-    """Verify every record after ``after`` and measure what the logs cover."""
+def scan_logs(
+    sources: list[LogSource], database_id: str, after: int, target: Target | None = None
+) -> Coverage:
+    """Verify every record after ``after`` and measure what the logs cover. With a target, stop
+    at the first record past it: what lies beyond (even a gap) does not matter for it."""
     cov = Coverage(first_lsn=after + 1, last_lsn=after)
     for rec in _iter(sources, database_id, after):
+        if target is not None and (
+            (target.time_ns is not None and rec.ts_ns > target.time_ns)
+            or (target.lsn is not None and rec.lsn > target.lsn)
+            or (target.name is not None and target.name in cov.markers)
+        ):
+            cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
+            break
         if not cov.records:
             cov.first_ts = rec.ts_ns
         cov.records += 1
@@ -171,6 +181,16 @@ def scan_logs(sources: list[LogSource], database_id: str, after: int) -> Coverag
         if rec.op == OpType.MARKER:
             cov.markers[rec.target] = rec.lsn
     return cov
+
+
+def _scan_stop(target: Target, base_lsn: int, base_ts: int) -> Target | None:
+    """The target to stop the scan at; None (scan everything) when the target lies before the
+    base, so that the refusal can name the whole covered range."""
+    if target.lsn is not None and target.lsn < base_lsn:
+        return None
+    if target.time_ns is not None and base_ts and target.time_ns < base_ts:
+        return None
+    return target
 
 
 def check_target_range(target: Target, cov: Coverage, base_lsn: int, base_ts: int) -> None:
@@ -285,7 +305,8 @@ def apply_log(
         ) from None
     try:
         sources = collect_logs(logs, engine.database_id)
-        cov = scan_logs(sources, engine.database_id, engine.last_lsn)
+        early = _scan_stop(target, engine.last_lsn, engine.last_ts)
+        cov = scan_logs(sources, engine.database_id, engine.last_lsn, early)
         if target.given:
             check_target_range(target, cov, engine.last_lsn, engine.last_ts)
         result = apply_sources(engine, sources, target, progress, cov.records)
@@ -351,6 +372,15 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
     if not candidates:
         raise UsageError(f"no full backup in {repo} before {target.describe()}")
     base = max(candidates, key=lambda e: (e.to_lsn, e.name))
+    def starts_before(e: Entry) -> bool:  # incrementals wholly past the target are not needed
+        if target.time_ns is not None:
+            return e.from_time_ns <= target.time_ns
+        if target.lsn is not None:
+            return e.from_lsn <= target.lsn
+        if marker_lsn is not None:
+            return e.from_lsn <= marker_lsn
+        return True
+
     incs = sorted(
         (
             e
@@ -358,6 +388,7 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
             if e.kind == "incremental"
             and e.database_id == base.database_id
             and e.to_lsn > base.to_lsn
+            and starts_before(e)
         ),
         key=lambda e: (e.from_lsn, e.name),
     )
@@ -387,7 +418,12 @@ def restore_pitr(
             base_lsn = engine.last_lsn
             sources = collect_logs(logs, engine.database_id) if logs else []
             cov = (
-                scan_logs(sources, engine.database_id, base_lsn)
+                scan_logs(
+                    sources,
+                    engine.database_id,
+                    base_lsn,
+                    _scan_stop(target, base_lsn, manifest["snapshot_time_ns"]),
+                )
                 if sources
                 else Coverage(first_lsn=base_lsn + 1, last_lsn=base_lsn)
             )

@@ -100,7 +100,7 @@ def verify(
 
     rep = verify_data_dir(Path(data_dir), check_all=check_all)
     if as_json:
-        emit_json(rep.to_json())
+        emit_json(rep.to_dict())
     else:
         console().print(render_text(rep), markup=False)
     if not rep.ok:
