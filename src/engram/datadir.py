@@ -78,7 +78,7 @@ def init_data_dir(root: Path, database_id: str | None = None) -> Identity:
         return read_identity(root)
     if root.exists() and not root.is_dir():
         raise DataDirError(f"{root} exists and is not a directory; choose another --data-dir")
-    if root.is_dir() and any(p.name != LOCK for p in root.iterdir()):
+    if root.is_dir() and not all(_init_leftover(p) for p in root.iterdir()):
         raise DataDirError(
             f"{root} is not empty and holds no engram database; choose an empty or new --data-dir"
         )
@@ -92,6 +92,13 @@ def init_data_dir(root: Path, database_id: str | None = None) -> Identity:
     )
     atomic_write(lay.identity, (json.dumps(ident.to_json(), indent=2) + "\n").encode())
     return ident
+
+
+def _init_leftover(p: Path) -> bool:
+    """What an interrupted init_data_dir leaves behind (identity.json is written last)."""
+    if p.name == LOCK or p.name.startswith(f".{IDENTITY}.tmp-"):
+        return True
+    return p.name in ("oplog", "warm", "cold") and p.is_dir() and not any(p.iterdir())
 
 
 def read_identity(root: Path) -> Identity:
@@ -116,11 +123,22 @@ class DirLock:
 
     def acquire(self, url: str | None = None) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        owner: dict[str, Any] = {}
+        locked = False
+        for _ in range(50):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                owner = read_owner(self.path.parent) or {}
+                if owner.get("pid"):
+                    break
+                # No owner named: a read_owner() probe holds a shared lock for a moment, or an
+                # owner is between flock and writing its pid. Either passes quickly.
+                time.sleep(0.01)
+        if not locked:
             os.close(fd)
-            owner = read_owner(self.path.parent) or {}
             pid, where = owner.get("pid"), owner.get("url")
             desc = f"pid {pid}" + (f" serving {where}" if where else "")
             raise DataDirLocked(

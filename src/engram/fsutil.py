@@ -15,8 +15,11 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (0700); an existing one readable by others is tightened to 0700."""
     p = Path(path)
     p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if p.stat().st_mode & 0o077:
+        os.chmod(p, 0o700)
     return p
 
 

@@ -17,12 +17,14 @@ import msgspec
 
 from engram.errors import ValidationError
 
-ID_RE = re.compile(r"^[A-Za-z0-9\-_.:@/]{1,256}$")
-KIND_RE = re.compile(r"^[A-Za-z0-9\-_.:@/]{1,64}$")
+# Used with fullmatch: "$" alone would also accept a trailing newline.
+ID_RE = re.compile(r"[A-Za-z0-9\-_.:@/]{1,256}")
+KIND_RE = re.compile(r"[A-Za-z0-9\-_.:@/]{1,64}")
 DEFAULT_KIND = "related"
 DEFAULT_STRENGTH = 0.5
 DEFAULT_BOOST = 0.1
 MAX_CONTENT_BYTES = 1 << 20
+MAX_METADATA_BYTES = 1 << 20
 
 
 class OpType(enum.IntEnum):
@@ -63,7 +65,9 @@ class Memory(msgspec.Struct, array_like=True):
             "metadata": self.metadata,
             "created_at": ns_to_iso(self.created_at),
             "updated_at": ns_to_iso(self.updated_at),
-            "last_activated_at": ns_to_iso(self.last_activated_at) if self.last_activated_at else None,
+            "last_activated_at": (
+                ns_to_iso(self.last_activated_at) if self.last_activated_at else None
+            ),
             "activation_count": self.activation_count,
         }
         if now_ns is not None and half_life_s is not None:
@@ -108,7 +112,7 @@ def new_id() -> str:
 def check_id(value: Any, field: str = "id") -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{field} must be a string", field=field)
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         if len(value) > 256:
             raise ValidationError(f"{field} is longer than 256 characters", field=field)
         raise ValidationError(
@@ -118,7 +122,7 @@ def check_id(value: Any, field: str = "id") -> str:
 
 
 def check_kind(value: Any, field: str = "kind") -> str:
-    if not isinstance(value, str) or not KIND_RE.match(value):
+    if not isinstance(value, str) or not KIND_RE.fullmatch(value):
         raise ValidationError(
             f"{field} must be 1-64 characters of letters, digits and -_.:@/", field=field
         )
@@ -128,19 +132,25 @@ def check_kind(value: Any, field: str = "kind") -> str:
 def check_strength(value: Any, field: str = "strength") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(f"{field} must be a number in [0, 1]", field=field)
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValidationError(f"{field} must be in [0, 1], got {value}", field=field) from None
     if not (0.0 <= v <= 1.0):
         raise ValidationError(f"{field} must be in [0, 1], got {value}", field=field)
-    return v
+    return v + 0.0  # -0.0 becomes 0.0: SQLite stores it as 0.0, the digest must agree
 
 
 def check_weight(value: Any, field: str = "weight") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(f"{field} must be a finite number", field=field)
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValidationError(f"{field} must be a finite number", field=field) from None
     if v != v or v in (float("inf"), float("-inf")):
         raise ValidationError(f"{field} must be a finite number", field=field)
-    return v
+    return v + 0.0  # -0.0 becomes 0.0, as in check_strength
 
 
 def check_content(value: Any, field: str = "content") -> str:
@@ -156,13 +166,32 @@ def check_content(value: Any, field: str = "content") -> str:
 
 
 def check_metadata(value: Any, field: str = "metadata") -> dict[str, Any]:
+    """A plain-JSON copy of ``value``.
+
+    The log stores metadata as msgpack and the warm tier as JSON; both must give back exactly
+    the same object or the digest and replay disagree. So only values that survive a JSON round
+    trip unchanged (string keys, finite numbers, lists, ints that fit 64 bits) are accepted, and
+    the stored copy is detached from the caller's object.
+    """
     if not isinstance(value, dict):
         raise ValidationError(f"{field} must be a JSON object", field=field)
     try:
-        msgspec.json.encode(value)
-    except (TypeError, ValueError, OverflowError) as e:
+        raw = msgspec.json.encode(value)
+        plain = msgspec.json.decode(raw)
+        msgspec.msgpack.encode(plain)
+        same = plain == value
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.MsgspecError) as e:
         raise ValidationError(f"{field} is not encodable as JSON: {e}", field=field) from None
-    return value
+    if len(raw) > MAX_METADATA_BYTES:  # keeps every record far below the reader's limit
+        raise ValidationError(
+            f"{field} is larger than {MAX_METADATA_BYTES} bytes as JSON", field=field
+        )
+    if not same:
+        raise ValidationError(
+            f"{field} must be plain JSON: string keys, finite numbers, lists and objects",
+            field=field,
+        )
+    return plain
 
 
 def effective_strength(m: Memory, now_ns: int, half_life_s: float) -> float:

@@ -122,13 +122,14 @@ class Planner:
             if not isinstance(raw, dict):
                 raise ValidationError("each op must be a JSON object", field="op")
             name = raw.get("op")
-            if name not in _ALLOWED_FIELDS:
+            # isinstance first: an unhashable value (a list) would make `in` raise TypeError.
+            if not isinstance(name, str) or name not in _ALLOWED_FIELDS:
                 raise ValidationError(
                     f"op must be one of {', '.join(OP_NAMES)}, got {name!r}", field="op"
                 )
             extra = set(raw) - _ALLOWED_FIELDS[name]
             if extra:
-                f = sorted(extra)[0]
+                f = sorted(map(str, extra))[0]
                 raise ValidationError(f"unknown field {f!r} for {name}", field=f)
             result = getattr(self, name)(**{k: v for k, v in raw.items() if k != "op"})
         except EngramError as e:

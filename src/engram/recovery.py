@@ -8,13 +8,16 @@ other damage stops start-up with the segment and offset named.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from engram import digest as dg
-from engram.errors import CorruptData, CorruptLog, ForeignLog, LogGap
+from engram.errors import CorruptData, CorruptLog, DataDirError, ForeignLog, LogGap
 from engram.format import record as fmt
 from engram.model import OpType
 from engram.oplog.reader import LogFile, iter_log_files, list_segments
@@ -42,6 +45,19 @@ def read_header(path: Path) -> dict:
         except CorruptLog:
             f.seek(0)
             return fmt.decode_file_header(f.read(fmt.max_header_size()), str(path))[1]
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise DataDirError(
+            f"{path}: cannot sync the op log ({e.strerror}); fix the disk, then start again"
+        ) from None
 
 
 def check_segment_headers(segs: list[tuple[int, Path]], database_id: str) -> None:
@@ -85,10 +101,18 @@ def replay(
             continue
         if stop is not None and stop(txn[0]):
             break
-        for r in txn:
-            if r.op != OpType.MARKER:
-                digest.replace(r.decode_before(), r.decode_after())
-            warm.apply(r)
+        try:
+            for r in txn:
+                if r.op != OpType.MARKER:
+                    digest.replace(r.decode_before(), r.decode_after())
+                warm.apply(r)
+        except (msgspec.MsgspecError, ValueError, TypeError, AttributeError) as e:
+            # The checksum held, so the record was written this way (a crafted or foreign
+            # file, or a bug): refuse it rather than half-apply it.
+            raise CorruptLog(
+                f"record LSN {r.lsn} ({r.op.name}) cannot be applied: {e}; restore from a "
+                "backup (docs/RUNBOOK.md)"
+            ) from None
         n += len(txn)
         since_commit += len(txn)
         last_lsn, last_ts = rec.lsn, rec.ts_ns
@@ -143,6 +167,11 @@ def recover(
         )
     start = max(i for i, (first, _) in enumerate(segs) if first <= applied + 1)
     paths = [p for _, p in segs[start:]]
+    # After a process crash the log tail may be in the page cache only. The warm tier must not
+    # commit records the disk does not hold yet (O4), or a power cut now would leave it ahead of
+    # the log: make them durable before replaying them.
+    for p in paths:
+        _fsync_file(p)
     opened: list[LogFile] = []
     t0 = time.monotonic()
     last_lsn, ts, n = replay(
@@ -157,6 +186,15 @@ def recover(
     )
     tail = opened[-1]
     log_end = tail.last_lsn if tail.last_lsn is not None else segs[-1][0] - 1
+    if tail.last_lsn is None and max(last_lsn, applied) < log_end:
+        # An empty last segment must start right after the records before it; appending to
+        # it otherwise would write LSNs that contradict its name and header.
+        raise LogGap(
+            f"records {max(last_lsn, applied) + 1}..{log_end} are missing before "
+            f"{tail.path.name}; restore from a backup (docs/RUNBOOK.md)",
+            missing_from=max(last_lsn, applied) + 1,
+            missing_to=log_end,
+        )
     if log_end < applied:
         raise CorruptData(
             f"the warm tier is at LSN {applied} but the log ends at {log_end}; the log lost "

@@ -110,6 +110,9 @@ def encode_record(
     b = before or b""
     a = after or b""
     body = _BODY.pack(lsn, ts_ns, txid, flags, op, len(t), len(b), len(a)) + t + b + a
+    if len(body) > MAX_RECORD:
+        # The reader refuses such a record as damage: never write one.
+        raise ValueError(f"record of {len(body)} bytes is over the {MAX_RECORD}-byte limit")
     return _FRAME.pack(len(body), crc32c(body)) + body
 
 
@@ -171,6 +174,11 @@ def max_header_size() -> int:
 
 def unpack_frame(buf: bytes | memoryview, off: int) -> tuple[int, int]:
     return _FRAME.unpack_from(buf, off)
+
+
+def unpack_lsn(body: bytes | memoryview) -> int:
+    """The LSN of a record body (its first field) without decoding the rest."""
+    return int(_BODY.unpack_from(body, 0)[0])
 
 
 def segment_name(first_lsn: int) -> str:

@@ -9,6 +9,7 @@ file is the last one of a live log (where a torn tail is expected after a crash)
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 from engram.errors import CorruptLog, ForeignLog, LogGap
 from engram.format import record as fmt
 from engram.format.record import Record
+
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 @dataclass
@@ -70,8 +73,35 @@ class LogFile:
             return True
         return not any(self.data[rec_end:])
 
+    def _record_follows(self, start: int, after_lsn: int) -> bool:
+        """True if a whole, checksummed record with an LSN above ``after_lsn`` starts at or
+        after ``start``: then the damage before it is not a torn tail but a hole in the log."""
+        data = self.data
+        mv = memoryview(data)
+        last = len(data) - fmt.FRAME_SIZE - fmt.BODY_FIXED
+        p = start
+        while p <= last:
+            if not any(data[p : p + 4]):  # a length of zero: skip the run of zero bytes
+                m = _NONZERO.search(data, p)
+                if m is None:
+                    return False
+                p = max(p + 1, m.start() - 3)
+                continue
+            blen, crc = fmt.unpack_frame(mv, p)
+            end = p + fmt.FRAME_SIZE + blen
+            if fmt.BODY_FIXED <= blen and end <= len(data):
+                body = mv[p + fmt.FRAME_SIZE : end]
+                if fmt.crc32c(body) == crc and fmt.unpack_lsn(body) > after_lsn:
+                    return True
+            p += 1
+        return False
+
     def records(self, allow_torn_tail: bool = False) -> Iterator[Record]:
         """Yield verified records, whole transactions only."""
+        # Reset what a previous pass (verify() then records()) left behind.
+        self.valid_end, self.torn = self.header_size, None
+        self.first_lsn = self.last_lsn = None
+        self.last_ts = self.count = 0
         data = self.data
         n = len(data)
         off = self.header_size
@@ -88,7 +118,12 @@ class LogFile:
             blen, crc = fmt.unpack_frame(mv, off)
             end = off + fmt.FRAME_SIZE + blen
             if blen < fmt.BODY_FIXED or blen > fmt.MAX_RECORD or end > n:
-                if allow_torn_tail and (end > n or self._tail_is_torn(off, off)):
+                # A record running past the end is a torn write, unless its length field is
+                # what is damaged: then whole records follow it, and cutting would lose them.
+                if allow_torn_tail and (
+                    self._tail_is_torn(off, off)
+                    or (end > n and not self._record_follows(off + 1, prev_lsn or 0))
+                ):
                     self.torn = TornTail(off, "record extends past the end of the file")
                     break
                 raise self._damage(off, f"invalid record length {blen}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 from engram.errors import Unavailable
 from engram.format import record as fmt
 from engram.fsutil import fsync_dir
+
+log = logging.getLogger("engram")
 
 DURABILITY_MODES = ("sync", "batch", "none")
 
@@ -76,7 +79,14 @@ class LogWriter:
         self.written_lsn = self.durable_lsn = last_lsn
 
     def start_segment(self, first_lsn: int, base_digest: str) -> None:
-        """Create a new segment starting at ``first_lsn`` (caller holds the engine lock)."""
+        """Create a new segment starting at ``first_lsn`` (caller holds the engine lock).
+
+        The current segment is fsynced before the new one appears: recovery only forgives a torn
+        tail in the last segment. The new one is written under a temporary name and renamed
+        into place, so a segment never exists with a partial header.
+        """
+        if self.failed is not None:
+            raise self._failed_error()
         header = fmt.encode_file_header(
             fmt.KIND_SEGMENT,
             {
@@ -88,25 +98,41 @@ class LogWriter:
             },
         )
         path = self.dir / fmt.segment_name(first_lsn)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        if self._fd >= 0:
+            with self._cond:
+                target = self.written_lsn
+            self._fsync_to(target)
+            if self.failed is not None:
+                raise self._failed_error()
+        if path.exists():
+            raise Unavailable(
+                f"{path} already exists but is not the current segment; restart engram so that "
+                "recovery checks the op log",
+                retry_after=30,
+            )
+        tmp = self.dir / f".{path.name}.tmp"
+        fd = -1
         try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
             _write_all(fd, header)
             os.fsync(fd)
+            os.rename(tmp, path)
             fsync_dir(self.dir)
-        except BaseException:
-            os.close(fd)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
-            raise
+            raise Unavailable(
+                f"cannot start a new op log segment ({e.strerror}); free space or fix the disk, "
+                "then retry",
+                retry_after=5,
+            ) from None
         with self._io_lock:
             old = self._fd
-            if old >= 0:
-                os.fsync(old)
-                os.close(old)
             self._fd, self._path, self._size = fd, path, len(header)
-        if first_lsn - 1 > self.durable_lsn:
-            with self._cond:
-                self.durable_lsn = max(self.durable_lsn, self.written_lsn)
-                self._cond.notify_all()
+            if old >= 0:
+                os.close(old)
 
     @property
     def current_path(self) -> Path | None:
@@ -119,7 +145,9 @@ class LogWriter:
 
     def start(self) -> None:
         if self.durability != "none" and self._thread is None:
-            self._thread = threading.Thread(target=self._flusher, name="engram-flusher", daemon=True)
+            self._thread = threading.Thread(
+                target=self._flusher, name="engram-flusher", daemon=True
+            )
             self._thread.start()
 
     def append(self, data: bytes, last_lsn: int) -> None:
@@ -204,11 +232,12 @@ class LogWriter:
                 self._fsync_to(target)
 
     def _fsync_to(self, target: int) -> None:
+        """fsync the current segment, then mark everything up to ``target`` durable."""
         try:
             with self._io_lock:
                 if self._fd >= 0:
                     os.fsync(self._fd)
-            self.fsyncs += 1
+                    self.fsyncs += 1
         except OSError as e:
             self._fail(e)
             return
@@ -220,7 +249,7 @@ class LogWriter:
                 ready.append(heapq.heappop(self._callbacks)[2])
             self._cond.notify_all()
         for cb in ready:
-            cb(None)
+            _notify(cb, None)
 
     def _fail(self, e: BaseException) -> None:
         with self._cond:
@@ -231,7 +260,7 @@ class LogWriter:
             self._cond.notify_all()
         err = self._failed_error()
         for cb in cbs:
-            cb(err)
+            _notify(cb, err)
 
     def _failed_error(self) -> Unavailable:
         reason = getattr(self.failed, "strerror", None) or str(self.failed)
@@ -256,6 +285,14 @@ class LogWriter:
                     pass
             os.close(self._fd)
             self._fd = -1
+
+
+def _notify(cb: DurableCallback, err: BaseException | None) -> None:
+    # Callbacks run on the flusher thread: one that raises must not stop group commit for all.
+    try:
+        cb(err)
+    except Exception:
+        log.exception("a durability callback failed")
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -96,12 +96,17 @@ class FastTier:
         victims = sorted(
             self._items.values(), key=lambda m: (m.activation_count, m.last_activated_at)
         )
-        flush: list[Memory] = []
+        chosen: list[Memory] = []
+        left = self.bytes
         for m in victims:
-            if self.bytes <= target:
+            if left <= target:
                 break
-            if m.id in self._dirty:
-                flush.append(m)
-            self.discard(m.id)
+            chosen.append(m)
+            left -= self._sizes[m.id]
+        # Write back before dropping: if the write fails the entries stay cached and dirty, so
+        # the next checkpoint cannot commit an applied_lsn that lacks them.
+        flush = [m for m in chosen if m.id in self._dirty]
         if flush:
             self._write_back(flush)
+        for m in chosen:
+            self.discard(m.id)

@@ -1,0 +1,158 @@
+"""The logical digest (O7): order independent, maintained per op, equal to a recomputation."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engram import digest as dg
+from engram.errors import EngramError
+from engram.graph import Engine, EngineConfig
+from engram.model import Edge, Memory
+
+
+def mem(mid: str, **kw: object) -> Memory:
+    base = dict(content=f"c {mid}", strength=0.5, metadata={"a": 1, "b": [1, 2]}, created_at=1,
+                updated_at=2, last_activated_at=0, activation_count=0)
+    base.update(kw)
+    return Memory(mid, **base)  # type: ignore[arg-type]
+
+
+ITEMS: list[Memory | Edge] = [mem(f"m{i}") for i in range(20)] + [
+    Edge(f"m{i}", f"m{i + 1}", "related", 1.0, 5) for i in range(19)
+]
+
+
+def test_order_independent() -> None:
+    a = dg.compute(ITEMS)
+    rng = random.Random(7)
+    for _ in range(5):
+        items = ITEMS[:]
+        rng.shuffle(items)
+        assert dg.compute(items) == a
+    assert dg.compute(reversed(ITEMS)).hex == a.hex
+
+
+def test_incremental_equals_compute_and_removal_undoes() -> None:
+    d = dg.Digest()
+    for it in ITEMS:
+        d.replace(None, it)
+    assert d == dg.compute(ITEMS)
+    for it in reversed(ITEMS):
+        d.replace(it, None)
+    assert d.hex == dg.EMPTY == "0" * 64
+
+
+def test_replace_is_remove_plus_add() -> None:
+    d = dg.compute(ITEMS)
+    new = mem("m3", strength=0.9)
+    d.replace(ITEMS[3], new)
+    assert d == dg.compute([*ITEMS[:3], new, *ITEMS[4:]])
+
+
+def test_every_field_counts() -> None:
+    base = mem("x")
+    variants = [
+        mem("y"), mem("x", content="other"), mem("x", strength=0.50001),
+        mem("x", metadata={"a": 1}), mem("x", created_at=9), mem("x", updated_at=9),
+        mem("x", last_activated_at=9), mem("x", activation_count=1),
+    ]
+    hashes = {dg.memory_hash(v) for v in variants}
+    assert dg.memory_hash(base) not in hashes and len(hashes) == len(variants)
+    e = Edge("a", "b", "k", 1.0, 1)
+    others = [Edge("b", "a", "k", 1.0, 1), Edge("a", "b", "j", 1.0, 1), Edge("a", "b", "k", 2.0, 1),
+              Edge("a", "b", "k", 1.0, 2)]
+    assert dg.edge_hash(e) not in {dg.edge_hash(o) for o in others}
+
+
+def test_metadata_key_order_does_not_matter() -> None:
+    a = mem("x", metadata={"a": 1, "b": {"c": 1, "d": 2}})
+    b = mem("x", metadata={"b": {"d": 2, "c": 1}, "a": 1})
+    assert dg.memory_hash(a) == dg.memory_hash(b)
+
+
+def test_hex_round_trip_and_wraparound() -> None:
+    d = dg.Digest(dg.MOD - 1)
+    assert len(d.hex) == 64 and dg.Digest.from_hex(d.hex) == d
+    d.replace(None, ITEMS[0])
+    d.replace(ITEMS[0], None)
+    assert d.value == dg.MOD - 1
+    assert dg.Digest(dg.MOD + 5).value == 5
+    c = d.copy()
+    c.replace(None, ITEMS[1])
+    assert c != d
+
+
+# -- maintained == recomputed, on a real engine ------------------------------------------------
+
+IDS = ["a", "b", "c", "d"]
+op_strategy = st.one_of(
+    st.fixed_dictionaries({"op": st.just("create_memory"), "id": st.sampled_from(IDS),
+                           "content": st.text(max_size=8)},
+                          optional={"strength": st.floats(0, 1),
+                                    "metadata": st.dictionaries(st.text(max_size=3),
+                                                                st.integers(-5, 5), max_size=2)}),
+    st.fixed_dictionaries({"op": st.just("update_memory"), "id": st.sampled_from(IDS)},
+                          optional={"content": st.text(max_size=8), "strength": st.floats(0, 1)}),
+    st.fixed_dictionaries({"op": st.just("activate"), "id": st.sampled_from(IDS)},
+                          optional={"boost": st.floats(0, 1)}),
+    st.fixed_dictionaries({"op": st.just("delete_memory"), "id": st.sampled_from(IDS)}),
+    st.fixed_dictionaries({"op": st.just("create_edge"), "src": st.sampled_from(IDS),
+                           "dst": st.sampled_from(IDS)},
+                          optional={"kind": st.sampled_from(["related", "k"]),
+                                    "weight": st.floats(allow_nan=False, allow_infinity=False)}),
+    st.fixed_dictionaries({"op": st.just("delete_edge"), "src": st.sampled_from(IDS),
+                           "dst": st.sampled_from(IDS)},
+                          optional={"kind": st.sampled_from(["related", "k"])}),
+    st.fixed_dictionaries({"op": st.just("mark"), "name": st.sampled_from(["p1", "p2"])}),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=st.lists(st.lists(op_strategy, min_size=1, max_size=3), min_size=1, max_size=25),
+    fast_bytes=st.sampled_from([0, 500, 1 << 20]),
+    half_life=st.sampled_from([0.0, 1e-3, 86400.0]),
+)
+def test_maintained_digest_equals_recomputed(
+    batches: list[list[dict]], fast_bytes: int, half_life: float
+) -> None:
+    cfg = EngineConfig(fast_tier_bytes=fast_bytes, half_life_s=half_life, checkpoint_ops=7,
+                       segment_bytes=2048, checkpoint_interval=3600)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "d"
+        eng = Engine.open(root, cfg)
+        try:
+            for ops in batches:
+                before = eng.digest.hex
+                try:
+                    eng.apply(ops)
+                except EngramError:
+                    assert eng.digest.hex == before
+                assert eng.digest.hex == eng.recompute_digest().hex
+            final = eng.digest.hex
+        finally:
+            eng.close()
+        with Engine.open(root, cfg) as eng:
+            assert eng.digest.hex == final == eng.recompute_digest().hex
+
+
+def test_negative_zero_does_not_split_the_digest(tmp_path: Path) -> None:
+    """SQLite stores -0.0 as 0.0; the maintained digest must hash what is stored."""
+    root = tmp_path / "d"
+    with Engine.open(root) as e:
+        e.apply([
+            {"op": "create_memory", "id": "a", "content": "x", "strength": -0.0},
+            {"op": "create_memory", "id": "b", "content": "x"},
+            {"op": "create_edge", "src": "a", "dst": "b", "weight": -0.0},
+            {"op": "create_edge", "src": "b", "dst": "a", "weight": 1e300},
+            {"op": "activate", "id": "b", "boost": -0.0},
+        ])
+        assert e.digest.hex == e.recompute_digest().hex
+        digest = e.digest.hex
+    with Engine.open(root) as e:
+        assert e.digest.hex == digest == e.recompute_digest().hex
