@@ -204,7 +204,7 @@ class Engine:
             if not self.readonly and self.failed is None and self.writer is not None:
                 try:
                     self.checkpoint()
-                except EngramError as e:
+                except Exception as e:  # still release the lock and stop the threads
                     log.warning("final checkpoint failed: %s", e)
             self._abandon()
 
@@ -237,18 +237,23 @@ class Engine:
                 return self.checkpoint_lsn
             if self.failed is not None:
                 raise Unavailable(self.failed, retry_after=30)
-            dirty = self.fast.take_dirty()
-            if dirty:
-                self._write_back(dirty)
-            if self.checkpoint_lsn == self.last_lsn and not self.warm.in_txn:
-                return self.checkpoint_lsn
-            self.writer.sync()
-            if self.writer.failed is not None:
-                raise self.writer._failed_error()
             try:
+                # A failed write-back must not lose activations: once taken, the dirty set is
+                # only in this list, so any failure from here on stops writes (a restart
+                # replays them from the log).
+                dirty = self.fast.take_dirty()
+                if dirty:
+                    self._write_back(dirty)
+                if self.checkpoint_lsn == self.last_lsn and not self.warm.in_txn:
+                    return self.checkpoint_lsn
+                self.writer.sync()
+                if self.writer.failed is not None:
+                    raise self.writer._failed_error()
                 self.warm.commit(self.last_lsn, self.digest.hex, self.last_ts)
+            except Unavailable:
+                raise
             except Exception as e:  # sqlite3 errors: disk full, I/O
-                self._fail(f"warm tier commit failed ({e})")
+                self._fail(f"checkpoint failed ({e})")
                 raise Unavailable(self.failed, retry_after=30) from None
             self.checkpoint_lsn = self.last_lsn
             self.checkpoint_digest = self.digest.hex
@@ -261,7 +266,7 @@ class Engine:
                 continue
             try:
                 self.checkpoint()
-            except EngramError as e:
+            except Exception as e:  # checkpoint() has marked the engine failed; keep running
                 log.error("checkpoint failed: %s", e)
 
     def _fail(self, reason: str) -> None:
@@ -549,6 +554,8 @@ class Engine:
     # -- reads (the planner's StateView too) ---------------------------------------------
 
     def get_memory(self, mid: str) -> Memory | None:
+        """The memory, or None. The object is shared with the fast tier: treat it as read-only
+        (every change goes through ``submit`` so that it is logged)."""
         with self.lock:
             m = self.fast.get(mid)
             if m is None:

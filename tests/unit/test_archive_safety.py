@@ -655,17 +655,6 @@ def test_truncated_tail_refused_without_sidecar_gzip(source: Source, tmp_path: P
     _truncated_tail(source, tmp_path, "gz")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason=(
-        "BUG archive.py _Decompressed/extract_verified: a zstd stream cut inside its last block "
-        "(the 1..9 bytes that encode the tar's closing zero blocks) is accepted without a "
-        "sidecar — zstandard's stream_reader returns EOF at the end of the input without "
-        "saying the frame is incomplete, nobody checks that the frame ended, and the frame has "
-        "no content checksum"
-    ),
-)
 def test_truncated_tail_refused_without_sidecar_zstd(source: Source, tmp_path: Path) -> None:
     _truncated_tail(source, tmp_path, "zst")
 
@@ -805,17 +794,6 @@ def test_every_content_changing_flip_refused_without_sidecar_gzip(
     assert _accepted_flips(source, tmp_path, "gz") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG archive.py _ZstdWriter: ZstdCompressor(level, threads) is built without "
-        "write_checksum=True, so the zstd frame has no content checksum; without a sidecar a "
-        "flipped byte that lands in manifest.json (counts, kind, created_at, snapshot_time, "
-        "tiers — fields no member hash covers) or in tar padding decompresses cleanly and the "
-        "restore is accepted"
-    ),
-)
 def test_every_content_changing_flip_refused_without_sidecar_zstd(
     source: Source, tmp_path: Path
 ) -> None:
@@ -941,15 +919,6 @@ def test_missing_archive_is_a_usage_error(tmp_path: Path) -> None:
 # -- where a refused restore may write ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG restore.py staging_dir(): to.parent.mkdir(parents=True) runs before the archive "
-        "is read, so a refused restore into a target whose parent does not exist leaves that "
-        "parent chain behind"
-    ),
-)
 def test_refused_restore_creates_no_parent_dirs(tmp_path: Path) -> None:
     scene = Scene.make(tmp_path)
     to = tmp_path / "new" / "deeper" / "target"

@@ -160,6 +160,8 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
                 e.apply([{"op": "create_memory", "id": f"x{j}-{i}", "content": f"r{i}"}
                          for i in range(900)])
         else:
+            # Enough data that multi-threaded zstd emits its output in several writes.
+            _fill(e, rnd, 4, 300_000, prefix="big")
             e.apply([{"op": "delete_memory", "id": "m23"}])
         r = Rig(e, tmp_path, bk, kind, base, base_state, inc, inc_state)
         r.snapshot()
@@ -295,15 +297,6 @@ def test_rename_into_place_fails(rig: Rig, monkeypatch: pytest.MonkeyPatch, whic
     rig.check_later_backup_and_restores(restores=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG full.py publish(): a Ctrl-C between the archive's rename and the sidecar's is not "
-        "handled (only OSError unlinks PATH again), so PATH is left in place without a sidecar "
-        "while the BackupError says 'interrupted; nothing was written at PATH'"
-    ),
-)
 def test_ctrl_c_while_publishing(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     of = F.OsFaults(monkeypatch)
     of.fail_rename(_is_tmp_sidecar, F.ctrl_c)
@@ -313,15 +306,6 @@ def test_ctrl_c_while_publishing(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> N
     rig.check_later_backup_and_restores(restores=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG full.py publish(): the directory fsync runs after both renames, so when it fails "
-        "the BackupError says the backup failed while PATH and PATH.sha256 stay in place (no "
-        "info file) — a 'failed' backup that later shows up as a real one"
-    ),
-)
 def test_directory_fsync_after_renames_fails(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     of = F.OsFaults(monkeypatch)
     bk = str(rig.bk)
@@ -334,16 +318,6 @@ def test_directory_fsync_after_renames_fails(rig: Rig, monkeypatch: pytest.Monke
     rig.check_nothing_left(ei.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, OSError),
-    reason=(
-        "BUG full.py full_backup()/incremental.py incremental_backup(): write_info() runs "
-        "after the try/except, so disk full while writing PATH.info.json escapes as a bare "
-        "OSError (CLI: 'unexpected OSError') instead of BackupError('disk full …'), and "
-        "PATH and PATH.sha256 are left behind without their catalog entry"
-    ),
-)
 def test_disk_full_writing_info_file(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     of = F.OsFaults(monkeypatch)
     of.fail_write(lambda p: ".info.json" in os.path.basename(p))

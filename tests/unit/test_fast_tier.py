@@ -229,16 +229,6 @@ def test_tiny_budget_gives_the_same_answers(
     assert small[1] == big[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG graph.py Engine.checkpoint(): fast.take_dirty() clears the dirty set before "
-        "_write_back(dirty) runs and that call is outside the try/except, so a SQLite error "
-        "there (disk full, I/O) loses the activations from the fast tier's dirty set without "
-        "failing the engine; the next checkpoint (or close) commits applied_lsn past them and "
-        "they never reach the warm tier (O4); _checkpointer() also dies on non-EngramError"
-    ),
-)
 def test_failed_write_back_at_checkpoint_loses_nothing(tmp_path: Path) -> None:
     import sqlite3
 

@@ -87,15 +87,17 @@ class _GzipWriter:
 class _ZstdWriter:
     def __init__(self, sink: FileSink, level: int = 1) -> None:
         threads = min(os.cpu_count() or 1, 8)
-        cctx = zstandard.ZstdCompressor(level=level, threads=threads if threads > 1 else 0)
-        self.w = cctx.stream_writer(sink, closefd=False, write_size=CHUNK)
+        # The content checksum lets a reader without the sidecar still catch a changed byte.
+        cctx = zstandard.ZstdCompressor(
+            level=level, threads=threads if threads > 1 else 0, write_checksum=True
+        )
+        self.w = cctx.stream_writer(sink, closefd=False, write_size=1 << 16)
 
     def write(self, data: bytes | memoryview) -> int:
         return self.w.write(data)
 
     def finish(self) -> None:
-        self.w.flush(zstandard.FLUSH_FRAME)
-        self.w.close()
+        self.w.close()  # ends the one frame (closefd=False leaves the sink open)
 
 
 @dataclass
@@ -216,6 +218,46 @@ def sniff_compression(path: Path) -> str:
     raise BadArchive(f"{path} is neither zstd- nor gzip-compressed; it is not an engram backup")
 
 
+def check_zstd_frames(path: Path) -> None:
+    """Walk the zstd frame and block headers of ``path`` (seeks only): a stream reader reports a
+    cut-off last frame as a clean end, so truncation is caught here, before extraction."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+
+        def need(n: int, what: str) -> bytes:
+            b = f.read(n)
+            if len(b) != n:
+                raise BadArchive(f"the archive is truncated: it ends inside a zstd {what}")
+            return b
+
+        while f.tell() < size:
+            magic = int.from_bytes(need(4, "frame header"), "little")
+            if 0x184D2A50 <= magic <= 0x184D2A5F:  # skippable frame
+                f.seek(int.from_bytes(need(4, "skippable frame"), "little"), 1)
+                if f.tell() > size:
+                    raise BadArchive("the archive is truncated: it ends inside a skippable frame")
+                continue
+            if magic != 0xFD2FB528:
+                raise BadArchive(f"the archive is damaged: non-zstd bytes at offset {f.tell() - 4}")
+            fhd = need(1, "frame header")[0]
+            single = (fhd >> 5) & 1
+            fcs = {0: single, 1: 2, 2: 4, 3: 8}[fhd >> 6]
+            header = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+            need(header, "frame header")
+            while True:
+                bh = int.from_bytes(need(3, "block header"), "little")
+                btype, bsize = (bh >> 1) & 3, bh >> 3
+                if btype == 3:
+                    raise BadArchive("the archive is damaged: an invalid zstd block")
+                f.seek(1 if btype == 1 else bsize, 1)
+                if f.tell() > size:
+                    raise BadArchive("the archive is truncated: it ends inside a zstd block")
+                if bh & 1:
+                    break
+            if fhd & 4:
+                need(4, "frame checksum")
+
+
 class _Decompressed:
     """A readable stream of the decompressed tar, for zstd or gzip input."""
 
@@ -290,6 +332,8 @@ def extract_verified(
     member that is not a regular file with an allowed name, duplicates, and trailing garbage.
     """
     compression = sniff_compression(archive)
+    if compression == "zstd":
+        check_zstd_frames(archive)
     members: dict[str, Member] = {}
     manifest: bytes | None = None
     open_out = writer or (lambda p: open(p, "xb", buffering=0))  # noqa: SIM115

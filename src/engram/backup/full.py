@@ -19,7 +19,7 @@ from typing import Any
 
 from engram import __version__
 from engram.backup.archive import ArchiveWriter, FileSink
-from engram.backup.catalog import write_info
+from engram.backup.catalog import info_path, write_info
 from engram.errors import BackupError, EngramError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import (
@@ -76,8 +76,9 @@ def temp_paths(output: Path) -> tuple[Path, Path]:
     )
 
 
-def publish(tmp: Path, tmp_side: Path, output: Path, sha: str) -> Path:
-    """Write the sidecar, then rename archive and sidecar into place (see module doc)."""
+def publish(tmp: Path, tmp_side: Path, output: Path, sha: str, info: dict[str, Any]) -> Path:
+    """Write the sidecar, rename archive and sidecar into place, fsync the directory, then
+    write the catalog entry. Any failure or interrupt removes all of them again."""
     side = output.with_name(output.name + ".sha256")
     fd = os.open(tmp_side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -85,13 +86,15 @@ def publish(tmp: Path, tmp_side: Path, output: Path, sha: str) -> Path:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, output)
     try:
+        os.rename(tmp, output)
         os.rename(tmp_side, side)
-    except OSError:
-        output.unlink(missing_ok=True)
+        fsync_dir(output.parent)
+        write_info(output, info)
+    except BaseException:
+        for p in (output, side, info_path(output)):
+            p.unlink(missing_ok=True)
         raise
-    fsync_dir(output.parent)
     return side
 
 
@@ -197,7 +200,23 @@ def full_backup(
         aw.add_bytes(MANIFEST_NAME, encode_manifest(manifest))
         aw.finish()
         sink.sync_close()
-        publish(tmp, tmp_side, output, sink.sha.hexdigest())
+        result = BackupResult(
+            kind="full",
+            path=str(output),
+            sidecar=str(output) + ".sha256",
+            size=sink.size,
+            sha256=sink.sha.hexdigest(),
+            duration_s=round(time.monotonic() - t0, 3),
+            snapshot_lsn=cut.snapshot_lsn,
+            snapshot_time=manifest["snapshot_time"],
+            digest=cut.digest,
+            database_id=cut.database_id,
+            from_lsn=1,
+            counts=manifest["counts"],
+            stall_ms=round(cut.stall_ns / 1e6, 3),
+        )
+        info = result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0}
+        publish(tmp, tmp_side, output, result.sha256, info)
     except OSError as e:
         raise BackupError(describe_os_error(e, output)) from None
     except EngramError:
@@ -210,22 +229,6 @@ def full_backup(
             sink.close()
         tmp.unlink(missing_ok=True)
         tmp_side.unlink(missing_ok=True)
-    result = BackupResult(
-        kind="full",
-        path=str(output),
-        sidecar=str(output) + ".sha256",
-        size=output.stat().st_size,
-        sha256=sink.sha.hexdigest(),
-        duration_s=round(time.monotonic() - t0, 3),
-        snapshot_lsn=cut.snapshot_lsn,
-        snapshot_time=manifest["snapshot_time"],
-        digest=cut.digest,
-        database_id=cut.database_id,
-        from_lsn=1,
-        counts=manifest["counts"],
-        stall_ms=round(cut.stall_ns / 1e6, 3),
-    )
-    write_info(output, result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0})
     return result
 
 

@@ -8,13 +8,12 @@ replayed on its own terms.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from engram.backup.archive import FileSink
-from engram.backup.catalog import newest_end, write_info
+from engram.backup.catalog import newest_end
 from engram.backup.full import BackupResult, check_output, describe_os_error, publish, temp_paths
 from engram.errors import BackupError, EngramError, LogGap, UsageError
 from engram.format import record as fmt
@@ -144,7 +143,27 @@ def incremental_backup(
         if batch:
             sink.write(b"".join(batch))
         sink.sync_close()
-        publish(tmp, tmp_side, output, sink.sha.hexdigest())
+        result = BackupResult(
+            kind="incremental",
+            path=str(output),
+            sidecar=str(output) + ".sha256",
+            size=sink.size,
+            sha256=sink.sha.hexdigest(),
+            duration_s=round(time.monotonic() - t0, 3),
+            snapshot_lsn=end,
+            snapshot_time=ns_to_iso(end_ts) if end_ts else "",
+            digest=end_digest,
+            database_id=db,
+            from_lsn=start,
+            counts={"records": count},
+            note=note,
+        )
+        info = result.to_json() | {
+            "snapshot_time_ns": end_ts,
+            "from_time_ns": first_ts,
+            "parent": header["parent"],
+        }
+        publish(tmp, tmp_side, output, result.sha256, info)
     except OSError as e:
         raise BackupError(describe_os_error(e, output)) from None
     except EngramError:
@@ -156,24 +175,4 @@ def incremental_backup(
             sink.close()
         tmp.unlink(missing_ok=True)
         tmp_side.unlink(missing_ok=True)
-    result = BackupResult(
-        kind="incremental",
-        path=str(output),
-        sidecar=str(output) + ".sha256",
-        size=os.path.getsize(output),
-        sha256=sink.sha.hexdigest(),
-        duration_s=round(time.monotonic() - t0, 3),
-        snapshot_lsn=end,
-        snapshot_time=ns_to_iso(end_ts) if end_ts else "",
-        digest=end_digest,
-        database_id=db,
-        from_lsn=start,
-        counts={"records": count},
-        note=note,
-    )
-    write_info(
-        output,
-        result.to_json()
-        | {"snapshot_time_ns": end_ts, "from_time_ns": first_ts, "parent": header["parent"]},
-    )
     return result

@@ -10,7 +10,6 @@ an LSN or a restore point name, always on a transaction boundary.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,10 +20,12 @@ from engram.backup.archive import sha256_file
 from engram.backup.catalog import Entry, scan
 from engram.backup.restore import (
     check_target,
+    discard,
     extract_backup,
     fsync_tree,
     open_and_check,
     place,
+    staged,
     staging_dir,
 )
 from engram.errors import (
@@ -154,32 +155,69 @@ class Coverage:
     markers: dict[str, int] = field(default_factory=dict)
 
 
-def _iter(sources: list[LogSource], database_id: str, after: int) -> Any:
+def _iter(
+    sources: list[LogSource],
+    database_id: str,
+    after: int,
+    on_skip: Callable[[Record], None] | None = None,
+) -> Any:
     # A data dir's last segment may end in a torn tail; other files must be whole.
     last_is_segment = bool(sources) and sources[-1].kind == fmt.KIND_SEGMENT
-    return iter_log_files([s.path for s in sources], database_id, after, last_is_segment)
+    return iter_log_files(
+        [s.path for s in sources], database_id, after, last_is_segment, on_skip=on_skip
+    )
+
+
+def _diverged(lsn: int, theirs: int, ours: int) -> ForeignLog:
+    return ForeignLog(
+        f"the log's record at LSN {lsn} (time {ns_to_iso(theirs)}) does not continue this data "
+        f"dir's history (its last write was at {ns_to_iso(ours)}): the log comes from another "
+        "branch of this database's history, e.g. a copy that took writes after a restore — use "
+        "the logs of this history"
+    )
 
 
 def scan_logs(
-    sources: list[LogSource], database_id: str, after: int, target: Target | None = None
+    sources: list[LogSource],
+    database_id: str,
+    after: int,
+    target: Target | None = None,
+    after_ts: int = 0,
 ) -> Coverage:
     """Verify every record after ``after`` and measure what the logs cover. With a target, stop
-    at the first record past it: what lies beyond (even a gap) does not matter for it."""
+    once it is reached: what lies beyond (even a gap) does not matter for it. With ``after_ts``
+    (the timestamp of the data dir's last write), refuse a log of another branch of history:
+    its record at ``after`` must carry that timestamp and the next ones may not be older."""
     cov = Coverage(first_lsn=after + 1, last_lsn=after)
-    for rec in _iter(sources, database_id, after):
+
+    def boundary(rec: Record) -> None:
+        if rec.lsn == after and after_ts and rec.ts_ns != after_ts:
+            raise _diverged(rec.lsn, rec.ts_ns, after_ts)
+
+    for rec in _iter(sources, database_id, after, boundary):
         if target is not None and (
             (target.time_ns is not None and rec.ts_ns > target.time_ns)
             or (target.lsn is not None and rec.lsn > target.lsn)
-            or (target.name is not None and target.name in cov.markers)
         ):
             cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
             break
         if not cov.records:
             cov.first_ts = rec.ts_ns
+            if after_ts and rec.ts_ns < after_ts:
+                raise _diverged(rec.lsn, rec.ts_ns, after_ts)
         cov.records += 1
         cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
         if rec.op == OpType.MARKER:
             cov.markers[rec.target] = rec.lsn
+        if (
+            target is not None
+            and rec.txn_end
+            and (
+                (target.lsn is not None and rec.lsn >= target.lsn)
+                or (target.name is not None and target.name in cov.markers)
+            )
+        ):
+            break  # reached exactly: nothing after it is needed
     return cov
 
 
@@ -265,9 +303,10 @@ def apply_sources(
         if progress and n - reported >= 8192:
             progress(n, expected_total)
             reported = n
-        if stop_after:
+        if stop_after or (target.lsn is not None and rec.lsn >= target.lsn):
             break
     engine.checkpoint()
+    _check_header_digests(engine, sources)
     if progress:
         progress(n, expected_total)
     dur = time.monotonic() - t0
@@ -280,6 +319,20 @@ def apply_sources(
         duration_s=round(dur, 3),
         rate=round(n / dur, 1) if dur > 0 else 0.0,
     )
+
+
+def _check_header_digests(engine: Engine, sources: list[LogSource]) -> None:
+    """An incremental that ends where the replay ended records the digest there: compare."""
+    for src in sources:
+        if src.kind != fmt.KIND_INCREMENTAL:
+            continue
+        h = read_header(src.path)
+        if h.get("to_lsn") == engine.last_lsn and h.get("digest") not in (None, engine.digest.hex):
+            raise CorruptData(
+                f"after replay to LSN {engine.last_lsn} the digest differs from the one "
+                f"{src.path.name} recorded there: the data diverged from that history — "
+                "restore from a backup of this history"
+            )
 
 
 def check_digest(engine: Engine) -> None:
@@ -306,7 +359,7 @@ def apply_log(
     try:
         sources = collect_logs(logs, engine.database_id)
         early = _scan_stop(target, engine.last_lsn, engine.last_ts)
-        cov = scan_logs(sources, engine.database_id, engine.last_lsn, early)
+        cov = scan_logs(sources, engine.database_id, engine.last_lsn, early, engine.last_ts)
         if target.given:
             check_target_range(target, cov, engine.last_lsn, engine.last_ts)
         result = apply_sources(engine, sources, target, progress, cov.records)
@@ -372,6 +425,7 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
     if not candidates:
         raise UsageError(f"no full backup in {repo} before {target.describe()}")
     base = max(candidates, key=lambda e: (e.to_lsn, e.name))
+
     def starts_before(e: Entry) -> bool:  # incrementals wholly past the target are not needed
         if target.time_ns is not None:
             return e.from_time_ns <= target.time_ns
@@ -423,6 +477,7 @@ def restore_pitr(
                     engine.database_id,
                     base_lsn,
                     _scan_stop(target, base_lsn, manifest["snapshot_time_ns"]),
+                    engine.last_ts,
                 )
                 if sources
                 else Coverage(first_lsn=base_lsn + 1, last_lsn=base_lsn)
@@ -435,16 +490,17 @@ def restore_pitr(
             engine.close()
         fsync_tree(staging)
         aside = place(staging, output, force)
+        staged(staging)
     except EngramError:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise RestoreError(
             f"restore-pitr failed ({e.strerror or e}); {output} was not changed"
         ) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
     return PitrResult(
         base=str(base),

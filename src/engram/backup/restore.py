@@ -65,10 +65,35 @@ def check_target(to: Path, force: bool) -> None:
 
 
 def staging_dir(to: Path, what: str = "restore") -> Path:
-    to.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """A fresh private dir beside ``to``. Parents that had to be created are remembered, so
+    that ``discard`` leaves the file system as it found it."""
+    made = []
+    for parent in reversed(to.parents):
+        if not parent.exists():
+            parent.mkdir(mode=0o700)
+            made.append(parent)
     p = to.parent / f".{to.name}.{what}-{os.getpid()}-{time.monotonic_ns()}"
     p.mkdir(mode=0o700)
+    _made_parents[p] = made
     return p
+
+
+_made_parents: dict[Path, list[Path]] = {}
+
+
+def discard(staging: Path) -> None:
+    """Remove a staging dir after a failure, and the parents made for it if still empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    for parent in reversed(_made_parents.pop(staging, [])):
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
+def staged(staging: Path) -> None:
+    """The staging dir became the target: forget its bookkeeping."""
+    _made_parents.pop(staging, None)
 
 
 def sidecar_hash(archive: Path) -> str | None:
@@ -198,16 +223,17 @@ def restore(
         eng.close()
         fsync_tree(staging)
         aside = place(staging, to, force)
+        staged(staging)
     except EngramError:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise RestoreError(
             f"restore failed ({e.strerror or e}); the target was not changed"
         ) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
     return RestoreResult(
         archive=str(archive),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,7 @@ def iter_log_files(
     after_lsn: int = 0,
     torn_tail_last: bool = False,
     opened: list[LogFile] | None = None,
+    on_skip: Callable[[Record], None] | None = None,
 ) -> Iterator[Record]:
     """Records of consecutive log files with LSN > after_lsn, checking ids and continuity.
 
@@ -209,6 +210,8 @@ def iter_log_files(
         last = torn_tail_last and i == len(files) - 1
         for rec in lf.records(allow_torn_tail=last):
             if rec.lsn < expect:
+                if on_skip is not None:
+                    on_skip(rec)
                 continue
             if rec.lsn > expect:
                 raise LogGap(
