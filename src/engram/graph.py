@@ -22,7 +22,7 @@ from typing import Any
 
 from engram import digest as dg
 from engram.datadir import DirLock, Layout, init_data_dir, is_initialized, read_identity
-from engram.errors import EngramError, LogGap, NotFound, Unavailable, ValidationError
+from engram.errors import LogGap, NotFound, Unavailable, ValidationError
 from engram.format import record as fmt
 from engram.model import (
     MEMORY_OPS,
@@ -433,14 +433,17 @@ class Engine:
             self.last_ts = max(self.last_ts, txn[-1].ts_ns)
             try:
                 self.warm.begin()
+                afters = []
                 for r in txn:
+                    after = r.decode_after()
+                    afters.append(after)
                     if r.op == OpType.MARKER:
                         continue
-                    self.digest.replace(r.decode_before(), r.decode_after())
+                    self.digest.replace(r.decode_before(), after)
                     self._count(r.op, r.before is not None, r.after is not None)
                     if r.op in MEMORY_OPS:
                         self.fast.discard(r.target)
-                    self.warm.apply(r)
+                self.warm.apply_batch(txn, afters)
             except Exception as e:
                 self._fail(f"applying LSN {first}..{self.last_lsn} failed ({e})")
                 raise Unavailable(self.failed, retry_after=30) from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c as _crc
@@ -59,6 +59,7 @@ class Record:
     target: str
     before: bytes | None  # msgpack image
     after: bytes | None
+    raw: bytes | None = field(default=None, compare=False, repr=False)  # the framed record as read
 
     def decode_before(self) -> Any:
         return decode_image(self.op, self.before)
@@ -116,7 +117,7 @@ def encode_record(
     return _FRAME.pack(len(body), crc32c(body)) + body
 
 
-def decode_body(body: bytes | memoryview) -> Record:
+def decode_body(body: bytes | memoryview, raw: bytes | None = None) -> Record:
     lsn, ts, txid, flags, op, tl, bl, al = _BODY.unpack_from(body, 0)
     if BODY_FIXED + tl + bl + al != len(body):
         raise ValueError("record field lengths do not add up to the body length")
@@ -126,10 +127,12 @@ def decode_body(body: bytes | memoryview) -> Record:
     before = bytes(body[p : p + bl]) if flags & F_BEFORE else None
     p += bl
     after = bytes(body[p : p + al]) if flags & F_AFTER else None
-    return Record(lsn, ts, txid, bool(flags & F_TXN_END), OpType(op), target, before, after)
+    return Record(lsn, ts, txid, bool(flags & F_TXN_END), OpType(op), target, before, after, raw)
 
 
 def record_bytes(r: Record) -> bytes:
+    if r.raw is not None:  # verified when read: copy it as it is
+        return r.raw
     return encode_record(r.lsn, r.ts_ns, r.txid, r.txn_end, r.op, r.target, r.before, r.after)
 
 

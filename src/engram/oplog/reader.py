@@ -134,7 +134,7 @@ class LogFile:
                     break
                 raise self._damage(off, "record checksum mismatch")
             try:
-                rec = fmt.decode_body(body)
+                rec = fmt.decode_body(body, data[off:end])
             except (ValueError, UnicodeDecodeError) as e:
                 raise self._damage(off, f"undecodable record ({e})") from None
             if prev_lsn is not None and rec.lsn != prev_lsn + 1:

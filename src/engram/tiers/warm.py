@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -287,6 +288,27 @@ class WarmTier:
             last = (rows[-1][0], rows[-1][1], rows[-1][2])
 
     # -- redo ----------------------------------------------------------------------------
+
+    def apply_batch(self, recs: list[Record], afters: list[Any]) -> None:
+        """Redo records whose after images are already decoded (``afters[i]`` for ``recs[i]``),
+        with one ``executemany`` per run of memory upserts; same effect as ``apply`` each."""
+        run: list[tuple] = []
+        for rec, after in zip(recs, afters, strict=True):
+            op = rec.op
+            if op in (OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY, OpType.UPDATE_STRENGTH):
+                run.append(_mem_row(after))
+                continue
+            if run:
+                self.conn.executemany(_UPSERT_MEMORY, run)
+                run = []
+            if op == OpType.DELETE_MEMORY:
+                self.delete_memory(rec.target)
+            elif op == OpType.CREATE_EDGE:
+                self.put_edge(after)
+            elif op == OpType.DELETE_EDGE:
+                self.delete_edge(*parse_edge_target(rec.target))
+        if run:
+            self.conn.executemany(_UPSERT_MEMORY, run)
 
     def apply(self, rec: Record) -> None:
         """Redo one record from its after-image; idempotent (O3)."""
