@@ -37,6 +37,7 @@ from engram.oplog.reader import list_segments
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
 from engram.recovery import recover
+from engram.replay import ReplayBatch, prepare_replay
 from engram.tiers.fast import FastTier
 from engram.tiers.warm import WarmTier
 
@@ -413,14 +414,19 @@ class Engine:
         hot.unlink(missing_ok=True)
 
     def append_replayed(self, txn: list[fmt.Record]) -> None:
-        """Append one whole transaction of another log (apply-log, PITR) and apply it: the
+        """Append whole transactions of another log (apply-log, PITR) and apply them: the
         records keep their LSNs and timestamps, so this data dir's log stays the truth (O1)."""
-        if not txn:
-            return
+        if txn:
+            self.append_prepared(prepare_replay(txn))
+
+    def append_prepared(self, batch: ReplayBatch) -> None:
+        """``append_replayed`` with the decoding and hashing done already (possibly in another
+        thread, see ``prepare_replay``): under the lock only the append and SQLite remain."""
+        recs = batch.records
         with self.lock:
             self._check_writable()
             assert self.writer is not None
-            first = txn[0].lsn
+            first = recs[0].lsn
             if first != self.last_lsn + 1:
                 raise LogGap(
                     f"the next record is LSN {first} but the data dir is at {self.last_lsn}: "
@@ -428,26 +434,22 @@ class Engine:
                 )
             if self.writer.needs_rotation():
                 self.writer.start_segment(first, self.digest.hex)
-            self.writer.append(b"".join(fmt.record_bytes(r) for r in txn), txn[-1].lsn)
-            self.last_lsn = txn[-1].lsn
-            self.last_ts = max(self.last_ts, txn[-1].ts_ns)
+            self.writer.append(b"".join(fmt.record_bytes(r) for r in recs), recs[-1].lsn)
+            self.last_lsn = recs[-1].lsn
+            self.last_ts = max(self.last_ts, recs[-1].ts_ns)
             try:
                 self.warm.begin()
-                afters = []
-                for r in txn:
-                    after = r.decode_after()
-                    afters.append(after)
-                    if r.op == OpType.MARKER:
-                        continue
-                    self.digest.replace(r.decode_before(), after)
-                    self._count(r.op, r.before is not None, r.after is not None)
+                for r in recs:
                     if r.op in MEMORY_OPS:
                         self.fast.discard(r.target)
-                self.warm.apply_batch(txn, afters)
+                self.warm.apply_batch(recs, batch.afters)
             except Exception as e:
                 self._fail(f"applying LSN {first}..{self.last_lsn} failed ({e})")
                 raise Unavailable(self.failed, retry_after=30) from None
-            self._ops_since_ckpt += len(txn)
+            self.digest.value = (self.digest.value + batch.digest_delta) % dg.MOD
+            self.n_memories += batch.memories_delta
+            self.n_edges += batch.edges_delta
+            self._ops_since_ckpt += len(recs)
             if self._ops_since_ckpt >= self.config.checkpoint_ops:
                 self.checkpoint()
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import msgspec
 
 from engram import digest as dg
 from engram.errors import CorruptData, CorruptLog, DataDirError, ForeignLog, LogGap
 from engram.format import record as fmt
-from engram.model import OpType
+from engram.format.record import Record
 from engram.oplog.reader import LogFile, iter_log_files, list_segments
 from engram.oplog.writer import LogWriter
+from engram.replay import ReplayBatch
+from engram.replay import batches as replay_batches
 from engram.tiers.warm import WarmTier
 
 log = logging.getLogger("engram")
@@ -90,48 +90,54 @@ def replay(
 ) -> tuple[int, int, int]:
     """Apply records after ``after_lsn`` to ``warm`` in batches, committing on transaction
     boundaries. ``stop(rec)`` returning True ends the replay before ``rec``'s transaction.
+    Reading and decoding run in a reader thread beside the SQLite work (``engram.replay``).
     Returns (last_lsn, last_ts, count)."""
-    last_lsn, last_ts, n, since_commit = after_lsn, 0, 0, 0
+    st = {"lsn": after_lsn, "ts": 0, "n": 0, "since": 0}
     t0 = last_report = time.monotonic()
-    warm.begin()
-    txn: list = []
-    for rec in iter_log_files(files, database_id, after_lsn, torn_tail_last, opened):
-        txn.append(rec)
-        if not rec.txn_end:
-            continue
-        if stop is not None and stop(txn[0]):
-            break
+
+    def txns(_: object) -> Iterator[list[Record]]:
+        txn: list[Record] = []
+        for rec in iter_log_files(files, database_id, after_lsn, torn_tail_last, opened):
+            txn.append(rec)
+            if not rec.txn_end:
+                continue
+            if stop is not None and stop(txn[0]):
+                return
+            yield txn
+            txn = []
+
+    def apply(batch: ReplayBatch) -> None:
+        nonlocal last_report
+        warm.begin()
         try:
-            for r in txn:
-                if r.op != OpType.MARKER:
-                    digest.replace(r.decode_before(), r.decode_after())
-                warm.apply(r)
-        except (msgspec.MsgspecError, ValueError, TypeError, AttributeError) as e:
-            # The checksum held, so the record was written this way (a crafted or foreign
-            # file, or a bug): refuse it rather than half-apply it.
+            warm.apply_batch(batch.records, batch.afters)
+        except (ValueError, TypeError, AttributeError) as e:
             raise CorruptLog(
-                f"record LSN {r.lsn} ({r.op.name}) cannot be applied: {e}; restore from a "
-                "backup (docs/RUNBOOK.md)"
+                f"records {batch.records[0].lsn}..{batch.records[-1].lsn} cannot be applied: "
+                f"{e}; restore from a backup (docs/RUNBOOK.md)"
             ) from None
-        n += len(txn)
-        since_commit += len(txn)
-        last_lsn, last_ts = rec.lsn, rec.ts_ns
-        txn = []
-        if since_commit >= REPLAY_BATCH:
-            warm.commit(last_lsn, digest.hex, last_ts)
-            warm.begin()
-            since_commit = 0
+        digest.value = (digest.value + batch.digest_delta) % dg.MOD
+        last = batch.records[-1]
+        st["lsn"], st["ts"] = last.lsn, last.ts_ns
+        st["n"] += len(batch.records)
+        st["since"] += len(batch.records)
+        if st["since"] >= REPLAY_BATCH:
+            warm.commit(st["lsn"], digest.hex, st["ts"])
+            st["since"] = 0
             if progress is not None:
-                progress(n, last_lsn)
+                progress(st["n"], st["lsn"])
             now = time.monotonic()
             if now - last_report >= 2.0:
-                rate = n / max(now - t0, 1e-9)
-                log.info("replayed %d records up to LSN %d (%.0f/s)", n, last_lsn, rate)
+                rate = st["n"] / max(now - t0, 1e-9)
+                log.info("replayed %d records up to LSN %d (%.0f/s)", st["n"], st["lsn"], rate)
                 last_report = now
-    warm.commit(last_lsn, digest.hex, last_ts or None)
+
+    warm.begin()
+    replay_batches(txns, apply)
+    warm.commit(st["lsn"], digest.hex, st["ts"] or None)
     if progress is not None:
-        progress(n, last_lsn)
-    return last_lsn, last_ts, n
+        progress(st["n"], st["lsn"])
+    return st["lsn"], st["ts"], st["n"]
 
 
 def recover(

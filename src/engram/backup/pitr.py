@@ -10,8 +10,9 @@ an LSN or a restore point name, always on a transaction boundary.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from engram.graph import Engine
 from engram.model import OpType, ns_to_iso
 from engram.oplog.reader import iter_log_files
 from engram.recovery import read_header
+from engram.replay import ReplayBatch
+from engram.replay import batches as replay_batches
 
 Progress = Callable[[int, int], None]
 
@@ -282,29 +285,35 @@ def apply_sources(
     """Append and apply whole transactions after the engine's LSN, stopping at ``target``."""
     t0 = time.monotonic()
     start = engine.last_lsn
-    n = reported = 0
-    txn: list[Record] = []
-    stop_after = False
-    for rec in _iter(sources, engine.database_id, start):
-        txn.append(rec)
-        if not rec.txn_end:
-            continue
-        if target.time_ns is not None and rec.ts_ns > target.time_ns:
-            break
-        if target.lsn is not None and rec.lsn > target.lsn:
-            break
-        if target.name is not None and any(
-            r.op == OpType.MARKER and r.target == target.name for r in txn
-        ):
-            stop_after = True
-        engine.append_replayed(txn)
-        n += len(txn)
-        txn = []
-        if progress and n - reported >= 8192:
-            progress(n, expected_total)
-            reported = n
-        if stop_after or (target.lsn is not None and rec.lsn >= target.lsn):
-            break
+    counted = [0, 0]  # records applied, records at the last progress report
+
+    def txns(stop: threading.Event) -> Iterator[list[Record]]:
+        txn: list[Record] = []
+        for rec in _iter(sources, engine.database_id, start):
+            txn.append(rec)
+            if not rec.txn_end:
+                continue
+            if target.time_ns is not None and rec.ts_ns > target.time_ns:
+                return
+            if target.lsn is not None and rec.lsn > target.lsn:
+                return
+            hit = target.name is not None and any(
+                r.op == OpType.MARKER and r.target == target.name for r in txn
+            )
+            yield txn
+            txn = []
+            if hit or (target.lsn is not None and rec.lsn >= target.lsn):
+                return
+
+    def apply(batch: ReplayBatch) -> None:
+        engine.append_prepared(batch)
+        counted[0] += len(batch.records)
+        if progress and counted[0] - counted[1] >= 8192:
+            progress(counted[0], expected_total)
+            counted[1] = counted[0]
+
+    replay_batches(txns, apply)
+    n = counted[0]
     engine.checkpoint()
     _check_header_digests(engine, sources)
     if progress:

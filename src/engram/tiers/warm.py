@@ -84,7 +84,11 @@ _json_enc = msgspec.json.Encoder()
 _json_dec = msgspec.json.Decoder(dict)
 
 
-def _mem_row(m: Memory) -> tuple:
+UPSERTS = frozenset({OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY, OpType.UPDATE_STRENGTH})
+
+
+def memory_row(m: Memory) -> tuple:
+    """The SQL parameters of a memory upsert."""
     return (
         m.id,
         m.content,
@@ -203,10 +207,10 @@ class WarmTier:
         return out
 
     def put_memory(self, m: Memory) -> None:
-        self.conn.execute(_UPSERT_MEMORY, _mem_row(m))
+        self.conn.execute(_UPSERT_MEMORY, memory_row(m))
 
     def put_memories(self, ms: Iterable[Memory]) -> None:
-        self.conn.executemany(_UPSERT_MEMORY, (_mem_row(m) for m in ms))
+        self.conn.executemany(_UPSERT_MEMORY, (memory_row(m) for m in ms))
 
     def delete_memory(self, mid: str) -> None:
         self.conn.execute("DELETE FROM memories WHERE id=?", (mid,))
@@ -290,13 +294,14 @@ class WarmTier:
     # -- redo ----------------------------------------------------------------------------
 
     def apply_batch(self, recs: list[Record], afters: list[Any]) -> None:
-        """Redo records whose after images are already decoded (``afters[i]`` for ``recs[i]``),
-        with one ``executemany`` per run of memory upserts; same effect as ``apply`` each."""
+        """Redo records whose after images are already decoded (``afters[i]`` for ``recs[i]``;
+        for memory upserts, their ``memory_row``), with one ``executemany`` per run of memory
+        upserts; the same effect as ``apply`` on each record."""
         run: list[tuple] = []
         for rec, after in zip(recs, afters, strict=True):
             op = rec.op
-            if op in (OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY, OpType.UPDATE_STRENGTH):
-                run.append(_mem_row(after))
+            if op in UPSERTS:
+                run.append(after)
                 continue
             if run:
                 self.conn.executemany(_UPSERT_MEMORY, run)
