@@ -7,9 +7,8 @@ op raises an error naming its index and field, and the batch as a whole is refus
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -62,12 +61,14 @@ class Planned:
     after: Memory | Edge | dict | None
 
 
-class StateView:
+class StateView(Protocol):
     """What the planner needs to read; the engine provides it (under its lock)."""
 
-    get_memory: Callable[[str], Memory | None]
-    get_edge: Callable[[str, str, str], Edge | None]
-    edges_of: Callable[[str], list[Edge]]
+    def get_memory(self, mid: str) -> Memory | None: ...
+
+    def get_edge(self, src: str, dst: str, kind: str) -> Edge | None: ...
+
+    def edges_of(self, mid: str) -> list[Edge]: ...
 
 
 class Planner:

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
 
@@ -91,7 +91,7 @@ class _ZstdWriter:
         cctx = zstandard.ZstdCompressor(
             level=level, threads=threads if threads > 1 else 0, write_checksum=True
         )
-        self.w = cctx.stream_writer(sink, closefd=False, write_size=1 << 16)
+        self.w = cctx.stream_writer(cast(IO[bytes], sink), closefd=False, write_size=1 << 16)
 
     def write(self, data: bytes | memoryview) -> int:
         return self.w.write(data)
@@ -265,11 +265,13 @@ class _Decompressed:
         self.raw = raw
         if compression == "zstd":
             dctx = zstandard.ZstdDecompressor()
-            self.r: BinaryIO = dctx.stream_reader(raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[assignment]
+            self.r: BinaryIO = dctx.stream_reader(  # type: ignore[assignment]
+                cast(IO[bytes], raw), read_size=CHUNK, read_across_frames=True
+            )
         else:
             import gzip
 
-            self.r = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+            self.r = cast(BinaryIO, gzip.GzipFile(fileobj=cast(IO[bytes], raw), mode="rb"))
 
     def read_exact(self, n: int, what: str) -> bytes:
         out = bytearray()

@@ -172,7 +172,7 @@ def full_backup(
         cold = sorted(p for p in engine.layout.cold.glob("*.seg") if p.is_file())
         for p in cold:
             aw.add_file(f"cold/{p.name}", p, p.stat().st_size)
-        manifest = {
+        manifest: dict[str, Any] = {
             "format_version": MANIFEST_VERSION,
             "kind": "full",
             "database_id": cut.database_id,

@@ -139,7 +139,13 @@ def _smoke(url: str, token: str | None) -> list[tuple[str, str]]:
         return out
 
     with EngramClient(url, token, timeout=10) as c:
-        step("health", lambda: c.live() and (c.ready() or _raise("server is not ready")))
+
+        def health() -> None:
+            c.live()
+            if not c.ready():
+                raise EngramError("the server is not ready (GET /health/ready is not 200)")
+
+        step("health", health)
         step("write", lambda: c.create_memory(f"engram smoke test {word}", id=cid))
         got = step("read", lambda: c.get_memory(cid))
         if got.get("content") != f"engram smoke test {word}":
@@ -149,10 +155,6 @@ def _smoke(url: str, token: str | None) -> list[tuple[str, str]]:
             raise EngramError("smoke test failed at step 'recall': the canary was not recalled")
         step("delete", lambda: c.delete_memory(cid))
     return steps
-
-
-def _raise(msg: str) -> None:
-    raise EngramError(msg)
 
 
 def test(

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engram.errors import CorruptLog, ForeignLog, LogGap
 from engram.format import record as fmt
@@ -199,7 +199,7 @@ def iter_log_files(
     """
     expect = after_lsn + 1
     for i, f in enumerate(files):
-        lf = f if isinstance(f, LogFile) else LogFile.open(f)
+        lf = f if isinstance(f, LogFile) else LogFile.open(cast(Path, f))
         if opened is not None:
             opened.append(lf)
         if database_id is not None and lf.database_id != database_id:
