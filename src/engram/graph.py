@@ -9,10 +9,12 @@ is fsynced up to the same LSN, so ``applied_lsn`` never runs ahead of the durabl
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +35,7 @@ from engram.model import (
     effective_strength,
     ns_to_iso,
 )
-from engram.oplog.reader import list_segments
+from engram.oplog.reader import list_segments, read_range
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
 from engram.recovery import recover
@@ -369,8 +371,9 @@ class Engine:
                 raise
             stall = time.perf_counter_ns() - t0
         cut.stall_ns = stall
-        with self.lock:  # a cache hint, not part of the cut: taken after it
-            cut.hot_ids = self.fast.hot_ids(10_000)
+        with self.lock:  # a cache hint, not part of the cut: copied after it, ranked outside
+            cached = self.fast.snapshot()
+        cut.hot_ids = [m.id for m in heapq.nlargest(10_000, cached, key=_activations)]
         segs = list_segments(self.layout.oplog)
         start = 0
         for i, (first, _) in enumerate(segs):
@@ -379,12 +382,36 @@ class Engine:
         cut.segments = [p for _, p in segs[start:]]
         return cut
 
+    def log_range(self, from_lsn: int, to_lsn: int) -> Iterator[tuple[int, int, int, bytes]]:
+        """(lsn, ts, txid, framed bytes) of the written records ``from_lsn..to_lsn``, found
+        through the writer's sparse index rather than a scan (``oplog.reader.read_range``)."""
+        hint = self.writer.offset_hint if self.writer is not None else None
+        return read_range(self.layout.oplog, self.database_id, from_lsn, to_lsn, hint)
+
+    def lsn_since(self, ts_ns: int) -> int | None:
+        """An LSN at or before the first record at or after ``ts_ns``, from the writer's index."""
+        return self.writer.lsn_hint_since(ts_ns) if self.writer is not None else None
+
     def position(self) -> tuple[int, int, str]:
         """(last LSN, its timestamp, digest there), taken together under the lock."""
         with self.lock:
             return self.last_lsn, self.last_ts, self.digest.hex
 
     def release_cut(self, cut: Cut) -> None:
+        with self.lock:
+            last = self._cuts == 1
+        if last:
+            # The WAL grew while checkpoints were held off. Copy it into the main file from a
+            # connection of its own, outside the engine lock (a passive checkpoint never waits
+            # for the writer), so the next commit does not do it while writers wait.
+            try:
+                conn = sqlite3.connect(str(self.layout.warm_db), timeout=5)
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    conn.close()
+            except sqlite3.Error as e:
+                log.warning("checkpoint of the WAL after a backup failed: %s", e)
         with self.lock:
             self._release_locked()
 
@@ -742,6 +769,10 @@ class Engine:
                 return
             yield from (Edge(*r) for r in rows)
             last = (rows[-1][0], rows[-1][1], rows[-1][2])
+
+
+def _activations(m: Memory) -> int:
+    return m.activation_count
 
 
 def _wal_state(wal: Path) -> tuple[int, bytes]:

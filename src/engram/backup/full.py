@@ -32,7 +32,6 @@ from engram.format.manifest import (
 from engram.fsutil import fsync_dir
 from engram.graph import Cut, Engine
 from engram.model import ns_to_iso
-from engram.oplog.reader import iter_log_files
 
 SinkFactory = Callable[[Path], FileSink]
 
@@ -120,12 +119,8 @@ def _log_segment_bytes(engine: Engine, cut: Cut) -> bytes | None:
             },
         )
     ]
-    for rec in iter_log_files(cut.segments, cut.database_id, cut.warm_lsn):
-        if rec.lsn > cut.snapshot_lsn:
-            break
-        parts.append(fmt.record_bytes(rec))
-        if rec.lsn == cut.snapshot_lsn:
-            break
+    for _, _, _, raw in engine.log_range(cut.warm_lsn + 1, cut.snapshot_lsn):
+        parts.append(raw)
     return b"".join(parts)
 
 

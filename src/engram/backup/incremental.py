@@ -9,39 +9,29 @@ replayed on its own terms.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from engram.backup.archive import FileSink
 from engram.backup.catalog import newest_end
 from engram.backup.full import BackupResult, check_output, describe_os_error, publish, temp_paths
-from engram.errors import BackupError, EngramError, LogGap, UsageError
+from engram.errors import BackupError, EngramError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import compression_for
-from engram.format.record import Record
 from engram.graph import Engine
 from engram.model import ns_to_iso
-from engram.oplog.reader import LogFile, iter_log_files, list_segments
+from engram.oplog.reader import LogFile, list_segments
 
 
-def _segments_from(oplog: Path, lsn: int) -> list[Path]:
-    segs = list_segments(oplog)
-    start = 0
-    for i, (first, _) in enumerate(segs):
-        if first <= lsn:
-            start = i
-    return [p for _, p in segs[start:]]
-
-
-def _records(engine: Engine, start: int, end: int, db: str) -> Iterator[Record]:
-    for rec in iter_log_files(_segments_from(engine.layout.oplog, start), db, start - 1):
-        if rec.lsn > end:
-            return
-        yield rec
-
-
-def _first_lsn_since(engine: Engine, since_ns: int) -> int:
-    """The first LSN whose timestamp is at or after ``since_ns`` (scanning newest first)."""
+def _first_lsn_since(engine: Engine, since_ns: int, end: int) -> int:
+    """The first LSN whose timestamp is at or after ``since_ns``: from the writer's index when
+    it reaches back that far, else by scanning the segments newest first."""
+    hint = engine.lsn_since(since_ns)
+    if hint is not None:
+        for _lsn, ts, txid, _ in engine.log_range(hint, end):
+            if ts >= since_ns:
+                return txid
+        return end + 1
     segs = list_segments(engine.layout.oplog)
     for first, path in reversed(segs):
         lf = LogFile.open(path)
@@ -54,12 +44,6 @@ def _first_lsn_since(engine: Engine, since_ns: int) -> int:
         if not recs and first <= 1:
             break
     return segs[0][0] if segs else 1
-
-
-def _txn_start(engine: Engine, lsn: int, end: int, db: str) -> int:
-    for rec in _records(engine, lsn, end, db):
-        return rec.txid
-    return lsn
 
 
 def incremental_backup(
@@ -84,7 +68,7 @@ def incremental_backup(
     if since_lsn is not None:
         start = since_lsn
     elif since_s is not None:
-        start = _first_lsn_since(engine, time.time_ns() - int(since_s * 1e9))
+        start = _first_lsn_since(engine, time.time_ns() - int(since_s * 1e9), end)
     elif newest is not None:
         start = newest.to_lsn + 1
     else:
@@ -99,20 +83,14 @@ def incremental_backup(
         )
         start = newest.to_lsn + 1
     start = max(1, start)
+    first_ts = 0
     if start <= end:
-        start = _txn_start(engine, start, end, db)
-        segs = list_segments(engine.layout.oplog)
-        if not segs or segs[0][0] > start:
-            oldest = segs[0][0] if segs else end + 1
-            raise LogGap(
-                f"records from LSN {start} are no longer in the log (it starts at {oldest}); "
-                "take a full backup instead"
-            )
-    count, first_ts = 0, 0
-    for rec in _records(engine, start, end, db) if start <= end else ():
-        if not count:
-            first_ts = rec.ts_ns
-        count += 1
+        # Start on a transaction boundary: a transaction's id is its first LSN, and all its
+        # records share one timestamp.
+        head = next(engine.log_range(start, start), None)
+        if head is not None:
+            first_ts, start = head[1], head[2]
+    count = max(0, end - start + 1)  # LSNs have no gaps
     header = {
         "database_id": db,
         "format_version": fmt.FORMAT_VERSION,
@@ -132,8 +110,8 @@ def incremental_backup(
         sink.write(fmt.encode_file_header(fmt.KIND_INCREMENTAL, header))
         done = 0
         batch: list[bytes] = []
-        for rec in _records(engine, start, end, db) if start <= end else ():
-            batch.append(fmt.record_bytes(rec))
+        for _, _, _, raw in engine.log_range(start, end):
+            batch.append(raw)
             if len(batch) >= 4096:
                 sink.write(b"".join(batch))
                 done += len(batch)

@@ -179,6 +179,14 @@ def unpack_frame(buf: bytes | memoryview, off: int) -> tuple[int, int]:
     return _FRAME.unpack_from(buf, off)
 
 
+_HEAD = struct.Struct("<QQQ")
+
+
+def unpack_head(body: bytes | memoryview) -> tuple[int, int, int]:
+    """(lsn, ts_ns, txid) of a record body without decoding the rest."""
+    return _HEAD.unpack_from(body, 0)  # type: ignore[return-value]
+
+
 def unpack_lsn(body: bytes | memoryview) -> int:
     """The LSN of a record body (its first field) without decoding the rest."""
     return int(_BODY.unpack_from(body, 0)[0])

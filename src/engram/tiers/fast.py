@@ -10,6 +10,7 @@ being written to the warm tier first.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Callable, Iterable
 
 from engram.model import Memory
@@ -57,6 +58,7 @@ class FastTier:
         old = self._sizes.get(m.id)
         if old is not None:
             self.bytes -= old
+            del self._items[m.id]  # re-inserted at the end: the newest are evicted last
         self._items[m.id] = m
         self._sizes[m.id] = size
         self.bytes += size
@@ -79,6 +81,10 @@ class FastTier:
         self._dirty.clear()
         return out
 
+    def snapshot(self) -> list[Memory]:
+        """The cached memories (a list copy: rank it without holding the engine lock)."""
+        return list(self._items.values())
+
     def hot_ids(self, limit: int) -> list[str]:
         """The ``limit`` most-activated cached memories, most activated first."""
         top = heapq.nlargest(limit, self._items.values(), key=lambda m: m.activation_count)
@@ -91,18 +97,27 @@ class FastTier:
         self.bytes = 0
 
     def _evict(self) -> None:
-        # Evict in a batch down to 90% of the budget, least activated (then oldest) first.
+        # Evict down to 90% of the budget. Candidates are the oldest-cached entries (dict
+        # order; a write re-inserts at the end), about twice as many as needed; the least
+        # activated of them go. O(k log k) for k evicted, not a sort of the whole cache, since
+        # this runs under the engine lock.
         target = int(self.budget * 0.9)
-        victims = sorted(
-            self._items.values(), key=lambda m: (m.activation_count, m.last_activated_at)
-        )
         chosen: list[Memory] = []
         left = self.bytes
-        for m in victims:
-            if left <= target:
+        taken: set[str] = set()
+        while left > target and len(taken) < len(self._items):
+            avg = max(1, self.bytes // max(1, len(self._items)))
+            k = min(len(self._items), 2 * ((left - target) // avg) + 16)
+            pool = [m for m in itertools.islice(self._items.values(), k) if m.id not in taken]
+            if not pool:
                 break
-            chosen.append(m)
-            left -= self._sizes[m.id]
+            pool.sort(key=lambda m: (m.activation_count, m.last_activated_at))
+            for m in pool[: max(1, len(pool) // 2)]:
+                if left <= target:
+                    break
+                chosen.append(m)
+                taken.add(m.id)
+                left -= self._sizes[m.id]
         # Write back before dropping: if the write fails the entries stay cached and dirty, so
         # the next checkpoint cannot commit an applied_lsn that lacks them.
         flush = [m for m in chosen if m.id in self._dirty]
