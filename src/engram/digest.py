@@ -41,6 +41,13 @@ def memory_hash(m: Memory) -> int:
     )
 
 
+def memory_row_hash(row: tuple, metadata: dict) -> int:
+    """``memory_hash`` of a warm-tier row (id, content, strength, metadata JSON, created_at,
+    updated_at, last_activated_at, activation_count) with its metadata decoded: the same bytes
+    are hashed, without building a Memory."""
+    return _h(_enc.encode(("m", row[0], row[1], row[2], metadata, *row[4:8])))
+
+
 def edge_hash(e: Edge) -> int:
     return _h(_enc.encode(("e", e.src, e.dst, e.kind, e.weight, e.created_at)))
 

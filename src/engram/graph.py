@@ -714,9 +714,8 @@ class Engine:
     def recompute_digest(self) -> dg.Digest:
         """The digest recomputed from the stored graph (fast-tier versions win)."""
         with self.lock:
-            total = 0
-            for m in self.warm.iter_memories():
-                total += dg.memory_hash(self.fast.get(m.id) or m)
+            dirty = {m.id: m for m in self.fast.snapshot()}
+            total = self.warm.digest_sum(dirty)
             for e in self.warm.iter_edges():
                 total += dg.edge_hash(e)
             return dg.Digest(total)

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from engram.digest import memory_hash, memory_row_hash
 from engram.errors import CorruptData
 from engram.format.record import Record
 from engram.model import Edge, Memory, OpType, parse_edge_target
@@ -344,6 +345,20 @@ class WarmTier:
             for r in rows:
                 yield row_to_memory(r)
             last = rows[-1][0]
+
+    def digest_sum(self, overrides: dict[str, Memory]) -> int:
+        """Sum of the memory hashes of every row, in storage order (the sum does not care),
+        with ``overrides`` (newer versions held by the fast tier) taking the place of rows."""
+        total = 0
+        cur = self.conn.execute(f"SELECT {_COLS} FROM memories")
+        dec = _json_dec.decode
+        while True:
+            rows = cur.fetchmany(5000)
+            if not rows:
+                return total
+            for r in rows:
+                m = overrides.get(r[0])
+                total += memory_hash(m) if m is not None else memory_row_hash(r, dec(r[3]))
 
     def iter_edges(self, batch: int = 5000) -> Iterator[Edge]:
         last = ("", "", "")
