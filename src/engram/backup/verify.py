@@ -382,30 +382,31 @@ class _Verifier:
 
     def _check_memory_row(self, r: tuple) -> Memory | None:
         mid, content, strength, meta, created, updated, activated, count = r
-        loc = _loc_id("memory", mid)
+
+        def bad(message: str) -> None:  # the location string is built only for a problem
+            self.problem("memories", _loc_id("memory", mid), message)
+
         if not isinstance(mid, str) or not ID_RE.fullmatch(mid):
-            self.problem(
-                "memories", loc, "id does not follow the id rule (1-256 of A-Za-z0-9-_.:@/)"
-            )
+            bad("id does not follow the id rule (1-256 of A-Za-z0-9-_.:@/)")
         if not isinstance(content, str):
-            self.problem("memories", loc, f"content is {type(content).__name__}, not text")
+            bad(f"content is {type(content).__name__}, not text")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            self.problem("memories", loc, f"strength {strength!r} is not a number")
+            bad(f"strength {strength!r} is not a number")
         elif not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
-            self.problem("memories", loc, f"strength {strength!r} is outside [0, 1]")
+            bad(f"strength {strength!r} is outside [0, 1]")
         if not isinstance(count, int) or count < 0:
-            self.problem("memories", loc, f"activation_count {count!r} is not a count >= 0")
+            bad(f"activation_count {count!r} is not a count >= 0")
         for name, v in (("created_at", created), ("updated_at", updated)):
             if not isinstance(v, int) or v < 0:
-                self.problem("memories", loc, f"{name} {v!r} is not a timestamp")
+                bad(f"{name} {v!r} is not a timestamp")
         if not isinstance(activated, int) or activated < 0:
-            self.problem("memories", loc, f"last_activated_at {activated!r} is not a timestamp")
+            bad(f"last_activated_at {activated!r} is not a timestamp")
         try:
             metadata = _json_obj.decode(meta) if isinstance(meta, (str, bytes)) else None
         except (msgspec.DecodeError, msgspec.ValidationError):
             metadata = None
         if metadata is None:
-            self.problem("memories", loc, "metadata is not a JSON object")
+            bad("metadata is not a JSON object")
             self.undecodable += 1
             return None
         return Memory(mid, content, strength, metadata, created, updated, activated, count)
@@ -429,7 +430,6 @@ class _Verifier:
             self.report.edges += len(rows)
             edges: list[Edge] = []
             for src, dst, kind, weight, created, no_src, no_dst in rows:
-                loc = f"edge {src}->{dst} ({kind})"
                 if no_src or no_dst:
                     dangling += 1
                     ends = [
@@ -437,17 +437,31 @@ class _Verifier:
                         for w, v, gone in (("src", src, no_src), ("dst", dst, no_dst))
                         if gone
                     ]
-                    self.problem("edges", loc, " and ".join(ends) + " does not exist")
+                    self.problem(
+                        "edges",
+                        f"edge {src}->{dst} ({kind})",
+                        " and ".join(ends) + " does not exist",
+                    )
                 if not isinstance(kind, str) or not KIND_RE.fullmatch(kind):
-                    self.problem("edges", loc, "kind does not follow the kind rule")
+                    self.problem(
+                        "edges", f"edge {src}->{dst} ({kind})", "kind does not follow the kind rule"
+                    )
                 if (
                     isinstance(weight, bool)
                     or not isinstance(weight, (int, float))
                     or (not math.isfinite(weight))
                 ):
-                    self.problem("edges", loc, f"weight {weight!r} is not a finite number")
+                    self.problem(
+                        "edges",
+                        f"edge {src}->{dst} ({kind})",
+                        f"weight {weight!r} is not a finite number",
+                    )
                 if not isinstance(created, int):
-                    self.problem("edges", loc, f"created_at {created!r} is not a timestamp")
+                    self.problem(
+                        "edges",
+                        f"edge {src}->{dst} ({kind})",
+                        f"created_at {created!r} is not a timestamp",
+                    )
                 edges.append(Edge(src, dst, kind, weight, created))
             t = time.perf_counter()
             for e in edges:
