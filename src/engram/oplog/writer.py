@@ -63,7 +63,11 @@ class LogWriter:
         self.written_lsn = 0
         self.durable_lsn = 0
         self.failed: BaseException | None = None
-        self._cond = threading.Condition()
+        # Two conditions on one lock: appends wake only the flusher (_work), fsyncs wake the
+        # writers waiting for durability (_cond); a write does not wake every waiter.
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        self._work = threading.Condition(lock)
         self._io_lock = threading.Lock()
         self._callbacks: list[tuple[int, int, DurableCallback]] = []
         self._seq = itertools.count()
@@ -199,7 +203,7 @@ class LogWriter:
         with self._cond:
             self.written_lsn = last_lsn
             if self.durability == "sync":
-                self._cond.notify_all()
+                self._work.notify()
 
     def wait_durable(self, lsn: int, timeout: float | None = None) -> None:
         """Block until ``lsn`` is acknowledged under the configured durability."""
@@ -249,9 +253,9 @@ class LogWriter:
             with self._cond:
                 if self.durability == "sync":
                     while self.written_lsn <= self.durable_lsn and not self._closing:
-                        self._cond.wait()
+                        self._work.wait()
                 else:
-                    self._cond.wait(self.batch_interval)
+                    self._work.wait(self.batch_interval)
                 if self._closing and self.written_lsn <= self.durable_lsn:
                     return
                 if self.failed is not None:
@@ -287,6 +291,7 @@ class LogWriter:
             cbs = [c[2] for c in self._callbacks]
             self._callbacks.clear()
             self._cond.notify_all()
+            self._work.notify_all()
         err = self._failed_error()
         for cb in cbs:
             _notify(cb, err)
@@ -303,6 +308,7 @@ class LogWriter:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._work.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
