@@ -353,7 +353,7 @@ def extract_verified(
                     break
                 continue
             if zero_blocks:
-                raise BadArchive("the archive has data after an end-of-archive marker")
+                raise BadArchive("the archive is damaged: data after an end-of-archive marker")
             try:
                 ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "strict")
             except (tarfile.HeaderError, UnicodeDecodeError) as e:
@@ -406,7 +406,7 @@ def extract_verified(
             if not rest:
                 break
             if rest.count(0) != len(rest):
-                raise BadArchive("the archive has data after an end-of-archive marker")
+                raise BadArchive("the archive is damaged: data after an end-of-archive marker")
         raw.drain()
     return members, manifest, raw.sha.hexdigest()
 

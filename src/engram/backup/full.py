@@ -12,7 +12,8 @@ import errno
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from engram import __version__
 from engram.backup.archive import ArchiveWriter, FileSink
 from engram.backup.catalog import info_path, write_info
-from engram.errors import BackupError, EngramError, UsageError
+from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import (
     MANIFEST_NAME,
@@ -97,6 +98,26 @@ def publish(tmp: Path, tmp_side: Path, output: Path, sha: str, info: dict[str, A
     return side
 
 
+@contextmanager
+def writing(output: Path, sink_factory: SinkFactory) -> Iterator[tuple[FileSink, Path, Path]]:
+    """The temp files of a backup being written: (sink, archive temp, sidecar temp). Whatever
+    fails or interrupts inside, both temp files are removed and the error names the cause."""
+    tmp, tmp_side = temp_paths(output)
+    sink: FileSink | None = None
+    try:
+        sink = sink_factory(tmp)
+        yield sink, tmp, tmp_side
+    except OSError as e:
+        raise BackupError(describe_os_error(e, output)) from None
+    except KeyboardInterrupt:
+        raise BackupError(f"interrupted; nothing was written at {output}") from None
+    finally:
+        if sink is not None:
+            sink.close()
+        tmp.unlink(missing_ok=True)
+        tmp_side.unlink(missing_ok=True)
+
+
 def describe_os_error(e: OSError, output: Path) -> str:
     if e.errno == errno.ENOSPC:
         return f"disk full while writing {output}; free space and run the backup again"
@@ -138,92 +159,80 @@ def full_backup(
         )
     check_output(output, ("full",))
     t0 = time.monotonic()
-    tmp, tmp_side = temp_paths(output)
     cut = engine.cut()
-    sink: FileSink | None = None
     try:
-        wal = engine.layout.warm_db.with_name("engram.db-wal")
-        total = cut.db_size + cut.wal_size
-        done = [0]
+        with writing(output, sink_factory) as (sink, tmp, tmp_side):
+            wal = engine.layout.warm_db.with_name("engram.db-wal")
+            total = cut.db_size + cut.wal_size
+            done = [0]
 
-        def tick(n: int) -> None:
-            done[0] += n
-            if progress:
-                progress(done[0], total)
+            def tick(n: int) -> None:
+                done[0] += n
+                if progress:
+                    progress(done[0], total)
 
-        sink = sink_factory(tmp)
-        aw = ArchiveWriter(sink, compression, tick)
-        identity = engine.layout.identity.read_bytes()
-        aw.add_bytes("identity.json", identity)
-        aw.add_file("warm/engram.db", engine.layout.warm_db, cut.db_size)
-        wal_data = _read_wal(wal, cut.wal_size)
-        # A WAL restarted since the cut means every frame was in the main file already.
-        if wal_data and engine.wal_still_valid(cut):
-            aw.add_bytes("warm/engram.db-wal", wal_data)
-        seg = _log_segment_bytes(engine, cut)
-        if seg is not None:
-            aw.add_bytes(f"oplog/{fmt.segment_name(cut.warm_lsn + 1)}", seg)
-        aw.add_bytes("fast/hot.json", json.dumps({"ids": cut.hot_ids}).encode())
-        cold = sorted(p for p in engine.layout.cold.glob("*.seg") if p.is_file())
-        for p in cold:
-            aw.add_file(f"cold/{p.name}", p, p.stat().st_size)
-        manifest: dict[str, Any] = {
-            "format_version": MANIFEST_VERSION,
-            "kind": "full",
-            "database_id": cut.database_id,
-            "engram_version": __version__,
-            "created_at": ns_to_iso(time.time_ns()),
-            "snapshot_lsn": cut.snapshot_lsn,
-            "snapshot_time": ns_to_iso(cut.snapshot_ts) if cut.snapshot_ts else "",
-            "snapshot_time_ns": cut.snapshot_ts,
-            "warm_lsn": cut.warm_lsn,
-            "warm_digest": cut.warm_digest,
-            "digest": cut.digest,
-            "counts": {"memories": cut.memories, "edges": cut.edges},
-            "files": {n: {"size": m.size, "sha256": m.sha256} for n, m in aw.members.items()},
-            "tiers": {
-                "fast": {"hot_ids": len(cut.hot_ids), "file": "fast/hot.json"},
-                "warm": {
-                    "file": "warm/engram.db",
-                    "wal": "warm/engram.db-wal" in aw.members,
-                    "applied_lsn": cut.warm_lsn,
+            aw = ArchiveWriter(sink, compression, tick)
+            identity = engine.layout.identity.read_bytes()
+            aw.add_bytes("identity.json", identity)
+            aw.add_file("warm/engram.db", engine.layout.warm_db, cut.db_size)
+            wal_data = _read_wal(wal, cut.wal_size)
+            # A WAL restarted since the cut means every frame was in the main file already.
+            if wal_data and engine.wal_still_valid(cut):
+                aw.add_bytes("warm/engram.db-wal", wal_data)
+            seg = _log_segment_bytes(engine, cut)
+            if seg is not None:
+                aw.add_bytes(f"oplog/{fmt.segment_name(cut.warm_lsn + 1)}", seg)
+            aw.add_bytes("fast/hot.json", json.dumps({"ids": cut.hot_ids}).encode())
+            cold = sorted(p for p in engine.layout.cold.glob("*.seg") if p.is_file())
+            for p in cold:
+                aw.add_file(f"cold/{p.name}", p, p.stat().st_size)
+            manifest: dict[str, Any] = {
+                "format_version": MANIFEST_VERSION,
+                "kind": "full",
+                "database_id": cut.database_id,
+                "engram_version": __version__,
+                "created_at": ns_to_iso(time.time_ns()),
+                "snapshot_lsn": cut.snapshot_lsn,
+                "snapshot_time": ns_to_iso(cut.snapshot_ts) if cut.snapshot_ts else "",
+                "snapshot_time_ns": cut.snapshot_ts,
+                "warm_lsn": cut.warm_lsn,
+                "warm_digest": cut.warm_digest,
+                "digest": cut.digest,
+                "counts": {"memories": cut.memories, "edges": cut.edges},
+                "files": {n: {"size": m.size, "sha256": m.sha256} for n, m in aw.members.items()},
+                "tiers": {
+                    "fast": {"hot_ids": len(cut.hot_ids), "file": "fast/hot.json"},
+                    "warm": {
+                        "file": "warm/engram.db",
+                        "wal": "warm/engram.db-wal" in aw.members,
+                        "applied_lsn": cut.warm_lsn,
+                    },
+                    "log": {"from_lsn": cut.warm_lsn + 1, "to_lsn": cut.snapshot_lsn},
+                    "cold": {"segments": [p.name for p in cold]},
                 },
-                "log": {"from_lsn": cut.warm_lsn + 1, "to_lsn": cut.snapshot_lsn},
-                "cold": {"segments": [p.name for p in cold]},
-            },
-        }
-        aw.add_bytes(MANIFEST_NAME, encode_manifest(manifest))
-        aw.finish()
-        sink.sync_close()
-        result = BackupResult(
-            kind="full",
-            path=str(output),
-            sidecar=str(output) + ".sha256",
-            size=sink.size,
-            sha256=sink.sha.hexdigest(),
-            duration_s=round(time.monotonic() - t0, 3),
-            snapshot_lsn=cut.snapshot_lsn,
-            snapshot_time=manifest["snapshot_time"],
-            digest=cut.digest,
-            database_id=cut.database_id,
-            from_lsn=1,
-            counts=manifest["counts"],
-            stall_ms=round(cut.stall_ns / 1e6, 3),
-        )
-        info = result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0}
-        publish(tmp, tmp_side, output, result.sha256, info)
-    except OSError as e:
-        raise BackupError(describe_os_error(e, output)) from None
-    except EngramError:
-        raise
-    except KeyboardInterrupt:
-        raise BackupError(f"interrupted; nothing was written at {output}") from None
+            }
+            aw.add_bytes(MANIFEST_NAME, encode_manifest(manifest))
+            aw.finish()
+            sink.sync_close()
+            result = BackupResult(
+                kind="full",
+                path=str(output),
+                sidecar=str(output) + ".sha256",
+                size=sink.size,
+                sha256=sink.sha.hexdigest(),
+                duration_s=round(time.monotonic() - t0, 3),
+                snapshot_lsn=cut.snapshot_lsn,
+                snapshot_time=manifest["snapshot_time"],
+                digest=cut.digest,
+                database_id=cut.database_id,
+                from_lsn=1,
+                counts=manifest["counts"],
+                stall_ms=round(cut.stall_ns / 1e6, 3),
+            )
+            info = result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0}
+            publish(tmp, tmp_side, output, result.sha256, info)
     finally:
         engine.release_cut(cut)
-        if sink is not None:
-            sink.close()
-        tmp.unlink(missing_ok=True)
-        tmp_side.unlink(missing_ok=True)
     return result
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from engram.backup.archive import FileSink
 from engram.backup.catalog import newest_end
-from engram.backup.full import BackupResult, check_output, describe_os_error, publish, temp_paths
-from engram.errors import BackupError, EngramError, UsageError
+from engram.backup.full import BackupResult, check_output, publish, writing
+from engram.errors import UsageError
 from engram.format import record as fmt
 from engram.format.manifest import compression_for
 from engram.graph import Engine
@@ -103,10 +103,7 @@ def incremental_backup(
         "created_at_ns": time.time_ns(),
         "record_count": count,
     }
-    tmp, tmp_side = temp_paths(output)
-    sink = None
-    try:
-        sink = sink_factory(tmp)
+    with writing(output, sink_factory) as (sink, tmp, tmp_side):
         sink.write(fmt.encode_file_header(fmt.KIND_INCREMENTAL, header))
         done = 0
         batch: list[bytes] = []
@@ -142,15 +139,4 @@ def incremental_backup(
             "parent": header["parent"],
         }
         publish(tmp, tmp_side, output, result.sha256, info)
-    except OSError as e:
-        raise BackupError(describe_os_error(e, output)) from None
-    except EngramError:
-        raise
-    except KeyboardInterrupt:
-        raise BackupError(f"interrupted; nothing was written at {output}") from None
-    finally:
-        if sink is not None:
-            sink.close()
-        tmp.unlink(missing_ok=True)
-        tmp_side.unlink(missing_ok=True)
     return result

@@ -21,19 +21,16 @@ from engram.backup.archive import sha256_file
 from engram.backup.catalog import Entry, scan
 from engram.backup.restore import (
     check_target,
-    discard,
     extract_backup,
     fsync_tree,
     open_and_check,
     place,
-    staged,
-    staging_dir,
+    staging_for,
 )
 from engram.errors import (
     BadArchive,
     CorruptData,
     DataDirLocked,
-    EngramError,
     ForeignLog,
     RestoreError,
     UsageError,
@@ -473,8 +470,7 @@ def restore_pitr(
     base, output = Path(base).absolute(), Path(output).absolute()
     t0 = time.monotonic()
     check_target(output, force)
-    staging = staging_dir(output, "pitr")
-    try:
+    with staging_for(output, "restore-pitr") as staging:
         manifest, _ = extract_backup(base, staging)
         engine = open_and_check(staging, manifest, recompute=False)
         try:
@@ -499,18 +495,6 @@ def restore_pitr(
             engine.close()
         fsync_tree(staging)
         aside = place(staging, output, force)
-        staged(staging)
-    except EngramError:
-        discard(staging)
-        raise
-    except OSError as e:
-        discard(staging)
-        raise RestoreError(
-            f"restore-pitr failed ({e.strerror or e}); {output} was not changed"
-        ) from None
-    except BaseException:
-        discard(staging)
-        raise
     return PitrResult(
         base=str(base),
         logs=[str(p) for p in logs],

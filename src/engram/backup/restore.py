@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engram.backup.archive import extract_verified
+from engram.backup.archive import extract_verified, sha256_file
 from engram.datadir import read_identity, read_owner
 from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, UsageError
 from engram.format.manifest import MANIFEST_NAME, decode_manifest, decode_sidecar
@@ -96,6 +97,25 @@ def staged(staging: Path) -> None:
     _made_parents.pop(staging, None)
 
 
+@contextmanager
+def staging_for(to: Path, what: str) -> Iterator[Path]:
+    """A staging dir beside ``to`` for the block, which must end by placing it; on any failure
+    it is discarded (an OSError becomes a RestoreError saying ``to`` was not changed)."""
+    staging = staging_dir(to, what)
+    try:
+        yield staging
+    except EngramError:
+        discard(staging)
+        raise
+    except OSError as e:
+        discard(staging)
+        raise RestoreError(f"{what} failed ({e.strerror or e}); {to} was not changed") from None
+    except BaseException:
+        discard(staging)
+        raise
+    staged(staging)
+
+
 def sidecar_hash(archive: Path) -> str | None:
     side = archive.with_name(archive.name + ".sha256")
     if not side.exists():
@@ -118,12 +138,22 @@ def extract_backup(
         if progress:
             progress(done[0], total)
 
-    members, manifest_bytes, actual = extract_verified(archive, staging, tick)
-    if expected is not None and expected != actual:
-        raise BadArchive(
-            f"checksum mismatch: {archive.name}.sha256 says {expected[:16]}…, the archive hashes "
-            f"to {actual[:16]}…; the archive or its sidecar is damaged — use another backup"
+    def mismatch(actual: str, also: str = "") -> BadArchive:
+        return BadArchive(
+            f"checksum mismatch: {archive.name}.sha256 says {expected[:16] if expected else ''}…, "
+            f"the archive hashes to {actual[:16]}…; the archive or its sidecar is damaged — use "
+            f"another backup{also}"
         )
+
+    try:
+        members, manifest_bytes, actual = extract_verified(archive, staging, tick)
+    except BadArchive as e:
+        # With a sidecar, a damaged archive is first of all one that does not match it.
+        if expected is not None and (actual := sha256_file(archive)) != expected:
+            raise mismatch(actual, f" ({e.message})") from None
+        raise
+    if expected is not None and expected != actual:
+        raise mismatch(actual)
     if manifest_bytes is None:
         raise BadArchive(f"{archive.name} has no {MANIFEST_NAME}; it is not a full engram backup")
     manifest = decode_manifest(manifest_bytes)
@@ -216,25 +246,12 @@ def restore(
     archive, to = Path(archive).absolute(), Path(to).absolute()
     t0 = time.monotonic()
     check_target(to, force)
-    staging = staging_dir(to)
-    try:
+    with staging_for(to, "restore") as staging:
         manifest, checked = extract_backup(archive, staging, progress)
         eng = open_and_check(staging, manifest)
         eng.close()
         fsync_tree(staging)
         aside = place(staging, to, force)
-        staged(staging)
-    except EngramError:
-        discard(staging)
-        raise
-    except OSError as e:
-        discard(staging)
-        raise RestoreError(
-            f"restore failed ({e.strerror or e}); the target was not changed"
-        ) from None
-    except BaseException:
-        discard(staging)
-        raise
     return RestoreResult(
         archive=str(archive),
         path=str(to),
