@@ -336,7 +336,7 @@ class Engine:
     # -- backups -------------------------------------------------------------------------
 
     def cut(self) -> Cut:
-        """Take a consistent cut; holds the lock for a stat and a 32-byte read only."""
+        """Take a consistent cut; holds the lock for two stats and a 12-byte read only."""
         if self.readonly or self.writer is None:
             raise Unavailable("a backup needs the data dir opened for writing", retry_after=0)
         wal = self.layout.warm_db.with_name("engram.db-wal")
