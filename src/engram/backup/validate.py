@@ -134,8 +134,16 @@ def _validate_full(
 
     run.step(3, "restore", restore_check)
 
+    _verify_and_bench(run, staging, level, p50_warn_ms, bench_s)
+
+
+def _verify_and_bench(
+    run: _Runner, data_dir: Path, level: int, p50_warn_ms: float, bench_s: float
+) -> None:
+    """Level 3's `verify --check-all` of a restored data dir, then level 4's benchmark."""
+
     def verify() -> str:
-        rep = verify_data_dir(staging, check_all=True)
+        rep = verify_data_dir(data_dir, check_all=True)
         if not rep.ok:
             first = rep.problems[0]
             raise EngramError(
@@ -145,7 +153,7 @@ def _validate_full(
 
     run.step(3, "verify", verify)
     if level >= 4:
-        _bench(run, staging, p50_warn_ms, bench_s)
+        _bench(run, data_dir, p50_warn_ms, bench_s)
 
 
 def _bench(run: _Runner, data_dir: Path, p50_warn_ms: float, bench_s: float) -> None:
@@ -201,11 +209,12 @@ def _validate_incremental(
         h = holder["h"]
         # Prefer a base from before this incremental, so that its own records are replayed.
         try:
-            base, incs, says = choose_from_repo(path.parent, Target(lsn=h["from_lsn"] - 1))
+            base, incs, _ = choose_from_repo(path.parent, Target(lsn=h["from_lsn"] - 1))
         except UsageError:
-            base, incs, says = choose_from_repo(path.parent, Target(lsn=h["to_lsn"]))
+            base, incs, _ = choose_from_repo(path.parent, Target(lsn=h["to_lsn"]))
         if path not in incs:
             incs.append(path)
+        says = f"base {base.name} + {', '.join(p.name for p in incs)}"
         res = restore_pitr(base, incs, Target(lsn=h["to_lsn"]), out)
         if res.digest != h["digest"]:
             raise EngramError(
@@ -216,18 +225,7 @@ def _validate_incremental(
 
     run.step(3, "restore", restore_chain)
 
-    def verify() -> str:
-        rep = verify_data_dir(out, check_all=True)
-        if not rep.ok:
-            first = rep.problems[0]
-            raise EngramError(
-                f"{len(rep.problems)} problem(s), first: {first.location}: {first.message}"
-            )
-        return "verify --check-all: no problems"
-
-    run.step(3, "verify", verify)
-    if level >= 4:
-        _bench(run, out, p50_warn_ms, bench_s)
+    _verify_and_bench(run, out, level, p50_warn_ms, bench_s)
 
 
 def validate_backup(
