@@ -29,7 +29,7 @@ from common import Latency, Report, Store, mb, median
 from engram.backup.full import full_backup
 from engram.backup.incremental import incremental_backup
 from engram.backup.pitr import Target, restore_pitr
-from engram.backup.restore import extract_backup, restore, staging_dir
+from engram.backup.restore import extract_backup, fsync_tree, restore, staging_dir
 from engram.format.record import OpType
 from engram.graph import Engine, EngineConfig
 from engram.oplog.reader import iter_log_files
@@ -39,8 +39,9 @@ TAR_ZSTD = "zstd -1 -T0"
 
 # The raw-SQLite baseline's statement: an upsert of the warm tier's memories table (its columns
 # are the schema's, the statement is the baseline's own).
-_COLS = "id, content, strength, metadata, created_at, updated_at, last_activated_at, " \
-    "activation_count"
+_COLS = (
+    "id, content, strength, metadata, created_at, updated_at, last_activated_at, activation_count"
+)
 UPSERT = (
     f"INSERT INTO memories ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE "
     "SET content=excluded.content, strength=excluded.strength, metadata=excluded.metadata, "
@@ -56,8 +57,16 @@ _json = msgspec.json.Encoder()
 
 
 def memory_row(m: Any) -> tuple:
-    return (m.id, m.content, m.strength, _json.encode(m.metadata).decode(), m.created_at,
-            m.updated_at, m.last_activated_at, m.activation_count)
+    return (
+        m.id,
+        m.content,
+        m.strength,
+        _json.encode(m.metadata).decode(),
+        m.created_at,
+        m.updated_at,
+        m.last_activated_at,
+        m.activation_count,
+    )
 
 
 def parse_args(argv: list[str] | None) -> Any:
@@ -110,8 +119,11 @@ class Writers:
             while not self._stop.is_set():
                 i = self._seq[t]
                 self._seq[t] += 1
-                op = {"op": "create_memory", "id": f"{self.prefix}{t}-{i:08d}",
-                      "content": common.content(rnd, 20)}
+                op = {
+                    "op": "create_memory",
+                    "id": f"{self.prefix}{t}-{i:08d}",
+                    "content": common.content(rnd, 20),
+                }
                 t0 = clock()
                 self.eng.apply([op])
                 self.samples.append(clock() - t0)
@@ -148,9 +160,11 @@ class Writers:
 
 def build(rep: Report, root: Path, target_mb: float, label: str) -> Store:
     st = common.build_store(root, int(target_mb * 1e6))
-    rep.figure(f"store_{label}", {"memories": st.memories, "warm_bytes": st.warm_bytes,
-                                  "build_s": st.build_s},
-               f"{label} store: {st.describe()}")
+    rep.figure(
+        f"store_{label}",
+        {"memories": st.memories, "warm_bytes": st.warm_bytes, "build_s": st.build_s},
+        f"{label} store: {st.describe()}",
+    )
     return st
 
 
@@ -185,12 +199,21 @@ def bench_cut(rep: Report, args: Any, store: Store, label: str) -> dict[str, flo
     st = Latency.of(stalls)
     call = Latency.of(calls)
     lw, lc = Latency.of(without), Latency.of(with_cuts)
-    rep.figure(f"cut_stall_{label}", st.__dict__,
-               f"{len(stalls)} cuts: lock held (Cut.stall_ns) {st.text()}")
-    rep.figure(f"cut_call_{label}", call.__dict__,
-               f"whole engine.cut() call (lock + segment listing): {call.text()}")
-    rep.figure(f"cut_writes_{label}", {"without": lw.__dict__, "with": lc.__dict__},
-               f"write latency, 2 writer threads: without cuts {lw.text()}; with cuts {lc.text()}")
+    rep.figure(
+        f"cut_stall_{label}",
+        st.__dict__,
+        f"{len(stalls)} cuts: lock held (Cut.stall_ns) {st.text()}",
+    )
+    rep.figure(
+        f"cut_call_{label}",
+        call.__dict__,
+        f"whole engine.cut() call (lock + segment listing): {call.text()}",
+    )
+    rep.figure(
+        f"cut_writes_{label}",
+        {"without": lw.__dict__, "with": lc.__dict__},
+        f"write latency, 2 writer threads: without cuts {lw.text()}; with cuts {lc.text()}",
+    )
     rep.goal(f"writer stall while the cut is taken, p99 ({label} store)", "<=", 5, st.p99, " ms")
     return {"stall_p99": st.p99, "write_p99_ratio": lc.p99 / lw.p99 if lw.p99 else 0.0}
 
@@ -205,8 +228,10 @@ def bench_full_vs_tar(rep: Report, args: Any, store: Store, work: Path, tools: s
     out.mkdir(exist_ok=True)
     files = ["identity.json", "warm"] + (["cold"] if (store.root / "cold").exists() else [])
     inputs = common.dir_bytes(store.root, exclude=("oplog", "fast"))
-    rep.info(f"input: {mb(inputs)} ({', '.join(files)}; the log is not needed after a "
-             "checkpoint and is in neither archive)")
+    rep.info(
+        f"input: {mb(inputs)} ({', '.join(files)}; the log is not needed after a "
+        "checkpoint and is in neither archive)"
+    )
     eng_t: list[float] = []
     tar_t: list[float] = []
     tar_sync_t: list[float] = []
@@ -238,20 +263,28 @@ def bench_full_vs_tar(rep: Report, args: Any, store: Store, work: Path, tools: s
             keep = arch
         else:
             common.drop_file(arch)
-        rep.info(f"run {r + 1}/{args.reps}: engram {dt:.2f} s"
-                 + (f", tar {tar_t[-1]:.2f} s (+fsync {tar_sync_t[-1]:.2f} s)" if tar_t else ""))
+        rep.info(
+            f"run {r + 1}/{args.reps}: engram {dt:.2f} s"
+            + (f", tar {tar_t[-1]:.2f} s (+fsync {tar_sync_t[-1]:.2f} s)" if tar_t else "")
+        )
     e = median(eng_t)
-    rep.figure("full_backup", {"s": eng_t, "mb_s": inputs / e / 1e6, "size": sizes.get("engram")},
-               f"engram full_backup: median {e:.2f} s = {inputs / e / 1e6:,.0f} MB/s of input, "
-               f"archive {mb(sizes['engram'])} (hashes every member and the archive, fsyncs it)")
+    rep.figure(
+        "full_backup",
+        {"s": eng_t, "mb_s": inputs / e / 1e6, "size": sizes.get("engram")},
+        f"engram full_backup: median {e:.2f} s = {inputs / e / 1e6:,.0f} MB/s of input, "
+        f"archive {mb(sizes['engram'])} (hashes every member and the archive, fsyncs it)",
+    )
     if tools is not None:
         rep.skip("full backup vs tar", tools)
         rep.goal("full backup throughput vs tar+zstd", ">=", 0.8, None, "x")
     else:
         t, ts = median(tar_t), median(tar_sync_t)
-        rep.figure("tar_create", {"s": tar_t, "mb_s": inputs / t / 1e6, "size": sizes["tar"]},
-                   f"tar -I '{TAR_ZSTD}' -cf: median {t:.2f} s = {inputs / t / 1e6:,.0f} MB/s, "
-                   f"archive {mb(sizes['tar'])}; with an fsync of the archive {ts:.2f} s")
+        rep.figure(
+            "tar_create",
+            {"s": tar_t, "mb_s": inputs / t / 1e6, "size": sizes["tar"]},
+            f"tar -I '{TAR_ZSTD}' -cf: median {t:.2f} s = {inputs / t / 1e6:,.0f} MB/s, "
+            f"archive {mb(sizes['tar'])}; with an fsync of the archive {ts:.2f} s",
+        )
         rep.info(f"ratio against tar + fsync of its archive: {ts / e:.2f}x")
         rep.goal("full backup throughput vs tar+zstd", ">=", 0.8, t / e, "x")
     assert keep is not None
@@ -286,12 +319,19 @@ def bench_write_during_backup(rep: Report, args: Any, store: Store, work: Path) 
     finally:
         eng.close()
     lw, ld = Latency.of(without), Latency.of(during)
-    rep.figure("write_during_backup", {"without": lw.__dict__, "during": ld.__dict__,
-                                       "backups": n_backups[0]},
-               f"2 writer threads, one-op durable writes: without {lw.text()}")
+    rep.figure(
+        "write_during_backup",
+        {"without": lw.__dict__, "during": ld.__dict__, "backups": n_backups[0]},
+        f"2 writer threads, one-op durable writes: without {lw.text()}",
+    )
     rep.info(f"during {n_backups[0]} back-to-back full backups: {ld.text()}")
-    rep.goal("write p99 during a full backup vs without", "<=", 1.5,
-             ld.p99 / lw.p99 if lw.p99 else None, "x")
+    rep.goal(
+        "write p99 during a full backup vs without",
+        "<=",
+        1.5,
+        ld.p99 / lw.p99 if lw.p99 else None,
+        "x",
+    )
 
 
 # -- restore vs tar -x ----------------------------------------------------------------------
@@ -307,7 +347,7 @@ def bench_restore(rep: Report, args: Any, archive: Path, work: Path, tools: str 
             d.mkdir()
             dt = common.run_cmd(["tar", "-I", "zstd", "-xf", str(archive), "-C", str(d)])
             t0 = time.perf_counter()
-            common.fsync_tree(d)
+            fsync_tree(d)
             tar_t.append(dt)
             tar_sync.append(dt + time.perf_counter() - t0)
             payload = common.dir_bytes(d)
@@ -321,30 +361,45 @@ def bench_restore(rep: Report, args: Any, archive: Path, work: Path, tools: str 
         whole, res = common.timed(lambda t=to: restore(archive, t))
         whole_t.append(whole)
         shutil.rmtree(to)
-        rep.info(f"run {r + 1}/{args.reps}: engram extraction {ext:.2f} s, whole restore "
-                 f"{whole:.2f} s" + (f"; tar -x {tar_t[-1]:.2f} s (+fsync {tar_sync[-1]:.2f} s)"
-                                     if tar_t else ""))
+        rep.info(
+            f"run {r + 1}/{args.reps}: engram extraction {ext:.2f} s, whole restore "
+            f"{whole:.2f} s"
+            + (f"; tar -x {tar_t[-1]:.2f} s (+fsync {tar_sync[-1]:.2f} s)" if tar_t else "")
+        )
     e, w = median(ext_t), median(whole_t)
-    rep.figure("restore", {"extract_s": ext_t, "whole_s": whole_t, "payload": payload},
-               f"payload {mb(payload)}: extraction phase (sidecar + per-member sha256 + fsync per "
-               f"file) {e:.2f} s = {payload / e / 1e6:,.0f} MB/s; whole restore (+ recovery, "
-               f"digest recomputed from every row, fsync, rename) {w:.2f} s = "
-               f"{payload / w / 1e6:,.0f} MB/s")
+    rep.figure(
+        "restore",
+        {"extract_s": ext_t, "whole_s": whole_t, "payload": payload},
+        f"payload {mb(payload)}: extraction phase (sidecar + per-member sha256 + fsync per "
+        f"file) {e:.2f} s = {payload / e / 1e6:,.0f} MB/s; whole restore (+ recovery, "
+        f"digest recomputed from every row, fsync, rename) {w:.2f} s = "
+        f"{payload / w / 1e6:,.0f} MB/s",
+    )
     if tools is not None:
         rep.skip("restore vs tar", tools)
         rep.goal("restore throughput vs tar -x, extraction phase", ">=", 0.9, None, "x")
-        rep.goal("restore throughput vs tar -x, whole restore incl. digest recompute", ">=", 0.9,
-                 None, "x")
+        rep.goal(
+            "restore throughput vs tar -x, whole restore incl. digest recompute",
+            ">=",
+            0.9,
+            None,
+            "x",
+        )
         return
     t, ts = median(tar_t), median(tar_sync)
-    rep.figure("tar_extract", {"s": tar_t, "with_fsync_s": tar_sync},
-               f"tar -I zstd -xf: median {t:.2f} s = {payload / t / 1e6:,.0f} MB/s; with an "
-               f"fsync of every file {ts:.2f} s")
-    rep.info(f"ratios against tar -x + fsync: extraction {ts / e:.2f}x, whole restore "
-             f"{ts / w:.2f}x")
+    rep.figure(
+        "tar_extract",
+        {"s": tar_t, "with_fsync_s": tar_sync},
+        f"tar -I zstd -xf: median {t:.2f} s = {payload / t / 1e6:,.0f} MB/s; with an "
+        f"fsync of every file {ts:.2f} s",
+    )
+    rep.info(
+        f"ratios against tar -x + fsync: extraction {ts / e:.2f}x, whole restore {ts / w:.2f}x"
+    )
     rep.goal("restore throughput vs tar -x, extraction phase", ">=", 0.9, t / e, "x")
-    rep.goal("restore throughput vs tar -x, whole restore incl. digest recompute", ">=", 0.9,
-             t / w, "x")
+    rep.goal(
+        "restore throughput vs tar -x, whole restore incl. digest recompute", ">=", 0.9, t / w, "x"
+    )
 
 
 # -- PITR vs raw SQLite ---------------------------------------------------------------------
@@ -352,8 +407,10 @@ def bench_restore(rep: Report, args: Any, archive: Path, work: Path, tools: str 
 
 def bench_pitr(rep: Report, args: Any, store: Store, work: Path) -> None:
     n, per = args.pitr_records, args.pitr_txn
-    rep.section(f"PITR: {n:,} records ({per} op(s) per transaction) on a base backup vs raw "
-                "SQLite executemany upserts of the same records")
+    rep.section(
+        f"PITR: {n:,} records ({per} op(s) per transaction) on a base backup vs raw "
+        "SQLite executemany upserts of the same records"
+    )
     base = work / "backups" / "pitr-base.tar.zst"
     with Engine.open(store.root, sync_cfg()) as eng:
         full_backup(eng, base)
@@ -371,11 +428,18 @@ def bench_pitr(rep: Report, args: Any, store: Store, work: Path) -> None:
                 if k % 5 == 4:  # every fifth op updates an earlier create (never k % 5 == 4)
                     j = rnd.randrange(k)
                     j -= j % 5 == 4
-                    ops.append({"op": "update_memory", "id": f"p{j:08d}",
-                                "content": common.content(rnd)})
+                    ops.append(
+                        {"op": "update_memory", "id": f"p{j:08d}", "content": common.content(rnd)}
+                    )
                 else:
-                    ops.append({"op": "create_memory", "id": f"p{k:08d}",
-                                "content": common.content(rnd), "metadata": {"k": k}})
+                    ops.append(
+                        {
+                            "op": "create_memory",
+                            "id": f"p{k:08d}",
+                            "content": common.content(rnd),
+                            "metadata": {"k": k},
+                        }
+                    )
             eng.submit(ops)
             done += len(ops)
             if done % 50_000 < per:
@@ -383,18 +447,25 @@ def bench_pitr(rep: Report, args: Any, store: Store, work: Path) -> None:
         end = eng.last_lsn
         inc = work / "backups" / "pitr.log"
         incremental_backup(eng, inc, since_lsn=start + 1)
-    rep.info(f"wrote LSN {start + 1:,}..{end:,} and an incremental of them in "
-             f"{time.perf_counter() - t0:.1f} s")
+    rep.info(
+        f"wrote LSN {start + 1:,}..{end:,} and an incremental of them in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
 
     out = work / "pitr-out"
     whole, res = common.timed(lambda: restore_pitr(base, [inc], Target(lsn=end), out))
-    rep.check(res.reached_lsn == end and res.records == n,
-              f"PITR must replay all {n:,} records to LSN {end:,}: it replayed {res.records:,} "
-              f"to {res.reached_lsn:,}")
-    rep.figure("pitr", {"records": res.records, "rate": res.rate, "whole_s": whole},
-               f"restore_pitr: replay phase {res.rate:,.0f} records/s (append to the new log + "
-               f"apply + checkpoint); whole command {whole:.2f} s (extract base, recover, scan, "
-               "replay, digest recompute, fsync)")
+    rep.check(
+        res.reached_lsn == end and res.records == n,
+        f"PITR must replay all {n:,} records to LSN {end:,}: it replayed {res.records:,} "
+        f"to {res.reached_lsn:,}",
+    )
+    rep.figure(
+        "pitr",
+        {"records": res.records, "rate": res.rate, "whole_s": whole},
+        f"restore_pitr: replay phase {res.rate:,.0f} records/s (append to the new log + "
+        f"apply + checkpoint); whole command {whole:.2f} s (extract base, recover, scan, "
+        "replay, digest recompute, fsync)",
+    )
     shutil.rmtree(out)
 
     # Baseline: the same records as rows, upserted into the same base state with the same
@@ -421,11 +492,19 @@ def bench_pitr(rep: Report, args: Any, store: Store, work: Path) -> None:
     conn.close()
     shutil.rmtree(stage)
     base_rate = len(rows) / base_s
-    rep.figure("pitr_baseline", {"rows": len(rows), "s": base_s, "rate": base_rate},
-               f"raw SQLite executemany upserts of the same {len(rows):,} rows (10k per "
-               f"transaction, warm-tier schema, full-text index kept): {base_rate:,.0f} rows/s")
-    rep.goal("PITR replay vs raw SQLite executemany upserts", ">=", 0.8,
-             res.rate / base_rate if base_rate else None, "x")
+    rep.figure(
+        "pitr_baseline",
+        {"rows": len(rows), "s": base_s, "rate": base_rate},
+        f"raw SQLite executemany upserts of the same {len(rows):,} rows (10k per "
+        f"transaction, warm-tier schema, full-text index kept): {base_rate:,.0f} rows/s",
+    )
+    rep.goal(
+        "PITR replay vs raw SQLite executemany upserts",
+        ">=",
+        0.8,
+        res.rate / base_rate if base_rate else None,
+        "x",
+    )
     rep.goal("PITR replay rate", ">=", 50_000, res.rate, " records/s")
 
 
@@ -434,8 +513,10 @@ def bench_pitr(rep: Report, args: Any, store: Store, work: Path) -> None:
 
 def bench_incremental(rep: Report, args: Any, store: Store, work: Path, label: str) -> float:
     n = args.incr_records
-    rep.section(f"incremental backup of {n:,} records on the {label} store "
-                f"({mb(store.warm_bytes)}, log {mb(common.dir_bytes(store.root / 'oplog'))})")
+    rep.section(
+        f"incremental backup of {n:,} records on the {label} store "
+        f"({mb(store.warm_bytes)}, log {mb(common.dir_bytes(store.root / 'oplog'))})"
+    )
     cfg = EngineConfig(durability="none", **common.NO_CHECKPOINTS)  # type: ignore[arg-type]
     rnd = random.Random(5)
     out = work / f"incr-{label}"
@@ -445,14 +526,23 @@ def bench_incremental(rep: Report, args: Any, store: Store, work: Path, label: s
         for r in range(args.reps):
             start = eng.last_lsn
             for i in range(n):
-                eng.submit([{"op": "create_memory", "id": f"i{label}{r}-{i:07d}",
-                             "content": common.content(rnd)}])
+                eng.submit(
+                    [
+                        {
+                            "op": "create_memory",
+                            "id": f"i{label}{r}-{i:07d}",
+                            "content": common.content(rnd),
+                        }
+                    ]
+                )
             path = out / f"i{r}.log"
             dt, res = common.timed(
                 lambda s=start, o=path, e=eng: incremental_backup(e, o, since_lsn=s + 1)
             )
-            rep.check(res.counts.get("records") == n,
-                      f"the incremental must hold {n:,} records, it holds {res.counts}")
+            rep.check(
+                res.counts.get("records") == n,
+                f"the incremental must hold {n:,} records, it holds {res.counts}",
+            )
             times.append(dt)
             rep.info(f"run {r + 1}/{args.reps}: {dt:.3f} s, {mb(res.size)}")
     t = median(times)
@@ -489,11 +579,16 @@ def bench_validate(rep: Report, args: Any, archive: Path, work: Path) -> None:
         shutil.rmtree(to)
         r_t.append(rt)
         q_t.append(qt)
-        rep.info(f"run {r + 1}/{args.reps}: validate L3 {dt:.2f} s ({steps}); restore {rt:.2f} s "
-                 f"+ quick_check {qt:.2f} s")
+        rep.info(
+            f"run {r + 1}/{args.reps}: validate L3 {dt:.2f} s ({steps}); restore {rt:.2f} s "
+            f"+ quick_check {qt:.2f} s"
+        )
     v, ref = median(v_t), median([a + b for a, b in zip(r_t, q_t, strict=True)])
-    rep.figure("validate_l3", {"validate_s": v_t, "restore_s": r_t, "quick_check_s": q_t},
-               f"validate L3 median {v:.2f} s; restore + quick_check median {ref:.2f} s")
+    rep.figure(
+        "validate_l3",
+        {"validate_s": v_t, "restore_s": r_t, "quick_check_s": q_t},
+        f"validate L3 median {v:.2f} s; restore + quick_check median {ref:.2f} s",
+    )
     rep.goal("validate-backup level 3 vs restore + quick_check", "<=", 1.5, v / ref, "x")
 
 

@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None) -> Any:
         "--replay-records", type=int, help="records replayed on reopen (default 300,000)"
     )
     p.add_argument(
-        "--only", choices=["http", "inproc", "recovery"], action="append",
+        "--only",
+        choices=["http", "inproc", "recovery"],
+        action="append",
         help="run only these parts (repeatable)",
     )
     args = p.parse_args(argv)
@@ -90,8 +92,10 @@ def post_memory_maker() -> Any:
 
 
 def get_memory_maker(prefix: str, n: int) -> Any:
-    heads = [b"GET /v1/memories/%s%08d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (prefix.encode(), k)
-             for k in range(min(n, 50_000))]
+    heads = [
+        b"GET /v1/memories/%s%08d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (prefix.encode(), k)
+        for k in range(min(n, 50_000))
+    ]
     m = len(heads)
 
     def make(i: int) -> bytes:
@@ -127,9 +131,16 @@ class BaselineServer:
     def start(self) -> BaselineServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(common.BENCH_DIR / "baseline_server.py"),
-                 "--db", str(self.work / "baseline-http.db"), "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    str(common.BENCH_DIR / "baseline_server.py"),
+                    "--db",
+                    str(self.work / "baseline-http.db"),
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
         health = request("GET", "/health")
@@ -166,7 +177,8 @@ def bench_http(rep: Report, args: Any, work: Path) -> None:
         live = request("GET", "/health/live")
         floor = run_load(port, lambda i: live, concurrency=CLIENTS, duration=D)
         rep.figure(
-            "http_floor_rps", floor.rps,
+            "http_floor_rps",
+            floor.rps,
             f"HTTP floor, GET /health/live, {CLIENTS} clients (no engine work): {floor.text()}",
         )
 
@@ -176,7 +188,10 @@ def bench_http(rep: Report, args: Any, work: Path) -> None:
 
         def run_batch(_: int) -> LoadResult:
             res = run_load(
-                port, make_batch, concurrency=args.batch_clients, duration=D,
+                port,
+                make_batch,
+                concurrency=args.batch_clients,
+                duration=D,
                 start_index=next_batch[0],
             )
             next_batch[0] += res.requests
@@ -185,8 +200,11 @@ def bench_http(rep: Report, args: Any, work: Path) -> None:
         if not args.quick:
             run_batch(0)  # warm-up: the first batches grow the files
         rate, _, results = repeated(
-            rep, f"POST /v1/batch ({args.batch_ops} create_memory ops, {args.batch_clients} "
-            "clients)", reps, run_batch, "http_batch",
+            rep,
+            f"POST /v1/batch ({args.batch_ops} create_memory ops, {args.batch_clients} clients)",
+            reps,
+            run_batch,
+            "http_batch",
         )
         ops_rate = rate * args.batch_ops
         rep.figure("http_batch_ops_per_s", ops_rate, f"= {ops_rate:,.0f} ops/s, durable")
@@ -208,15 +226,22 @@ def bench_http(rep: Report, args: Any, work: Path) -> None:
 
         def run_post(p: int) -> LoadResult:
             c0 = common.proc_cpu_s(pids[p])
-            res = run_load(p, make_post, concurrency=CLIENTS, duration=D, expect=201,
-                           start_index=offset[0])
+            res = run_load(
+                p, make_post, concurrency=CLIENTS, duration=D, expect=201, start_index=offset[0]
+            )
             cpu[p].append((common.proc_cpu_s(pids[p]) - c0) / max(res.requests, 1) * 1e6)
             offset[0] += res.requests
             return res
 
         for p in (port, base.port):  # warm-up
-            run_load(p, make_post, concurrency=CLIENTS, duration=min(D, 1.0), expect=201,
-                     start_index=50_000_000 + p)
+            run_load(
+                p,
+                make_post,
+                concurrency=CLIENTS,
+                duration=min(D, 1.0),
+                expect=201,
+                start_index=50_000_000 + p,
+            )
         eng_runs: list[LoadResult] = []
         base_runs: list[LoadResult] = []
         fs_runs: list[float] = []
@@ -230,12 +255,16 @@ def bench_http(rep: Report, args: Any, work: Path) -> None:
         base_rate, _ = summarize(rep, "baseline POST /v1/memories", base_runs, "http_baseline")
         ratios = [e.rps / b.rps for e, b in zip(eng_runs, base_runs, strict=True) if b.rps]
         rep.figure(
-            "server_cpu_us_per_write", {"engram": cpu[port], "baseline": cpu[base.port]},
+            "server_cpu_us_per_write",
+            {"engram": cpu[port], "baseline": cpu[base.port]},
             f"server CPU per write (all threads): engram {median(cpu[port]):.0f} us, baseline "
             f"{median(cpu[base.port]):.0f} us (2 cores, shared with the client)",
         )
-        rep.figure("fsync_ms_between", fs_runs,
-                   "fsync p50 between runs: " + ", ".join(f"{x:.2f} ms" for x in fs_runs))
+        rep.figure(
+            "fsync_ms_between",
+            fs_runs,
+            "fsync p50 between runs: " + ", ".join(f"{x:.2f} ms" for x in fs_runs),
+        )
         rep.check(all(r.errors == 0 for r in eng_runs), "POST /v1/memories answered non-201")
         rep.check(all(r.errors == 0 for r in base_runs), "baseline POST answered non-201")
 
@@ -244,8 +273,11 @@ def bench_http(rep: Report, args: Any, work: Path) -> None:
         make_get = get_memory_maker("b", created)
         run_load(port, make_get, concurrency=CLIENTS, duration=min(D, 1.0))
         get_rate, _, results = repeated(
-            rep, "GET /v1/memories/{id}", reps,
-            lambda _: run_load(port, make_get, concurrency=CLIENTS, duration=D), "http_get",
+            rep,
+            "GET /v1/memories/{id}",
+            reps,
+            lambda _: run_load(port, make_get, concurrency=CLIENTS, duration=D),
+            "http_get",
         )
         rep.check(all(r.errors == 0 for r in results), "GET /v1/memories/{id} answered non-200")
     finally:
@@ -257,11 +289,15 @@ def bench_http(rep: Report, args: Any, work: Path) -> None:
     rep.goal(f"POST /v1/memories, {CLIENTS} clients", ">=", 3_000, post_rate, " req/s")
     rep.goal(f"POST /v1/memories p99, {CLIENTS} clients", "<=", 25, post_lat.p99, " ms")
     ratio = median(ratios) if ratios else None
-    rep.figure("http_post_vs_baseline", {"median": ratio, "runs": ratios},
-               f"engram / baseline per run: {', '.join(f'{x:.2f}x' for x in ratios)} "
-               f"(median req/s {post_rate:,.0f} vs {base_rate:,.0f})")
-    rep.goal("POST /v1/memories vs SQLite one-txn-per-write (HTTP, same clients)", ">=", 3,
-             ratio, "x")
+    rep.figure(
+        "http_post_vs_baseline",
+        {"median": ratio, "runs": ratios},
+        f"engram / baseline per run: {', '.join(f'{x:.2f}x' for x in ratios)} "
+        f"(median req/s {post_rate:,.0f} vs {base_rate:,.0f})",
+    )
+    rep.goal(
+        "POST /v1/memories vs SQLite one-txn-per-write (HTTP, same clients)", ">=", 3, ratio, "x"
+    )
     rep.goal("GET /v1/memories/{id}", ">=", 5_000, get_rate, " req/s")
 
 
@@ -278,8 +314,12 @@ def summarize(
     )
     rep.figure(
         key,
-        {"rps": median(rates), "runs": rates, "latency_ms": lat.__dict__,
-         "errors": sum(x.errors for x in results)},
+        {
+            "rps": median(rates),
+            "runs": rates,
+            "latency_ms": lat.__dict__,
+            "errors": sum(x.errors for x in results),
+        },
         f"{label}: median {median(rates):,.0f} req/s (runs: "
         f"{', '.join(f'{x:,.0f}' for x in rates)}); median {lat.text()}",
     )
@@ -329,16 +369,20 @@ def bench_inproc(rep: Report, args: Any, work: Path) -> None:
         "engine and SQLite baseline alternating"
     )
     eng = Engine.open(work / "inproc-data", EngineConfig(durability="sync"))
-    conn = sqlite3.connect(work / "inproc-baseline.db", isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        work / "inproc-baseline.db", isolation_level=None, check_same_thread=False
+    )
     try:
         t0 = time.perf_counter()
         n = 20 if not args.quick else 3
         for k in range(n):
             eng.apply(common.memory_ops(f"x{k}-", 0, args.batch_ops, random.Random(k)))
         rate = n * args.batch_ops / (time.perf_counter() - t0)
-        rep.figure("inproc_batch_ops_per_s", rate,
-                   f"engine.apply of {args.batch_ops}-op batches, 1 thread: {rate:,.0f} ops/s")
+        rep.figure(
+            "inproc_batch_ops_per_s",
+            rate,
+            f"engine.apply of {args.batch_ops}-op batches, 1 thread: {rate:,.0f} ops/s",
+        )
 
         def eng_one(t: int, i: int) -> None:
             eng.apply([{"op": "create_memory", "content": POOL[(t * 131 + i) & 1023].decode()}])
@@ -356,8 +400,11 @@ def bench_inproc(rep: Report, args: Any, work: Path) -> None:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute(
                     "INSERT INTO memories VALUES (?, ?, 0.5, '{}', ?)",
-                    (f"{t}-{i}-{time.perf_counter_ns()}", POOL[(t * 131 + i) & 1023].decode(),
-                     time.time_ns()),
+                    (
+                        f"{t}-{i}-{time.perf_counter_ns()}",
+                        POOL[(t * 131 + i) & 1023].decode(),
+                        time.time_ns(),
+                    ),
                 )
                 conn.execute("COMMIT")
 
@@ -366,9 +413,11 @@ def bench_inproc(rep: Report, args: Any, work: Path) -> None:
         for r in range(args.reps):
             runs.append(_threads(CLIENTS, D, eng_one))
             bruns.append(_threads(CLIENTS, D, sql_one))
-            rep.info(f"run {r + 1}/{args.reps}: engine {runs[-1][0]:,.0f} writes/s "
-                     f"(p99 {runs[-1][1].p99:.1f} ms), SQLite {bruns[-1][0]:,.0f} writes/s "
-                     f"(p99 {bruns[-1][1].p99:.1f} ms)")
+            rep.info(
+                f"run {r + 1}/{args.reps}: engine {runs[-1][0]:,.0f} writes/s "
+                f"(p99 {runs[-1][1].p99:.1f} ms), SQLite {bruns[-1][0]:,.0f} writes/s "
+                f"(p99 {bruns[-1][1].p99:.1f} ms)"
+            )
         fsyncs = (eng.writer.fsyncs if eng.writer else 0) - f0
     finally:
         eng.close()
@@ -376,17 +425,31 @@ def bench_inproc(rep: Report, args: Any, work: Path) -> None:
     e_rate = median([r for r, _ in runs])
     b_rate = median([r for r, _ in bruns])
     writes = sum(r * D for r, _ in runs)
-    rep.figure("inproc_engine_writes", {"rps": e_rate, "runs": [r for r, _ in runs]},
-               f"engine.apply([create_memory]) x {CLIENTS} threads: median {e_rate:,.0f} "
-               f"writes/s, about {writes / max(fsyncs, 1):.1f} writes per fsync")
-    rep.figure("inproc_sqlite_writes", {"rps": b_rate, "runs": [r for r, _ in bruns]},
-               f"SQLite one txn per write (WAL, synchronous=FULL) x {CLIENTS} threads: median "
-               f"{b_rate:,.0f} writes/s")
+    rep.figure(
+        "inproc_engine_writes",
+        {"rps": e_rate, "runs": [r for r, _ in runs]},
+        f"engine.apply([create_memory]) x {CLIENTS} threads: median {e_rate:,.0f} "
+        f"writes/s, about {writes / max(fsyncs, 1):.1f} writes per fsync",
+    )
+    rep.figure(
+        "inproc_sqlite_writes",
+        {"rps": b_rate, "runs": [r for r, _ in bruns]},
+        f"SQLite one txn per write (WAL, synchronous=FULL) x {CLIENTS} threads: median "
+        f"{b_rate:,.0f} writes/s",
+    )
     ratios = [e / b for (e, _), (b, _) in zip(runs, bruns, strict=True) if b]
-    rep.figure("inproc_ratio_runs", ratios,
-               "engine / SQLite per run: " + ", ".join(f"{x:.2f}x" for x in ratios))
-    rep.goal("engine writes vs SQLite one-txn-per-write (in-process, 32 threads)", ">=", 3,
-             median(ratios) if ratios else None, "x")
+    rep.figure(
+        "inproc_ratio_runs",
+        ratios,
+        "engine / SQLite per run: " + ", ".join(f"{x:.2f}x" for x in ratios),
+    )
+    rep.goal(
+        "engine writes vs SQLite one-txn-per-write (in-process, 32 threads)",
+        ">=",
+        3,
+        median(ratios) if ratios else None,
+        "x",
+    )
 
 
 # -- recovery -------------------------------------------------------------------------------
@@ -401,11 +464,18 @@ def bench_recovery(rep: Report, args: Any, work: Path) -> None:
     root = work / "replay-data"
     t0 = time.perf_counter()
     child = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; sys.path.insert(0, sys.argv[1]); import common; "
-         "common.build_and_crash(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), 1000)",
-         str(common.BENCH_DIR), str(root), str(int(gb * 1e9)), str(n)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "common.build_and_crash(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), 1000)",
+            str(common.BENCH_DIR),
+            str(root),
+            str(int(gb * 1e9)),
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
     )
     if child.returncode != -9 or not child.stdout.strip():
         raise RuntimeError(f"the store builder failed ({child.returncode}): {child.stderr[-2000:]}")
@@ -431,8 +501,14 @@ def bench_recovery(rep: Report, args: Any, work: Path) -> None:
     rate = replayed / replay_s if replay_s > 0 else 0.0
     rep.figure(
         "recovery",
-        {"replayed": replayed, "replay_s": replay_s, "open_s": open_s, "rate": rate,
-         "store_warm_bytes": info["warm_bytes"], "expected": n},
+        {
+            "replayed": replayed,
+            "replay_s": replay_s,
+            "open_s": open_s,
+            "rate": rate,
+            "store_warm_bytes": info["warm_bytes"],
+            "expected": n,
+        },
         f"replayed {replayed:,} records in {replay_s:.2f} s (log + apply + commits) = "
         f"{rate:,.0f} records/s; whole Engine.open {open_s:.2f} s "
         f"({n / open_s:,.0f} records/s)",
@@ -443,8 +519,13 @@ def bench_recovery(rep: Report, args: Any, work: Path) -> None:
         f"{got_memories:,} memories (expected {info['memories']:,}) and ends at LSN {got_lsn:,} "
         f"(log ends at {info['last_lsn']:,}) — records were lost on recovery",
     )
-    rep.goal(f"recovery replay rate (store {mb(info['warm_bytes'])}; issue: 1 GB)", ">=",
-             50_000, rate, " records/s")
+    rep.goal(
+        f"recovery replay rate (store {mb(info['warm_bytes'])}; issue: 1 GB)",
+        ">=",
+        50_000,
+        rate,
+        " records/s",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

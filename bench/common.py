@@ -99,7 +99,12 @@ class Report:
         print(f"  {text}", flush=True)
 
     def goal(
-        self, name: str, op: str, target: float, measured: float | None, unit: str = "",
+        self,
+        name: str,
+        op: str,
+        target: float,
+        measured: float | None,
+        unit: str = "",
         note: str = "",
     ) -> Goal:
         g = Goal(name, op, target, measured, unit, note)
@@ -263,16 +268,6 @@ def dir_bytes(root: Path, *, exclude: tuple[str, ...] = ()) -> int:
     return total
 
 
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def drop_file(path: Path) -> None:
     path.unlink(missing_ok=True)
     for suffix in (".sha256", ".info.json"):
@@ -378,8 +373,12 @@ def db_bytes(engine: Engine) -> int:
 
 
 def fill(
-    engine: Engine, target_warm_bytes: int, prefix: str = "m", batch: int = 1000,
-    checkpoint_every: int = 200_000, start: int = 0,
+    engine: Engine,
+    target_warm_bytes: int,
+    prefix: str = "m",
+    batch: int = 1000,
+    checkpoint_every: int = 200_000,
+    start: int = 0,
 ) -> int:
     """Add memories in ``batch``-op transactions until the warm tier holds about
     ``target_warm_bytes``; returns how many were added. The warm tier is committed every
@@ -441,8 +440,13 @@ def build_and_crash(root: str, target_warm_bytes: int, tail_records: int, batch:
     eng.writer.sync()  # not needed to survive SIGKILL (the page cache has it), but cheap
     print(
         json.dumps(
-            {"memories": base + done, "base": base, "last_lsn": eng.last_lsn, "ckpt_lsn": ckpt,
-             "warm_bytes": size}
+            {
+                "memories": base + done,
+                "base": base,
+                "last_lsn": eng.last_lsn,
+                "ckpt_lsn": ckpt,
+                "warm_bytes": size,
+            }
         ),
         flush=True,
     )

@@ -108,8 +108,14 @@ class LoadResult:
 
 
 async def _run(
-    host: str, port: int, make: MakeRequest, concurrency: int, total: int | None,
-    duration: float | None, expect: int, start_index: int,
+    host: str,
+    port: int,
+    make: MakeRequest,
+    concurrency: int,
+    total: int | None,
+    duration: float | None,
+    expect: int,
+    start_index: int,
 ) -> LoadResult:
     loop = asyncio.get_running_loop()
     conns: list[_Conn] = []
@@ -150,14 +156,24 @@ async def _run(
             if c.transport is not None:
                 c.transport.close()
     return LoadResult(
-        len(samples), elapsed, errors[0], Latency.of(samples),
-        first_error[0] if first_error else None, samples,
+        len(samples),
+        elapsed,
+        errors[0],
+        Latency.of(samples),
+        first_error[0] if first_error else None,
+        samples,
     )
 
 
 def run_load(
-    port: int, make: MakeRequest, *, concurrency: int, total: int | None = None,
-    duration: float | None = None, expect: int = 200, host: str = "127.0.0.1",
+    port: int,
+    make: MakeRequest,
+    *,
+    concurrency: int,
+    total: int | None = None,
+    duration: float | None = None,
+    expect: int = 200,
+    host: str = "127.0.0.1",
     start_index: int = 0,
 ) -> LoadResult:
     """Drive ``make(i)`` requests at 127.0.0.1:``port``; see the module doc."""
@@ -167,6 +183,4 @@ def run_load(
         raise ValueError("give total or duration: a load is always bounded")
     factory = uvloop.new_event_loop if uvloop is not None else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(
-            _run(host, port, make, concurrency, total, duration, expect, start_index)
-        )
+        return runner.run(_run(host, port, make, concurrency, total, duration, expect, start_index))

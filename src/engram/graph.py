@@ -9,7 +9,6 @@ is fsynced up to the same LSN, so ``applied_lsn`` never runs ahead of the durabl
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import os
@@ -35,12 +34,12 @@ from engram.model import (
     effective_strength,
     ns_to_iso,
 )
-from engram.oplog.reader import list_segments, read_range
+from engram.oplog.reader import read_range
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
 from engram.recovery import recover
 from engram.replay import ReplayBatch, prepare_replay
-from engram.tiers.fast import FastTier
+from engram.tiers.fast import FastTier, rank_hot
 from engram.tiers.warm import WarmTier
 
 log = logging.getLogger("engram")
@@ -78,7 +77,6 @@ class Cut:
     db_size: int
     wal_size: int
     wal_header: bytes
-    segments: list[Path]
     hot_ids: list[str]
     taken_ns: int
     memories: int
@@ -360,7 +358,6 @@ class Engine:
                     db_size=self.layout.warm_db.stat().st_size,
                     wal_size=wal_size,
                     wal_header=wal_header,
-                    segments=[],
                     hot_ids=[],
                     taken_ns=time.time_ns(),
                     memories=self.n_memories,
@@ -373,13 +370,7 @@ class Engine:
         cut.stall_ns = stall
         with self.lock:  # a cache hint, not part of the cut: copied after it, ranked outside
             cached = self.fast.snapshot()
-        cut.hot_ids = [m.id for m in heapq.nlargest(10_000, cached, key=_activations)]
-        segs = list_segments(self.layout.oplog)
-        start = 0
-        for i, (first, _) in enumerate(segs):
-            if first <= cut.warm_lsn + 1:
-                start = i
-        cut.segments = [p for _, p in segs[start:]]
+        cut.hot_ids = rank_hot(cached, 10_000)
         return cut
 
     def log_range(self, from_lsn: int, to_lsn: int) -> Iterator[tuple[int, int, int, bytes]]:
@@ -768,10 +759,6 @@ class Engine:
                 return
             yield from (Edge(*r) for r in rows)
             last = (rows[-1][0], rows[-1][1], rows[-1][2])
-
-
-def _activations(m: Memory) -> int:
-    return m.activation_count
 
 
 def _wal_state(wal: Path) -> tuple[int, bytes]:

@@ -85,11 +85,10 @@ def replay(
     *,
     torn_tail_last: bool,
     opened: list[LogFile] | None = None,
-    stop: Callable | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int, int]:
     """Apply records after ``after_lsn`` to ``warm`` in batches, committing on transaction
-    boundaries. ``stop(rec)`` returning True ends the replay before ``rec``'s transaction.
+    boundaries.
     Reading and decoding run in a reader thread beside the SQLite work (``engram.replay``).
     Returns (last_lsn, last_ts, count)."""
     st = {"lsn": after_lsn, "ts": 0, "n": 0, "since": 0}
@@ -101,8 +100,6 @@ def replay(
             txn.append(rec)
             if not rec.txn_end:
                 continue
-            if stop is not None and stop(txn[0]):
-                return
             yield txn
             txn = []
 

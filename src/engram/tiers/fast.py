@@ -18,6 +18,11 @@ from engram.model import Memory
 _OVERHEAD = 200  # dict slot, struct header, metadata dict: a rough per-entry cost in bytes
 
 
+def rank_hot(memories: Iterable[Memory], limit: int) -> list[str]:
+    """Ids of the ``limit`` most-activated of ``memories``, most activated first."""
+    return [m.id for m in heapq.nlargest(limit, memories, key=lambda m: m.activation_count)]
+
+
 def memory_size(m: Memory) -> int:
     return _OVERHEAD + len(m.id) + len(m.content) + 32 * len(m.metadata)
 
@@ -87,8 +92,7 @@ class FastTier:
 
     def hot_ids(self, limit: int) -> list[str]:
         """The ``limit`` most-activated cached memories, most activated first."""
-        top = heapq.nlargest(limit, self._items.values(), key=lambda m: m.activation_count)
-        return [m.id for m in top]
+        return rank_hot(self._items.values(), limit)
 
     def clear(self) -> None:
         self._items.clear()
