@@ -92,7 +92,7 @@ _STAGE_INSERT = f"INSERT INTO temp.stage ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, 
 _STAGE_FTS_DELETE = """
 INSERT INTO memories_fts(memories_fts, rowid, content)
 SELECT 'delete', m.rowid, m.content FROM temp.stage s JOIN memories m ON m.id = s.id
-WHERE m.content != s.content
+WHERE m.content != s.content ORDER BY m.rowid
 """
 _STAGE_MARK = """
 UPDATE temp.stage SET fts = 1 WHERE NOT EXISTS
@@ -107,6 +107,7 @@ ON CONFLICT(id) DO UPDATE SET content=excluded.content, strength=excluded.streng
 _STAGE_FTS_INSERT = """
 INSERT INTO memories_fts(rowid, content)
 SELECT m.rowid, m.content FROM temp.stage s JOIN memories m ON m.id = s.id WHERE s.fts = 1
+ORDER BY m.rowid
 """
 SMALL_RUN = 8
 
@@ -380,20 +381,18 @@ class WarmTier:
         """Redo records whose after images are already decoded (``afters[i]`` for ``recs[i]``;
         for memory upserts, their ``memory_row``), runs of memory upserts in a few set-based
         statements; the same effect as ``apply`` on each record."""
-        run: list[tuple] = []
-        ids: set[str] = set()
+        # A run of upserts keeps each id once, at the place of its first upsert (so new rows
+        # get their rowids in log order) and with its last after-image (full images, O3): the
+        # same end state as applying each, with one full-text index change per memory.
+        run: dict[str, tuple] = {}
         for rec, after in zip(recs, afters, strict=True):
             op = rec.op
             if op in UPSERTS:
-                if after[0] in ids:  # a run holds each id once: the staging SQL relies on it
-                    self._put_rows(run)
-                    run, ids = [], set()
-                run.append(after)
-                ids.add(after[0])
+                run[after[0]] = after
                 continue
             if run:
-                self._put_rows(run)
-                run, ids = [], set()
+                self._put_rows(list(run.values()))
+                run = {}
             if op == OpType.DELETE_MEMORY:
                 self.delete_memory(rec.target)
             elif op == OpType.CREATE_EDGE:
@@ -401,7 +400,7 @@ class WarmTier:
             elif op == OpType.DELETE_EDGE:
                 self.delete_edge(*parse_edge_target(rec.target))
         if run:
-            self._put_rows(run)
+            self._put_rows(list(run.values()))
 
     def apply(self, rec: Record) -> None:
         """Redo one record from its after-image; idempotent (O3)."""
