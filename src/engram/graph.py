@@ -703,9 +703,10 @@ class Engine:
             }
 
     def recompute_digest(self) -> dg.Digest:
-        """The digest recomputed from the stored graph (fast-tier versions win)."""
+        """The digest recomputed from the stored graph (fast-tier versions the warm tier does
+        not have yet take the place of its rows)."""
         with self.lock:
-            dirty = {m.id: m for m in self.fast.snapshot()}
+            dirty = {m.id: m for m in self.fast.dirty_snapshot()}
             total = self.warm.digest_sum(dirty)
             for e in self.warm.iter_edges():
                 total += dg.edge_hash(e)

@@ -6,6 +6,8 @@ import random
 import tempfile
 from pathlib import Path
 
+import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,3 +158,67 @@ def test_negative_zero_does_not_split_the_digest(tmp_path: Path) -> None:
         digest = e.digest.hex
     with Engine.open(root) as e:
         assert e.digest.hex == digest == e.recompute_digest().hex
+
+
+
+def _store_with_holes(root: Path) -> None:
+    """A few thousand memories, some deleted (rowid holes), committed and closed."""
+    with Engine.open(root) as e:
+        e.apply([{"op": "create_memory", "id": f"m{i}", "content": f"c {i}", "metadata": {"i": i}}
+                 for i in range(3000)])
+        e.apply([{"op": "delete_memory", "id": f"m{i}"} for i in range(0, 3000, 7)])
+
+
+def _split(monkeypatch: pytest.MonkeyPatch, workers: int) -> list[list[str]]:
+    from engram.tiers import rowsum
+
+    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(rowsum, "workers", lambda: workers)
+    calls: list[list[str]] = []
+    real = rowsum.subprocess.Popen
+
+    def spy(argv: list[str], **kw: object) -> object:
+        calls.append(argv)
+        return real(argv, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(rowsum.subprocess, "Popen", spy)
+    return calls
+
+
+def test_split_scan_equals_one_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engram.tiers.warm import WarmTier
+
+    _store_with_holes(tmp_path / "d")
+    w = WarmTier(tmp_path / "d" / "warm" / "engram.db")
+    try:
+        newer = {m.id: msgspec.structs.replace(m, strength=0.125, activation_count=3)
+                 for m in w.get_memories(["m1", "m2", "m2999", "gone"]).values()}
+        w.conn.execute("BEGIN")  # an open transaction: one scan through this connection
+        one, one_newer = w.digest_sum({}), w.digest_sum(newer)
+        w.conn.execute("ROLLBACK")
+        assert one != one_newer
+        calls = _split(monkeypatch, 3)
+        assert (w.digest_sum({}), w.digest_sum(newer)) == (one, one_newer)
+        assert len(calls) == 4  # per sum: this process scans a third, two helpers the rest
+    finally:
+        w.close()
+    with Engine.open(tmp_path / "d") as e:  # and through the engine, after the close
+        assert e.recompute_digest().hex == e.digest.hex
+        assert len(calls) == 6
+
+
+def test_split_scan_survives_a_failing_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from engram.tiers import rowsum
+
+    _store_with_holes(tmp_path / "d")
+    with Engine.open(tmp_path / "d") as e:
+        one = e.recompute_digest().hex
+        _split(monkeypatch, 2)
+        monkeypatch.setattr(rowsum.sys, "executable", "/bin/false")  # exits 1, prints nothing
+        assert e.recompute_digest().hex == one
+        assert "summing here" in caplog.text
+        monkeypatch.setattr(rowsum.sys, "executable", str(tmp_path / "no-such-python"))
+        assert e.recompute_digest().hex == one
+        assert "could not start" in caplog.text

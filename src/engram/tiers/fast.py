@@ -86,6 +86,10 @@ class FastTier:
         self._dirty.clear()
         return out
 
+    def dirty_snapshot(self) -> list[Memory]:
+        """The versions the warm tier does not have yet (they stay dirty)."""
+        return [self._items[i] for i in self._dirty]
+
     def snapshot(self) -> list[Memory]:
         """The cached memories (a list copy: rank it without holding the engine lock)."""
         return list(self._items.values())

@@ -15,10 +15,11 @@ from typing import Any
 
 import msgspec
 
-from engram.digest import memory_hash, memory_row_hash
+from engram.digest import MOD, memory_hash, memory_row_hash
 from engram.errors import CorruptData
 from engram.format.record import Record
 from engram.model import Edge, Memory, OpType, parse_edge_target
+from engram.tiers import rowsum
 
 SCHEMA_VERSION = 1
 
@@ -72,9 +73,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage (
 );
 """
 
-_COLS = (
-    "id, content, strength, metadata, created_at, updated_at, last_activated_at, activation_count"
-)
+_COLS = rowsum.COLS
 _UPSERT_MEMORY = f"""
 INSERT INTO memories ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET content=excluded.content, strength=excluded.strength,
@@ -348,18 +347,24 @@ class WarmTier:
             last = rows[-1][0]
 
     def digest_sum(self, overrides: dict[str, Memory]) -> int:
-        """Sum of the memory hashes of every row, in storage order (the sum does not care),
-        with ``overrides`` (newer versions held by the fast tier) taking the place of rows."""
-        total = 0
-        cur = self.conn.execute(f"SELECT {_COLS} FROM memories")
-        dec = _json_dec.decode
-        while True:
-            rows = cur.fetchmany(5000)
-            if not rows:
-                return total
-            for r in rows:
+        """Sum (mod 2^256) of the memory hashes of every row, in any order, with ``overrides``
+        (newer versions held by the fast tier) taking the place of rows. With no uncommitted
+        changes the committed file is what to hash and helper processes share the scan
+        (``rowsum``); otherwise this connection reads it all."""
+        if self.conn.in_transaction:
+            total = 0
+            for r in self.conn.execute(f"SELECT {_COLS} FROM memories"):
                 m = overrides.get(r[0])
-                total += memory_hash(m) if m is not None else memory_row_hash(r, dec(r[3]))
+                total += (
+                    memory_hash(m) if m is not None else memory_row_hash(r, _json_dec.decode(r[3]))
+                )
+            return total % MOD
+        total = rowsum.committed_sum(self.path, self.conn)
+        for mid, m in overrides.items():
+            r = self.conn.execute(f"SELECT {_COLS} FROM memories WHERE id=?", (mid,)).fetchone()
+            if r is not None:
+                total += memory_hash(m) - memory_row_hash(r, _json_dec.decode(r[3]))
+        return total % MOD
 
     def iter_edges(self, batch: int = 5000) -> Iterator[Edge]:
         last = ("", "", "")
