@@ -218,7 +218,7 @@ def test_split_scan_survives_a_failing_helper(
         _split(monkeypatch, 2)
         monkeypatch.setattr(rowsum.sys, "executable", "/bin/false")  # exits 1, prints nothing
         assert e.recompute_digest().hex == one
-        assert "summing here" in caplog.text
+        assert "scanning here" in caplog.text
         monkeypatch.setattr(rowsum.sys, "executable", str(tmp_path / "no-such-python"))
         assert e.recompute_digest().hex == one
         assert "could not start" in caplog.text

@@ -398,3 +398,42 @@ def test_segments_past_applied_lsn_are_checked_against_the_stored_digest(tmp_pat
     # The log-end digest still comes from the stored digest and the records, not that header.
     with Engine.open(root, SMALL) as eng:
         assert report.log_end_digest == eng.digest.hex
+
+
+def test_rows_scanned_in_helper_processes_give_the_same_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engram.tiers import rowsum
+
+    root = tmp_path / "data"
+    with Engine.open(root, SMALL) as eng:
+        eng.apply([{"op": "create_memory", "id": f"m{i}", "content": f"c {i}"} for i in range(600)])
+    # Problems in every third of the rowid range, more than the listing cap in all.
+    sql(root, "UPDATE memories SET strength = 2.0 WHERE rowid % 4 = 0")
+    sql(root, "UPDATE memories SET metadata = 'x' WHERE rowid % 97 = 0")
+
+    def facts(r: VerifyReport) -> tuple:
+        listed = sorted((p.location, p.message) for p in r.problems if p.check == "memories")
+        return (r.memories, r.checks["memories"].problems, len(listed), r.checks["digest"].status,
+                r.digest_recomputed, {k: c.status for k, c in r.checks.items()})
+
+    one = verify_data_dir(root, check_all=True)
+    assert one.checks["memories"].problems == 150 + 6
+    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(rowsum, "workers", lambda: 3)
+    started: list[list[str]] = []
+    real = rowsum.subprocess.Popen
+    monkeypatch.setattr(
+        rowsum.subprocess, "Popen", lambda argv, **kw: started.append(argv) or real(argv, **kw)
+    )
+    split = verify_data_dir(root, check_all=True)
+    assert len(started) == 2 and started[0][2] == "engram.backup.rowcheck"
+    assert facts(split) == facts(one)
+    # Without the bad metadata the digest is recomputed, the same both ways.
+    sql(root, "UPDATE memories SET metadata = '{}' WHERE metadata = 'x'")
+    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10**9)
+    one = verify_data_dir(root)
+    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
+    split = verify_data_dir(root)
+    assert split.digest_recomputed == one.digest_recomputed is not None
+    assert facts(split) == facts(one)

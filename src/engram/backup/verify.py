@@ -28,20 +28,21 @@ from typing import Any
 import msgspec
 
 from engram import digest as dg
+from engram.backup import rowcheck
+from engram.backup.rowcheck import MAX_LISTED, loc_id
 from engram.datadir import Layout, read_identity, read_owner
 from engram.errors import CorruptLog, DataDirError
 from engram.format import record as fmt
-from engram.model import ID_RE, KIND_RE, Edge, Memory, OpType
+from engram.model import ID_RE, KIND_RE, Edge, OpType
 from engram.oplog.reader import LogFile, list_segments
+from engram.tiers.rowsum import split_scan
 
-MAX_LISTED = 100
 BATCH = 5000
 CHECKS = ("identity", "sqlite", "memories", "edges", "cold", "oplog", "digest")
 REQUIRED_TABLES = ("memories", "edges", "cold_stubs", "meta")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 # Digest-neutral records: markers carry no state; archiving keeps a memory in the logical graph.
 _NO_DIGEST = frozenset({OpType.MARKER, OpType.ARCHIVE_MEMORIES, OpType.RESTORE_MEMORIES})
-_json_obj = msgspec.json.Decoder(dict)
 _IMAGE_ERRORS = (msgspec.MsgspecError, TypeError, ValueError, AttributeError)
 
 
@@ -148,13 +149,6 @@ def verify_data_dir(root: Path, check_all: bool = False) -> VerifyReport:
     return v.report
 
 
-def _loc_id(kind: str, value: object) -> str:
-    # Odd ids (spaces, control characters, non-strings) are shown quoted so the line stays readable.
-    if isinstance(value, str) and ID_RE.fullmatch(value):
-        return f"{kind} {value}"
-    return f"{kind} {value!r}"
-
-
 class _Verifier:
     def __init__(self, root: Path, check_all: bool) -> None:
         self.root = root
@@ -164,6 +158,7 @@ class _Verifier:
         self.listed: dict[str, int] = {n: 0 for n in CHECKS}
         self.conn: sqlite3.Connection | None = None
         self.immutable = False
+        self.uri = ""
         self.tables_ok = False
         self.identity_id: str | None = None
         self.meta: dict[str, str] = {}
@@ -184,6 +179,13 @@ class _Verifier:
         if self.listed[check] < MAX_LISTED:
             self.listed[check] += 1
             self.report.problems.append(Problem(check, location, message))
+
+    def unlisted(self, check: str, n: int) -> None:
+        """``n`` more problems of ``check`` found elsewhere and not listed there."""
+        if n > 0:
+            c = self.report.checks[check]
+            c.problems += n
+            c.status = "fail"
 
     def warn(self, check: str, location: str, message: str) -> None:
         self.report.warnings.append(Problem(check, location, message))
@@ -275,7 +277,7 @@ class _Verifier:
         # With no owner and no WAL the file alone is the committed state: read it as immutable,
         # which creates no -wal/-shm files. Otherwise SQLite must read the WAL (read-only).
         self.immutable = not self.report.live and not wal.exists()
-        uri = f"file:{db}?mode=ro" + ("&immutable=1" if self.immutable else "")
+        self.uri = uri = f"file:{db}?mode=ro" + ("&immutable=1" if self.immutable else "")
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA cache_size=-65536")
@@ -360,56 +362,29 @@ class _Verifier:
     # -- 3. memories (and their share of the digest) --------------------------------------
 
     def check_memories(self) -> None:
-        total = 0
         self.report.checks["memories"].detail = "read failed"
-        for rows in self._rows(
-            "SELECT id, content, strength, metadata, created_at, updated_at, "
-            "last_activated_at, activation_count FROM memories"
-        ):
-            self.report.memories += len(rows)
-            valid: list[Memory] = []
-            for r in rows:
-                m = self._check_memory_row(r)
-                if m is not None:
-                    valid.append(m)
-            t = time.perf_counter()
-            for m in valid:
-                total += dg.memory_hash(m)
-            self.digest_seconds += time.perf_counter() - t
-        self.mem_hash = total
+        conn = self.conn
+        assert conn is not None
+        if self.report.live:  # one read transaction: rows, applied_lsn and digest agree
+            parts = [rowcheck.scan(conn)]
+        else:  # nobody can commit: helper processes may scan parts of the same file
+            parts = split_scan(
+                conn,
+                self.uri,
+                "engram.backup.rowcheck",
+                lambda a, b: rowcheck.scan(conn, a, b),
+                rowcheck.decode,
+            )
+        for part in parts:
+            self.report.memories += part.rows
+            self.mem_hash += part.hash_sum
+            self.undecodable += part.undecodable
+            self.digest_seconds += part.hash_seconds / len(parts)
+            for location, message in part.listed:
+                self.problem("memories", location, message)
+            self.unlisted("memories", part.problems - len(part.listed))
         self.complete.add("memories")
         self.report.checks["memories"].detail = f"{self.report.memories} memories"
-
-    def _check_memory_row(self, r: tuple) -> Memory | None:
-        mid, content, strength, meta, created, updated, activated, count = r
-
-        def bad(message: str) -> None:  # the location string is built only for a problem
-            self.problem("memories", _loc_id("memory", mid), message)
-
-        if not isinstance(mid, str) or not ID_RE.fullmatch(mid):
-            bad("id does not follow the id rule (1-256 of A-Za-z0-9-_.:@/)")
-        if not isinstance(content, str):
-            bad(f"content is {type(content).__name__}, not text")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            bad(f"strength {strength!r} is not a number")
-        elif not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
-            bad(f"strength {strength!r} is outside [0, 1]")
-        if not isinstance(count, int) or count < 0:
-            bad(f"activation_count {count!r} is not a count >= 0")
-        for name, v in (("created_at", created), ("updated_at", updated)):
-            if not isinstance(v, int) or v < 0:
-                bad(f"{name} {v!r} is not a timestamp")
-        if not isinstance(activated, int) or activated < 0:
-            bad(f"last_activated_at {activated!r} is not a timestamp")
-        try:
-            metadata = _json_obj.decode(meta) if isinstance(meta, (str, bytes)) else None
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            metadata = None
-        if metadata is None:
-            bad("metadata is not a JSON object")
-            self.undecodable += 1
-            return None
-        return Memory(mid, content, strength, metadata, created, updated, activated, count)
 
     # -- 2. edges (and their share of the digest) ------------------------------------------
 
@@ -485,14 +460,12 @@ class _Verifier:
             n += len(rows)
             for sid, seg in rows:
                 if not isinstance(sid, str) or not ID_RE.fullmatch(sid):
-                    self.problem(
-                        "cold", _loc_id("cold stub", sid), "id does not follow the id rule"
-                    )
+                    self.problem("cold", loc_id("cold stub", sid), "id does not follow the id rule")
                 h = _segment_hash(seg)
                 if h is None:
                     self.problem(
                         "cold",
-                        _loc_id("cold stub", sid),
+                        loc_id("cold stub", sid),
                         f"segment {seg!r} is not a content-hash segment name",
                     )
                     continue
