@@ -85,8 +85,12 @@ class _GzipWriter:
 
 
 class _ZstdWriter:
-    def __init__(self, sink: FileSink, level: int = 1) -> None:
-        threads = min(os.cpu_count() or 1, 8)
+    """``threads``: None = one compression thread per core (up to 8); 0 or 1 = compress in the
+    calling thread only (a low-priority backup, which must not take a second core)."""
+
+    def __init__(self, sink: FileSink, level: int = 1, threads: int | None = None) -> None:
+        if threads is None:
+            threads = min(os.cpu_count() or 1, 8)
         # The content checksum lets a reader without the sidecar still catch a changed byte.
         cctx = zstandard.ZstdCompressor(
             level=level, threads=threads if threads > 1 else 0, write_checksum=True
@@ -108,16 +112,20 @@ class Member:
 
 @dataclass
 class ArchiveWriter:
-    """Write a tar archive member by member; ``members`` maps name to size and sha256."""
+    """Write a tar archive member by member; ``members`` maps name to size and sha256.
+    ``threads`` is zstd's (see ``_ZstdWriter``); gzip always compresses in the calling thread."""
 
     sink: FileSink
     compression: str
     progress: Progress | None = None
+    threads: int | None = None
     members: dict[str, Member] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out: _GzipWriter | _ZstdWriter = (
-            _ZstdWriter(self.sink) if self.compression == "zstd" else _GzipWriter(self.sink)
+            _ZstdWriter(self.sink, threads=self.threads)
+            if self.compression == "zstd"
+            else _GzipWriter(self.sink)
         )
         self._buf = bytearray(CHUNK)
         self.mtime = int(time.time())
