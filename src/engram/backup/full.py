@@ -1,5 +1,10 @@
 """Full backups: one archive of a consistent cut (DESIGN "Backups").
 
+Under the cut, this process gathers a plan (``worker.Plan``: the bytes only the engine's process
+can read consistently, the files to stream, the manifest); the archive is then written from the
+plan by ``worker.write_plan``, here (priority "normal") or in a low-priority worker process
+(priority "low", what the server uses), and published from here either way.
+
 Write order: the archive goes to a hidden temp file beside PATH while it is hashed; it is
 fsynced, then the sidecar is written the same way; only then are both renamed into place and the
 directory fsynced. On any failure both temp files are removed and nothing appears at PATH or
@@ -19,17 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from engram import __version__
-from engram.backup.archive import ArchiveWriter, FileSink
+from engram.backup.archive import FileSink
 from engram.backup.catalog import info_path, write_info
+from engram.backup.worker import Plan, PlanMember, Request, run_worker, write_plan
 from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
-from engram.format.manifest import (
-    MANIFEST_NAME,
-    MANIFEST_VERSION,
-    compression_for,
-    encode_manifest,
-    encode_sidecar,
-)
+from engram.format.manifest import MANIFEST_VERSION, compression_for, encode_sidecar
 from engram.fsutil import fsync_dir
 from engram.graph import Cut, Engine
 from engram.model import ns_to_iso
@@ -52,6 +52,7 @@ class BackupResult:
     from_lsn: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     stall_ms: float = 0.0
+    priority: str | None = None  # full backups: "low" (worker process) or "normal"
     note: str | None = None
     validation: dict[str, Any] | None = None
 
@@ -99,23 +100,31 @@ def publish(tmp: Path, tmp_side: Path, output: Path, sha: str, info: dict[str, A
 
 
 @contextmanager
-def writing(output: Path, sink_factory: SinkFactory) -> Iterator[tuple[FileSink, Path, Path]]:
-    """The temp files of a backup being written: (sink, archive temp, sidecar temp). Whatever
-    fails or interrupts inside, both temp files are removed and the error names the cause."""
+def temp_files(output: Path) -> Iterator[tuple[Path, Path]]:
+    """The temp paths of a backup being written: (archive temp, sidecar temp). Whatever fails
+    or interrupts inside, both are removed and the error names the cause."""
     tmp, tmp_side = temp_paths(output)
-    sink: FileSink | None = None
     try:
-        sink = sink_factory(tmp)
-        yield sink, tmp, tmp_side
+        yield tmp, tmp_side
     except OSError as e:
         raise BackupError(describe_os_error(e, output)) from None
     except KeyboardInterrupt:
         raise BackupError(f"interrupted; nothing was written at {output}") from None
     finally:
-        if sink is not None:
-            sink.close()
         tmp.unlink(missing_ok=True)
         tmp_side.unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(output: Path, sink_factory: SinkFactory) -> Iterator[tuple[FileSink, Path, Path]]:
+    """``temp_files`` with the archive's sink open in this process: (sink, archive temp,
+    sidecar temp); the sink is closed before the temp files are removed."""
+    with temp_files(output) as (tmp, tmp_side):
+        sink = sink_factory(tmp)
+        try:
+            yield sink, tmp, tmp_side
+        finally:
+            sink.close()
 
 
 def describe_os_error(e: OSError, output: Path) -> str:
@@ -145,24 +154,41 @@ def _log_segment_bytes(engine: Engine, cut: Cut) -> bytes | None:
     return b"".join(parts)
 
 
+PRIORITIES = ("low", "normal")
+
+
 def full_backup(
     engine: Engine,
     output: Path,
     progress: Callable[[int, int], None] | None = None,
     sink_factory: SinkFactory = FileSink,
+    priority: str = "normal",
+    on_worker: Callable[[int], None] | None = None,
 ) -> BackupResult:
+    """Take a full backup of ``engine`` to ``output`` (.tar.zst or .tar.gz).
+
+    ``priority="normal"`` writes the archive in this process with zstd on every core (fastest;
+    for a data dir nobody writes to). ``"low"`` writes it in a worker process that runs only on
+    CPU the engine leaves idle, compressing on one thread (slower; what the server uses, so that
+    writers keep their latency). The cut is held, and the plan gathered, here either way;
+    ``sink_factory`` applies to "normal" only, ``on_worker(pid)`` to "low" only
+    (``worker.run_worker``).
+    """
     output = Path(output).absolute()
     compression = compression_for(output.name)
     if compression is None:
         raise UsageError(
             f"{output.name}: a full backup must end in .tar.zst (recommended) or .tar.gz"
         )
+    if priority not in PRIORITIES:
+        raise UsageError(f"backup priority must be low or normal, got {priority!r}")
+    if priority == "low" and sink_factory is not FileSink:
+        raise ValueError("sink_factory applies to priority='normal' only (in-process writing)")
     check_output(output, ("full",))
     t0 = time.monotonic()
     cut = engine.cut()
     try:
-        with writing(output, sink_factory) as (sink, tmp, tmp_side):
-            wal = engine.layout.warm_db.with_name("engram.db-wal")
+        with temp_files(output) as (tmp, tmp_side):
             total = cut.db_size + cut.wal_size
             done = [0]
 
@@ -171,69 +197,88 @@ def full_backup(
                 if progress:
                     progress(done[0], total)
 
-            aw = ArchiveWriter(sink, compression, tick)
-            identity = engine.layout.identity.read_bytes()
-            aw.add_bytes("identity.json", identity)
-            aw.add_file("warm/engram.db", engine.layout.warm_db, cut.db_size)
-            wal_data = _read_wal(wal, cut.wal_size)
-            # A WAL restarted since the cut means every frame was in the main file already.
-            if wal_data and engine.wal_still_valid(cut):
-                aw.add_bytes("warm/engram.db-wal", wal_data)
-            seg = _log_segment_bytes(engine, cut)
-            if seg is not None:
-                aw.add_bytes(f"oplog/{fmt.segment_name(cut.warm_lsn + 1)}", seg)
-            aw.add_bytes("fast/hot.json", json.dumps({"ids": cut.hot_ids}).encode())
-            cold = sorted(p for p in engine.layout.cold.glob("*.seg") if p.is_file())
-            for p in cold:
-                aw.add_file(f"cold/{p.name}", p, p.stat().st_size)
-            manifest: dict[str, Any] = {
-                "format_version": MANIFEST_VERSION,
-                "kind": "full",
-                "database_id": cut.database_id,
-                "engram_version": __version__,
-                "created_at": ns_to_iso(time.time_ns()),
-                "snapshot_lsn": cut.snapshot_lsn,
-                "snapshot_time": ns_to_iso(cut.snapshot_ts) if cut.snapshot_ts else "",
-                "snapshot_time_ns": cut.snapshot_ts,
-                "warm_lsn": cut.warm_lsn,
-                "warm_digest": cut.warm_digest,
-                "digest": cut.digest,
-                "counts": {"memories": cut.memories, "edges": cut.edges},
-                "files": {n: {"size": m.size, "sha256": m.sha256} for n, m in aw.members.items()},
-                "tiers": {
-                    "fast": {"hot_ids": len(cut.hot_ids), "file": "fast/hot.json"},
-                    "warm": {
-                        "file": "warm/engram.db",
-                        "wal": "warm/engram.db-wal" in aw.members,
-                        "applied_lsn": cut.warm_lsn,
-                    },
-                    "log": {"from_lsn": cut.warm_lsn + 1, "to_lsn": cut.snapshot_lsn},
-                    "cold": {"segments": [p.name for p in cold]},
-                },
-            }
-            aw.add_bytes(MANIFEST_NAME, encode_manifest(manifest))
-            aw.finish()
-            sink.sync_close()
+            plan = _plan(engine, cut, compression, threads=1 if priority == "low" else None)
+            if priority == "low":
+                req = Request(str(tmp), plan, progress=progress is not None)
+                res = run_worker(req, output, tick, on_worker)
+                size, sha = res.size, res.sha256
+                if tmp.stat().st_size != size:
+                    raise BackupError(
+                        f"the backup worker reported {size} bytes but wrote "
+                        f"{tmp.stat().st_size}; nothing was written at {output}"
+                    )
+            else:
+                sink = sink_factory(tmp)
+                try:
+                    write_plan(plan, sink, tick)
+                finally:
+                    sink.close()
+                size, sha = sink.size, sink.sha.hexdigest()
             result = BackupResult(
                 kind="full",
                 path=str(output),
                 sidecar=str(output) + ".sha256",
-                size=sink.size,
-                sha256=sink.sha.hexdigest(),
+                size=size,
+                sha256=sha,
                 duration_s=round(time.monotonic() - t0, 3),
                 snapshot_lsn=cut.snapshot_lsn,
-                snapshot_time=manifest["snapshot_time"],
+                snapshot_time=plan.manifest["snapshot_time"],
                 digest=cut.digest,
                 database_id=cut.database_id,
                 from_lsn=1,
-                counts=manifest["counts"],
+                counts=plan.manifest["counts"],
                 stall_ms=round(cut.stall_ns / 1e6, 3),
+                priority=priority,
             )
             info = result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0}
             publish(tmp, tmp_side, output, result.sha256, info)
     finally:
         engine.release_cut(cut)
     return result
+
+
+def _plan(engine: Engine, cut: Cut, compression: str, threads: int | None) -> Plan:
+    """Everything the archive holds, read while the cut pins it (docs/FORMAT.md): the bytes
+    that only this process can get right (the WAL prefix, checked against the cut's salts; the
+    log records (W, S]; the hot set) and the files to stream, which stay as they are until the
+    cut is released (the warm main file up to its size at the cut; immutable cold segments)."""
+    members = [
+        PlanMember("identity.json", data=engine.layout.identity.read_bytes()),
+        PlanMember("warm/engram.db", path=str(engine.layout.warm_db), size=cut.db_size),
+    ]
+    wal_data = _read_wal(engine.layout.warm_db.with_name("engram.db-wal"), cut.wal_size)
+    # A WAL restarted since the cut means every frame was in the main file already.
+    with_wal = bool(wal_data) and engine.wal_still_valid(cut)
+    if with_wal:
+        members.append(PlanMember("warm/engram.db-wal", data=wal_data))
+    seg = _log_segment_bytes(engine, cut)
+    if seg is not None:
+        members.append(PlanMember(f"oplog/{fmt.segment_name(cut.warm_lsn + 1)}", data=seg))
+    members.append(PlanMember("fast/hot.json", data=json.dumps({"ids": cut.hot_ids}).encode()))
+    cold = sorted(p for p in engine.layout.cold.glob("*.seg") if p.is_file())
+    for p in cold:
+        members.append(PlanMember(f"cold/{p.name}", path=str(p), size=p.stat().st_size))
+    manifest: dict[str, Any] = {
+        "format_version": MANIFEST_VERSION,
+        "kind": "full",
+        "database_id": cut.database_id,
+        "engram_version": __version__,
+        "created_at": ns_to_iso(time.time_ns()),
+        "snapshot_lsn": cut.snapshot_lsn,
+        "snapshot_time": ns_to_iso(cut.snapshot_ts) if cut.snapshot_ts else "",
+        "snapshot_time_ns": cut.snapshot_ts,
+        "warm_lsn": cut.warm_lsn,
+        "warm_digest": cut.warm_digest,
+        "digest": cut.digest,
+        "counts": {"memories": cut.memories, "edges": cut.edges},
+        "tiers": {
+            "fast": {"hot_ids": len(cut.hot_ids), "file": "fast/hot.json"},
+            "warm": {"file": "warm/engram.db", "wal": with_wal, "applied_lsn": cut.warm_lsn},
+            "log": {"from_lsn": cut.warm_lsn + 1, "to_lsn": cut.snapshot_lsn},
+            "cold": {"segments": [p.name for p in cold]},
+        },
+    }
+    return Plan(compression, members, manifest, threads)
 
 
 def _read_wal(wal: Path, size: int) -> bytes:

@@ -1,0 +1,279 @@
+"""Low-priority full backups (``priority="low"``): the archive is written by a worker process
+(``python -m engram.backup.worker``) from a plan the engine's process gathered under the cut.
+
+The archive it writes holds the same members with the same bytes as the in-process path and
+restores to the same state; a worker that is SIGKILLed, hits an I/O error, or finds a file
+shorter than planned fails the backup with the cause in one line, leaves nothing at PATH,
+PATH.sha256 or PATH.info.json and no temp file, never touches earlier backups, and releases the
+cut. No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import random
+import resource
+import signal
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from engram.backup.full import describe_os_error, full_backup
+from engram.backup.restore import restore
+from engram.backup.validate import validate_backup
+from engram.backup.worker import (
+    Plan,
+    PlanMember,
+    Request,
+    _error_from,
+    _error_of,
+    run_worker,
+)
+from engram.errors import BackupError, BadArchive, UsageError
+from engram.graph import Engine, EngineConfig
+
+
+def _fill(e: Engine, rnd: random.Random, n: int, size: int, prefix: str = "m") -> None:
+    for i in range(n):
+        e.apply([{"op": "create_memory", "id": f"{prefix}{i}", "content": rnd.randbytes(size).hex(),
+                  "metadata": {"i": i}}])
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """An engine whose cut has all the parts: a warm file, a WAL with frames the main file
+    lacks, log records past the warm tier's LSN (W < S), edges, a deletion."""
+    e = Engine.open(tmp_path / "data", EngineConfig(checkpoint_interval=3600))
+    try:
+        rnd = random.Random(7)
+        _fill(e, rnd, 40, 1500)
+        e.apply([{"op": "create_edge", "src": "m0", "dst": f"m{i}"} for i in range(1, 8)])
+        e.checkpoint()
+        e.apply([{"op": "update_memory", "id": "m1", "content": "changed after the checkpoint"}])
+        e.apply([{"op": "delete_memory", "id": "m2"}])
+        e.apply([{"op": "activate", "id": "m3"}])
+        yield e
+    finally:
+        e.close()
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    """The archive's members and their bytes, less what differs from one cut to the next: the
+    manifest's creation time, the log segment's ``created_at_ns`` (the cut's time; its header
+    CRC and the manifest's hash of it follow)."""
+    raw = archive.read_bytes()
+    if archive.name.endswith(".zst"):
+        tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)).read()
+    else:
+        tar = zlib.decompress(raw, 31)
+    out: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        for m in t.getmembers():
+            assert m.isreg() and m.mode == 0o600 and m.uname == "engram"
+            f = t.extractfile(m)
+            assert f is not None
+            data = f.read()
+            if m.name == "manifest.json":
+                j = json.loads(data)
+                j.pop("created_at")
+                for name, f in j["files"].items():
+                    if name.startswith("oplog/"):
+                        f.pop("sha256")
+                data = json.dumps(j, sort_keys=True).encode()
+            elif m.name.startswith("oplog/"):
+                hlen = int.from_bytes(data[12:16], "little")
+                header = json.loads(data[16 : 16 + hlen])
+                assert header.pop("created_at_ns") > 0
+                data = json.dumps(header).encode() + data[16 + hlen + 4 :]
+            out[m.name] = data
+    return out
+
+
+# -- the same archive, the same state --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".tar.zst", ".tar.gz"])
+def test_low_priority_archive_equals_the_in_process_one(
+    engine: Engine, tmp_path: Path, ext: str
+) -> None:
+    bk = tmp_path / "bk"
+    bk.mkdir()
+    ticks: list[tuple[int, int]] = []
+    # A cut held across both keeps the warm files as they are (the last cut released lets
+    # SQLite copy the WAL into the main file), so that the two archives can be compared.
+    hold = engine.cut()
+    try:
+        low = full_backup(engine, bk / f"low{ext}", priority="low",
+                          progress=lambda d, t: ticks.append((d, t)))
+        normal = full_backup(engine, bk / f"normal{ext}")
+    finally:
+        engine.release_cut(hold)
+    assert (low.priority, normal.priority) == ("low", "normal")
+    assert ticks and ticks[-1][0] >= ticks[-1][1] > 0  # the worker's progress came through
+    assert (low.snapshot_lsn, low.digest) == (normal.snapshot_lsn, normal.digest)
+    for r in (low, normal):
+        p = Path(r.path)
+        assert Path(r.sidecar).read_text() == hashlib.sha256(p.read_bytes()).hexdigest() + "\n"
+        assert r.size == p.stat().st_size
+        info = json.loads(p.with_name(p.name + ".info.json").read_text())
+        assert info["priority"] == r.priority and info["sha256"] == r.sha256
+    a, b = _members(Path(low.path)), _members(Path(normal.path))
+    assert list(a) == list(b)  # same members, same order
+    assert a == b  # same bytes (the manifest but for created_at)
+    assert "warm/engram.db-wal" in a and any(n.startswith("oplog/") for n in a)
+    # Both restore to the same state, and the low one validates.
+    got_low = restore(Path(low.path), tmp_path / "r-low")
+    got_normal = restore(Path(normal.path), tmp_path / "r-normal")
+    assert (got_low.snapshot_lsn, got_low.digest) == (got_normal.snapshot_lsn, got_normal.digest)
+    assert (got_low.snapshot_lsn, got_low.digest) == (engine.last_lsn, engine.digest.hex)
+    states = []
+    for d in (tmp_path / "r-low", tmp_path / "r-normal"):
+        with Engine.open(d, EngineConfig(checkpoint_interval=3600), create=False) as e:
+            states.append(([m for m in e.iter_memories()], [x.key() for x in e.iter_edges()]))
+    assert states[0] == states[1]
+    v = validate_backup(Path(low.path), level=3, record=False)
+    assert v.ok, v.verdict
+    assert getattr(engine, "_cuts", 0) == 0
+
+
+def test_priority_is_checked(engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="low or normal"):
+        full_backup(engine, tmp_path / "x.tar.zst", priority="fast")
+    assert not (tmp_path / "x.tar.zst").exists()
+
+
+# -- the worker fails ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def big(tmp_path: Path) -> Iterator[tuple[Engine, Path, dict[str, str]]]:
+    """An engine with ~24 MB of incompressible warm tier, and a backup dir holding an earlier
+    good backup: (engine, backup dir, name -> sha256 of every file there)."""
+    e = Engine.open(tmp_path / "data", EngineConfig(checkpoint_interval=3600))
+    try:
+        rnd = random.Random(11)
+        _fill(e, rnd, 24, 500_000, prefix="big")
+        e.checkpoint()
+        bk = tmp_path / "bk"
+        bk.mkdir()
+        full_backup(e, bk / "good.tar.zst", priority="low")
+        yield e, bk, {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bk.iterdir()}
+    finally:
+        e.close()
+
+
+def _check_nothing_left(e: Engine, bk: Path, before: dict[str, str], err: BackupError,
+                        out: Path) -> None:
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bk.iterdir()} == before
+    assert str(out) in err.message and "\n" not in err.message
+    assert getattr(e, "_cuts", 0) == 0, "the failed backup did not release its cut"
+    before_lsn = e.last_lsn
+    assert e.apply([{"op": "activate", "id": "big0"}]).lsn == before_lsn + 1
+
+
+def test_worker_killed_mid_backup(big: tuple[Engine, Path, dict[str, str]]) -> None:
+    e, bk, before = big
+    out = bk / "new.tar.zst"
+    pids: list[int] = []
+    seen: dict[str, Any] = {}
+
+    def kill_midway(done: int, total: int) -> None:
+        if "killed" in seen:
+            return
+        pid = pids[0]
+        seen["temp"] = [n for n in os.listdir(bk) if n.startswith(".new.tar.zst.tmp-")]
+        seen["idle"] = (
+            os.sched_getscheduler(pid) == os.SCHED_IDLE
+            or os.getpriority(os.PRIO_PROCESS, pid) == 19
+        )
+        # The parent's session: a session of its own would be an autogroup of its own, whose
+        # fair share SCHED_IDLE cannot lower.
+        seen["session"] = os.getsid(pid) == os.getsid(0) and os.getpgid(pid) == pid
+        seen["killed"] = (done, total)
+        os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(BackupError) as ei:
+        full_backup(e, out, progress=kill_midway, priority="low", on_worker=pids.append)
+    done, total = seen["killed"]
+    assert done < total, "the worker was killed after it had written everything"
+    assert seen["temp"], "the worker had not started writing its temp file"
+    assert seen["idle"], "the worker was not running at idle priority"
+    assert seen["session"], "the worker must be in its own process group, in our session"
+    assert "killed by SIGKILL" in ei.value.message and f"pid {pids[0]}" in ei.value.message
+    _check_nothing_left(e, bk, before, ei.value, out)
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left behind
+        os.kill(pids[0], 0)
+    # A later backup to the same path works, and restores.
+    res = full_backup(e, out, priority="low")
+    r = restore(out, bk.parent / "restored")
+    assert (r.snapshot_lsn, r.digest) == (res.snapshot_lsn, res.digest) == (e.last_lsn,
+                                                                           e.digest.hex)
+
+
+def test_worker_io_error_names_its_cause(big: tuple[Engine, Path, dict[str, str]]) -> None:
+    """A real write error in the worker: its file size limit (RLIMIT_FSIZE) is 1 MB, so a write
+    past it fails with EFBIG; the parent reports it as it reports its own I/O errors."""
+    e, bk, before = big
+    out = bk / "new.tar.zst"
+
+    def limit(pid: int) -> None:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    with pytest.raises(BackupError) as ei:
+        full_backup(e, out, priority="low", on_worker=limit)
+    assert ei.value.message == describe_os_error(OSError(errno.EFBIG, os.strerror(errno.EFBIG)),
+                                                 out)
+    assert os.strerror(errno.EFBIG) in ei.value.message
+    _check_nothing_left(e, bk, before, ei.value, out)
+
+
+def test_worker_reports_a_file_that_shrank_and_a_missing_file(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(100_000))
+    manifest = {"kind": "full"}
+    tmp = tmp_path / ".out.tmp"
+    out = tmp_path / "out.tar.zst"
+    shrank = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=200_000)], manifest, 1)
+    with pytest.raises(BadArchive) as ei:
+        run_worker(Request(str(tmp), shrank), out)
+    assert ei.value.message == f"{src} shrank while it was being archived"
+    assert not tmp.exists(), "the worker left its temp file"
+    missing = Plan("gzip", [PlanMember("cold/x.seg", path=str(tmp_path / "gone"), size=1)],
+                   manifest)
+    with pytest.raises(FileNotFoundError) as oe:
+        run_worker(Request(str(tmp), missing), out)
+    assert oe.value.errno == errno.ENOENT
+    assert not tmp.exists()
+    # The temp file exists already: the worker refuses it (O_EXCL) and leaves it alone.
+    tmp.write_bytes(b"not ours")
+    with pytest.raises(FileExistsError):
+        run_worker(Request(str(tmp), shrank), out)
+    assert tmp.read_bytes() == b"not ours"
+
+
+@pytest.mark.parametrize(
+    ("exc", "expect"),
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "disk full while writing"),
+        (OSError(errno.EIO, os.strerror(errno.EIO)), "I/O error while writing"),
+    ],
+)
+def test_worker_errors_keep_their_errno(exc: OSError, expect: str, tmp_path: Path) -> None:
+    """What the worker sends for an OSError comes back as one with the same errno, so the
+    parent's message is the one an in-process backup gives."""
+    out = tmp_path / "b.tar.zst"
+    back = _error_from(json.loads(json.dumps(_error_of(exc))), "the worker", out)
+    assert isinstance(back, OSError) and back.errno == exc.errno
+    assert describe_os_error(back, out).startswith(expect)
+    other = _error_from(json.loads(json.dumps(_error_of(MemoryError("boom\nmore")))), "w", out)
+    assert isinstance(other, BackupError) and "\n" not in other.message
+    assert "MemoryError: boom more" in other.message and str(out) in other.message
