@@ -59,6 +59,7 @@ class Backend(Protocol):
         since_s: float | None,
         since_lsn: int | None,
         progress: Progress | None = None,
+        priority: str | None = None,
     ) -> dict[str, Any]: ...
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]: ...
@@ -75,14 +76,25 @@ def _run_backup(
     since_s: float | None,
     since_lsn: int | None,
     progress: Progress | None = None,
+    priority: str | None = None,
+    default_priority: str = "normal",
 ) -> dict[str, Any]:
+    """``priority`` (full backups only; None = ``default_priority``): "low" writes the archive
+    in a worker process on idle CPU, "normal" in this process on every core. The server's
+    default is "low" (writers keep their latency), a data dir opened here "normal"."""
     # Imported here: only backup commands pay for the backup modules.
     from engram.backup.full import full_backup
     from engram.backup.incremental import incremental_backup
 
     if kind == "full":
-        return full_backup(engine, output, progress).to_json()
+        res = full_backup(engine, output, progress, priority=priority or default_priority)
+        return res.to_json()
     if kind == "incremental":
+        if priority is not None:
+            raise UsageError(
+                "priority applies to full backups only (an incremental is a short read of the "
+                "log, taken in the engine's process)"
+            )
         return incremental_backup(engine, output, since_s, since_lsn, progress).to_json()
     raise UsageError(f"backup kind must be full or incremental, got {kind!r}")
 
@@ -107,8 +119,9 @@ class LocalBackend:
         since_s: float | None,
         since_lsn: int | None,
         progress: Progress | None = None,
+        priority: str | None = None,
     ) -> dict[str, Any]:
-        return _run_backup(self.engine, kind, output, since_s, since_lsn, progress)
+        return _run_backup(self.engine, kind, output, since_s, since_lsn, progress, priority)
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         raise _no_server(self.engine.root, "quiesce")
@@ -180,9 +193,11 @@ class RemoteBackend:
         since_s: float | None,
         since_lsn: int | None,
         progress: Progress | None = None,
+        priority: str | None = None,
     ) -> dict[str, Any]:
         # The server writes the file: the path must mean the same to it, so make it absolute.
-        return self.client.backup(kind, str(Path(output).absolute()), since_s, since_lsn)
+        # No priority given: the server's default (low).
+        return self.client.backup(kind, str(Path(output).absolute()), since_s, since_lsn, priority)
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         return self.client.quiesce(timeout_s)

@@ -235,10 +235,21 @@ class EngramClient:
     # -- operations (backups, quiesce, status) -------------------------------------------
 
     def backup(
-        self, kind: str, output: str, since_s: float | None = None, since_lsn: int | None = None
+        self,
+        kind: str,
+        output: str,
+        since_s: float | None = None,
+        since_lsn: int | None = None,
+        priority: str | None = None,
     ) -> dict[str, Any]:
         body = _drop_none(
-            {"kind": kind, "output": output, "since_s": since_s, "since_lsn": since_lsn}
+            {
+                "kind": kind,
+                "output": output,
+                "since_s": since_s,
+                "since_lsn": since_lsn,
+                "priority": priority,
+            }
         )
         return dict(self.request("POST", "/v1/admin/backup", json=body, timeout=None))
 

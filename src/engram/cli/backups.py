@@ -99,6 +99,16 @@ def backup(
     no_validate: Annotated[
         bool, typer.Option("--no-validate", help="Skip validate-backup after the backup.")
     ] = False,
+    priority: Annotated[
+        str | None,
+        typer.Option(
+            "--priority",
+            help="Full: low = written by a worker on idle CPU, one core (the default through a "
+            "running server: writers keep their latency); normal = every core (the default "
+            "for a data dir no server holds).",
+            show_default=False,
+        ),
+    ] = None,
     level: Level = 4,
     p50_warn_ms: P50Warn = 10.0,
     data_dir: DataDir = _DD,
@@ -112,10 +122,18 @@ def backup(
         raise UsageError("--since and --since-lsn only apply to --incremental")
     if since is not None and since_lsn is not None:
         raise UsageError("give only one of --since or --since-lsn")
+    from engram.backup.full import PRIORITIES
+
+    if priority is not None and priority not in PRIORITIES:
+        raise UsageError(f"--priority must be low or normal, got {priority!r}")
+    if incremental and priority is not None:
+        raise UsageError("--priority only applies to --full (an incremental is a short log read)")
     since_s = parse_duration(since, "--since") if since is not None else None
     kind = "full" if full else "incremental"
     with backend(data_dir, token_file) as b, progress_bar(f"{kind} backup") as bar:
-        res = b.backup(kind, output.absolute(), since_s, since_lsn, None if as_json else bar)
+        res = b.backup(
+            kind, output.absolute(), since_s, since_lsn, None if as_json else bar, priority
+        )
     path = Path(res["path"])
     res["validation"] = None if no_validate else _validate(path, level, p50_warn_ms, as_json)
     ok = res["validation"] is None or res["validation"]["ok"]
@@ -133,7 +151,12 @@ def backup(
         con.print(f"  {lsn} at {res['snapshot_time'] or '-'}; {counts}", markup=False)
         con.print(f"  digest {res['digest']}", markup=False)
         con.print(f"  sha256 {res['sha256']} (in {Path(res['sidecar']).name})", markup=False)
-        con.print(f"  took {res['duration_s']} s", markup=False)
+        took = f"  took {res['duration_s']} s"
+        if res.get("priority") == "low":
+            took += " at low priority (a worker on idle CPU, one core)"
+        elif res.get("priority") == "normal":
+            took += " at normal priority (every core)"
+        con.print(took, markup=False)
         if res.get("note"):
             con.print(f"  note: {res['note']}", markup=False)
         if res["validation"] is not None:

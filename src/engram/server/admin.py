@@ -2,6 +2,8 @@
 
 The server takes a backup itself because only the process that owns the data dir can make the
 consistent cut; the CLI sends the (absolute) output path and validates the result afterwards.
+A full backup here defaults to priority "low": its archive is written by a worker process on idle
+CPU only, so that the writers this server serves keep their latency.
 These routes sit under /v1 and need the token like every other /v1 route.
 """
 
@@ -10,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from engram.backend import _run_backup, status_of
+from engram.backup.full import PRIORITIES
 from engram.errors import ValidationError
 from engram.graph import Engine
 
@@ -40,17 +44,23 @@ def _only_fields(body: dict[str, Any], allowed: set[str], what: str) -> None:
 
 
 async def backup(eng: Engine, body: dict[str, Any]) -> Result:
-    _only_fields(body, {"kind", "output", "since_s", "since_lsn"}, "backup")
+    _only_fields(body, {"kind", "output", "since_s", "since_lsn", "priority"}, "backup")
     kind = _field(body, "kind", (str,), required=True)
     output = _field(body, "output", (str,), required=True)
     if not os.path.isabs(output):
         raise ValidationError("output must be an absolute path on the server", field="output")
     since_s = _field(body, "since_s", (int, float))
     since_lsn = _field(body, "since_lsn", (int,))
+    priority = _field(body, "priority", (str,))
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise ValidationError("priority must be low or normal", field="priority")
+        if kind == "incremental":
+            raise ValidationError("priority applies to full backups only", field="priority")
     loop = asyncio.get_running_loop()
-    res = await loop.run_in_executor(
-        None, _run_backup, eng, kind, Path(output), since_s, since_lsn, None
-    )
+    # A full backup taken here shares the machine with the writers: low priority unless asked.
+    run = partial(_run_backup, priority=priority, default_priority="low")
+    res = await loop.run_in_executor(None, run, eng, kind, Path(output), since_s, since_lsn)
     return 200, res
 
 

@@ -1,0 +1,142 @@
+"""Backup priority: through a real server, `POST /v1/admin/backup` takes an optional
+``priority`` ("low", the server's default: the archive is written by a worker process on idle
+CPU; or "normal": in the server's process on every core), validated like the other fields, and
+`engram backup --priority` passes it on; on a data dir no server holds the CLI's default is
+"normal"."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from serverproc import ServerProcess
+from typer.testing import CliRunner
+
+from engram.backup.restore import restore
+from engram.cli.main import app
+from engram.graph import Engine, EngineConfig
+
+ENGRAM = str(Path(sys.executable).with_name("engram"))
+
+
+def _engram(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ENGRAM_TOKEN"}
+    return subprocess.run([ENGRAM, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def _error(r: httpx.Response, field: str) -> dict[str, Any]:
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["field"] == field and body["message"] and "\n" not in body["message"], body
+    return dict(body)
+
+
+def test_admin_backup_priority_field(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "data")
+    bk = tmp_path / "bk"
+    bk.mkdir()
+    with srv.client() as c:
+        for i in range(20):
+            assert c.post("/v1/memories", json={"id": f"m{i}", "content": f"text {i}"}).is_success
+        got = {}
+        for name, extra in [("default", {}), ("low", {"priority": "low"}),
+                            ("normal", {"priority": "normal"})]:
+            out = bk / f"{name}.tar.zst"
+            r = c.post("/v1/admin/backup", json={"kind": "full", "output": str(out), **extra})
+            assert r.status_code == 200, r.text
+            got[name] = r.json()
+            assert Path(got[name]["path"]) == out and out.exists()
+        assert got["default"]["priority"] == "low"  # the server's default
+        assert got["low"]["priority"] == "low" and got["normal"]["priority"] == "normal"
+        files = sorted(os.listdir(bk))
+        for bad in ["fast", "", "LOW"]:
+            body = _error(c.post("/v1/admin/backup", json={
+                "kind": "full", "output": str(bk / "bad.tar.zst"), "priority": bad}), "priority")
+            assert "low or normal" in body["message"]
+        for bad_type in [1, True, ["low"], {"p": "low"}]:
+            _error(c.post("/v1/admin/backup", json={
+                "kind": "full", "output": str(bk / "bad.tar.zst"), "priority": bad_type}),
+                "priority")
+        body = _error(c.post("/v1/admin/backup", json={
+            "kind": "incremental", "output": str(bk / "i.log"), "priority": "low"}), "priority")
+        assert "full backups only" in body["message"]
+        assert sorted(os.listdir(bk)) == files  # nothing was written by a refused request
+        r = c.post("/v1/admin/backup", json={"kind": "incremental", "output": str(bk / "i.log")})
+        assert r.status_code == 200 and r.json()["priority"] is None, r.text
+        lsn = c.get("/v1/stats").json()["lsn"]
+    for name in ("default", "low", "normal"):
+        res = restore(bk / f"{name}.tar.zst", tmp_path / f"r-{name}")
+        assert (res.snapshot_lsn, res.digest) == (lsn, got["normal"]["digest"])
+
+
+def test_cli_priority_through_a_server(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    srv = start_server(tmp_path / "data")
+    dd = str(srv.data_dir)
+    bk = tmp_path / "bk"
+    bk.mkdir()
+    with srv.client() as c:
+        assert c.post("/v1/memories", json={"id": "a", "content": "hello"}).is_success
+    p = _engram("backup", "--full", f"--output={bk}/d.tar.zst", "--level=3", "--data-dir", dd,
+                "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["priority"] == "low" and res["validation"]["ok"], res
+    p = _engram("backup", "--full", "--priority=normal", f"--output={bk}/n.tar.zst",
+                "--no-validate", "--data-dir", dd)
+    assert p.returncode == 0, p.stderr
+    assert "at normal priority" in p.stdout
+    files = sorted(os.listdir(bk))
+    for args, needle in [
+        (("--full", "--priority=idle"), "--priority must be low or normal, got 'idle'"),
+        (("--incremental", "--priority=normal"), "--priority only applies to --full"),
+    ]:
+        p = _engram("backup", *args, f"--output={bk}/bad.tar.zst", "--data-dir", dd)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], (p.stdout, p.stderr)
+    assert sorted(os.listdir(bk)) == files
+
+
+# -- the CLI on a data dir no server holds ---------------------------------------------------------
+
+
+def test_cli_priority_flag(tmp_path: Path) -> None:
+    dd = tmp_path / "data"
+    e = Engine.open(dd, EngineConfig(checkpoint_interval=3600))
+    e.apply([{"op": "create_memory", "id": f"m{i}", "content": f"text {i}"} for i in range(5)])
+    e.close()
+    bk = tmp_path / "bk"
+    bk.mkdir()
+    runner = CliRunner()
+
+    def backup(*args: str) -> Any:
+        return runner.invoke(app, ["backup", f"--data-dir={dd}", "--no-validate", *args])
+
+    r = backup("--full", f"--output={bk / 'default.tar.zst'}", "--json")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["priority"] == "normal"  # nobody else writes: every core
+    r = backup("--full", "--priority=low", f"--output={bk / 'low.tar.zst'}", "--json")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["priority"] == "low"
+    r = backup("--full", "--priority=low", f"--output={bk / 'low2.tar.gz'}")
+    assert r.exit_code == 0 and "at low priority" in r.stdout, (r.stdout, r.stderr)
+    files = sorted(os.listdir(bk))
+    for args, needle in [
+        (("--full", "--priority=fast"), "--priority must be low or normal, got 'fast'"),
+        (("--full", "--priority="), "--priority must be low or normal"),
+        (("--incremental", "--priority=low"), "--priority only applies to --full"),
+    ]:
+        r = backup(*args, f"--output={bk / 'bad.tar.zst'}")
+        assert r.exit_code == 2, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert sorted(os.listdir(bk)) == files
