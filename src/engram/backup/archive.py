@@ -113,12 +113,14 @@ class Member:
 @dataclass
 class ArchiveWriter:
     """Write a tar archive member by member; ``members`` maps name to size and sha256.
-    ``threads`` is zstd's (see ``_ZstdWriter``); gzip always compresses in the calling thread."""
+    ``threads`` is zstd's (see ``_ZstdWriter``); gzip always compresses in the calling thread.
+    ``chunk``: files are read, hashed and compressed this many bytes at a time."""
 
     sink: FileSink
     compression: str
     progress: Progress | None = None
     threads: int | None = None
+    chunk: int = CHUNK  # bytes per read of a file member
     members: dict[str, Member] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,7 +129,7 @@ class ArchiveWriter:
             if self.compression == "zstd"
             else _GzipWriter(self.sink)
         )
-        self._buf = bytearray(CHUNK)
+        self._buf = bytearray(self.chunk)
         self.mtime = int(time.time())
 
     def _header(self, name: str, size: int) -> bytes:
@@ -163,7 +165,7 @@ class ArchiveWriter:
         left = size
         with open(path, "rb", buffering=0) as f:
             while left:
-                n = f.readinto(mv[: min(CHUNK, left)])  # type: ignore[attr-defined]
+                n = f.readinto(mv[: min(self.chunk, left)])  # type: ignore[attr-defined]
                 if not n:
                     raise BadArchive(f"{path} shrank while it was being archived")
                 chunk = mv[:n]

@@ -26,7 +26,7 @@ from typing import Any
 from engram import __version__
 from engram.backup.archive import FileSink
 from engram.backup.catalog import info_path, write_info
-from engram.backup.worker import Plan, PlanMember, Request, run_worker, write_plan
+from engram.backup.worker import LOW_CHUNK, Plan, PlanMember, Request, run_worker, write_plan
 from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import MANIFEST_VERSION, compression_for, encode_sidecar
@@ -197,7 +197,7 @@ def full_backup(
                 if progress:
                     progress(done[0], total)
 
-            plan = _plan(engine, cut, compression, threads=1 if priority == "low" else None)
+            plan = _plan(engine, cut, compression, priority)
             if priority == "low":
                 req = Request(str(tmp), plan, progress=progress is not None)
                 res = run_worker(req, output, tick, on_worker)
@@ -237,7 +237,7 @@ def full_backup(
     return result
 
 
-def _plan(engine: Engine, cut: Cut, compression: str, threads: int | None) -> Plan:
+def _plan(engine: Engine, cut: Cut, compression: str, priority: str) -> Plan:
     """Everything the archive holds, read while the cut pins it (docs/FORMAT.md): the bytes
     that only this process can get right (the WAL prefix, checked against the cut's salts; the
     log records (W, S]; the hot set) and the files to stream, which stay as they are until the
@@ -278,7 +278,9 @@ def _plan(engine: Engine, cut: Cut, compression: str, threads: int | None) -> Pl
             "cold": {"segments": [p.name for p in cold]},
         },
     }
-    return Plan(compression, members, manifest, threads)
+    if priority == "low":  # one core, and a small footprint in the shared cache
+        return Plan(compression, members, manifest, threads=1, chunk=LOW_CHUNK)
+    return Plan(compression, members, manifest)
 
 
 def _read_wal(wal: Path, size: int) -> bytes:
