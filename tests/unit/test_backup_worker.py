@@ -2,10 +2,10 @@
 (``python -m engram.backup.worker``) from a plan the engine's process gathered under the cut.
 
 The archive it writes holds the same members with the same bytes as the in-process path and
-restores to the same state; a worker that is SIGKILLed, hits an I/O error, or finds a file
-shorter than planned fails the backup with the cause in one line, leaves nothing at PATH,
-PATH.sha256 or PATH.info.json and no temp file, never touches earlier backups, and releases the
-cut. No timing is asserted anywhere.
+restores to the same state. A worker that is SIGKILLed, hits an I/O error or finds a file
+shorter than planned, or a Ctrl-C in the parent, fails the backup with the cause in one line,
+leaves nothing at PATH, PATH.sha256 or PATH.info.json and no temp file, never touches earlier
+backups, and releases the cut. No timing is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -217,6 +217,22 @@ def test_worker_killed_mid_backup(big: tuple[Engine, Path, dict[str, str]]) -> N
     r = restore(out, bk.parent / "restored")
     assert (r.snapshot_lsn, r.digest) == (res.snapshot_lsn, res.digest) == (e.last_lsn,
                                                                            e.digest.hex)
+
+
+def test_ctrl_c_while_the_worker_writes(big: tuple[Engine, Path, dict[str, str]]) -> None:
+    e, bk, before = big
+    out = bk / "new.tar.zst"
+    pids: list[int] = []
+
+    def ctrl_c(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(BackupError) as ei:
+        full_backup(e, out, progress=ctrl_c, priority="low", on_worker=pids.append)
+    assert ei.value.message == f"interrupted; nothing was written at {out}"
+    _check_nothing_left(e, bk, before, ei.value, out)
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pids[0], 0)
 
 
 def test_worker_io_error_names_its_cause(big: tuple[Engine, Path, dict[str, str]]) -> None:
