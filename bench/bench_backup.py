@@ -88,6 +88,11 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--large-mb", type=float, help="warm tier of the large store (default 10x)")
     p.add_argument("--duration", type=float, help="seconds per latency phase (default 4)")
     p.add_argument("--reps", type=int, help="repetitions of the timed steps (default 3)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="alternations of the with/without-backup phases (default 6), each --duration / 2",
+    )
     p.add_argument("--pitr-records", type=int, help="records replayed by PITR (default 100,000)")
     p.add_argument("--pitr-txn", type=int, default=1, help="ops per transaction of that log")
     p.add_argument("--incr-records", type=int, default=10_000, help="records in the incremental")
@@ -106,6 +111,7 @@ def parse_args(argv: list[str] | None) -> Any:
     args.large_mb = args.large_mb or 10 * args.small_mb
     args.duration = args.duration or (0.5 if q else 4.0)
     args.reps = args.reps or (1 if q else 3)
+    args.rounds = args.rounds or (1 if q else 6)
     args.pitr_records = args.pitr_records or (2_000 if q else 100_000)
     if q:
         args.incr_records = min(args.incr_records, 1_000)
@@ -344,7 +350,9 @@ def bench_write_during_backup(rep: Report, args: Any, store: Store, work: Path) 
         w = Writers(eng, 2, prefix="during-")
         without: list[int] = []
         during: list[int] = []
-        for _ in range(2):
+        # Many short alternating phases: the machine's drift (its fsync latency moves by 10x
+        # within minutes) lands on both sides alike.
+        for _ in range(args.rounds):
             without += w.measure(D / 2)[0]
             during += w.measure(D / 2, backups)[0]
     finally:
