@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +144,8 @@ def refused(
         assert n in msg, f"{n!r} not in the refusal: {msg}"
     assert "\n" not in msg
     scene.check_untouched()
+    # The read-ahead thread stops with the extraction, whatever refused it.
+    assert not [t for t in threading.enumerate() if t.name == "engram-decompress"]
     return ei.value
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import tarfile
+import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol, cast
@@ -268,8 +270,14 @@ def check_zstd_frames(path: Path) -> None:
                 need(4, "frame checksum")
 
 
+_READ_ERRORS = (zstandard.ZstdError, OSError, EOFError, zlib.error)
+PREFETCH = 1 << 20
+
+
 class _Decompressed:
-    """A readable stream of the decompressed tar, for zstd or gzip input."""
+    """The decompressed tar, read ahead by a thread of its own: decompressing (and hashing the
+    compressed bytes) releases the GIL, so it runs on one core while the caller hashes and
+    writes members on the other, as ``zstd -d | tar -x`` does with two processes."""
 
     def __init__(self, raw: HashingReader, compression: str) -> None:
         self.raw = raw
@@ -282,31 +290,72 @@ class _Decompressed:
             import gzip
 
             self.r = cast(BinaryIO, gzip.GzipFile(fileobj=cast(IO[bytes], raw), mode="rb"))
+        self._q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=16)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="engram-decompress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self.r.read(PREFETCH)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:  # raised in the reading thread by _next
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _fill(self, what: str) -> bool:
+        """Make ``_buf`` non-empty; False at the end of the stream."""
+        while not self._buf:
+            if self._eof:
+                return False
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                if isinstance(item, _READ_ERRORS):
+                    raise BadArchive(
+                        f"the archive is damaged: decompression failed in {what} ({item})"
+                    ) from None
+                raise item
+            if not item:
+                self._eof = True
+                return False
+            self._buf = memoryview(item)
+        return True
+
+    def take(self, n: int, what: str) -> memoryview:
+        """Up to ``n`` (> 0) next bytes, without a copy; the stream must not end first."""
+        if not self._fill(what):
+            raise BadArchive(f"the archive is truncated: it ends inside {what}")
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
 
     def read_exact(self, n: int, what: str) -> bytes:
         out = bytearray()
         while len(out) < n:
-            try:
-                chunk = self.r.read(n - len(out))
-            except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
-                raise BadArchive(
-                    f"the archive is damaged: decompression failed in {what} ({e})"
-                ) from None
-            if not chunk:
-                raise BadArchive(f"the archive is truncated: it ends inside {what}")
-            out += chunk
+            out += self.take(n - len(out), what)
         return bytes(out)
 
-    def readinto(self, mv: memoryview, what: str) -> int:
-        try:
-            n = self.r.readinto(mv)  # type: ignore[attr-defined]
-        except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
-            raise BadArchive(
-                f"the archive is damaged: decompression failed in {what} ({e})"
-            ) from None
-        if not n:
-            raise BadArchive(f"the archive is truncated: it ends inside {what}")
-        return int(n)
+    def rest(self, what: str) -> Iterator[memoryview]:
+        """Everything left in the stream."""
+        while self._fill(what):
+            out, self._buf = self._buf, memoryview(b"")
+            yield out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def check_member_name(name: str) -> str:
@@ -346,79 +395,80 @@ def extract_verified(
     compression = sniff_compression(archive)
     if compression == "zstd":
         check_zstd_frames(archive)
-    members: dict[str, Member] = {}
-    manifest: bytes | None = None
     open_out = writer or (lambda p: open(p, "xb", buffering=0))  # noqa: SIM115
-    buf = bytearray(CHUNK)
-    mv = memoryview(buf)
     with open(archive, "rb") as f:
         raw = HashingReader(f, progress)
         src = _Decompressed(raw, compression)
-        zero_blocks = 0
-        while True:
-            hdr = src.read_exact(BLOCK, "a tar header")
-            if hdr == b"\0" * BLOCK:
-                zero_blocks += 1
-                if zero_blocks == 2:
-                    break
-                continue
-            if zero_blocks:
-                raise BadArchive("the archive is damaged: data after an end-of-archive marker")
-            try:
-                ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "strict")
-            except (tarfile.HeaderError, UnicodeDecodeError) as e:
-                raise BadArchive(f"the archive has an invalid tar header ({e})") from None
-            name = ti.name
-            if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-                kind = _KIND_NAMES.get(ti.type, f"of tar type {ti.type!r}")
-                raise BadArchive(f"archive member {name!r} is {kind}, not a regular file; refused")
-            check_member_name(name)
-            if name in members:
-                raise BadArchive(f"archive member {name!r} appears twice; refused")
-            if ti.size < 0 or ti.size > 1 << 44:
-                raise BadArchive(f"archive member {name!r} has an impossible size")
-            target = dest / name
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            sha = hashlib.sha256()
-            keep = bytearray() if name == "manifest.json" else None
-            if keep is not None and ti.size > 16 << 20:
-                raise BadArchive("manifest.json is implausibly large; refused")
-            left = ti.size
-            try:
-                out = open_out(target)
-            except FileExistsError:
-                raise BadArchive(f"archive member {name!r} appears twice; refused") from None
-            try:
-                while left:
-                    n = src.readinto(mv[: min(CHUNK, left)], repr(name))
-                    chunk = mv[:n]
-                    sha.update(chunk)
-                    _write_all(out, chunk)
-                    if keep is not None:
-                        keep += chunk
-                    left -= n
-                os.fsync(out.fileno())
-            finally:
-                out.close()
-            os.chmod(target, 0o600)
-            pad = (-ti.size) % BLOCK
-            if pad:
-                src.read_exact(pad, repr(name))
-            members[name] = Member(ti.size, sha.hexdigest())
-            if keep is not None:
-                manifest = bytes(keep)
-        # The rest of the stream must be zeros (tar record padding), then nothing.
-        while True:
-            try:
-                rest = src.r.read(CHUNK)
-            except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
-                raise BadArchive(f"the archive is damaged after its last member ({e})") from None
-            if not rest:
-                break
-            if rest.count(0) != len(rest):
-                raise BadArchive("the archive is damaged: data after an end-of-archive marker")
+        try:
+            members, manifest = _extract_members(src, dest, open_out)
+        finally:
+            src.close()
         raw.drain()
     return members, manifest, raw.sha.hexdigest()
+
+
+def _extract_members(
+    src: _Decompressed, dest: Path, open_out: Callable[[Path], BinaryIO]
+) -> tuple[dict[str, Member], bytes | None]:
+    members: dict[str, Member] = {}
+    manifest: bytes | None = None
+    zero_blocks = 0
+    while True:
+        hdr = src.read_exact(BLOCK, "a tar header")
+        if hdr == b"\0" * BLOCK:
+            zero_blocks += 1
+            if zero_blocks == 2:
+                break
+            continue
+        if zero_blocks:
+            raise BadArchive("the archive is damaged: data after an end-of-archive marker")
+        try:
+            ti = tarfile.TarInfo.frombuf(hdr, "utf-8", "strict")
+        except (tarfile.HeaderError, UnicodeDecodeError) as e:
+            raise BadArchive(f"the archive has an invalid tar header ({e})") from None
+        name = ti.name
+        if ti.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            kind = _KIND_NAMES.get(ti.type, f"of tar type {ti.type!r}")
+            raise BadArchive(f"archive member {name!r} is {kind}, not a regular file; refused")
+        check_member_name(name)
+        if name in members:
+            raise BadArchive(f"archive member {name!r} appears twice; refused")
+        if ti.size < 0 or ti.size > 1 << 44:
+            raise BadArchive(f"archive member {name!r} has an impossible size")
+        target = dest / name
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sha = hashlib.sha256()
+        keep = bytearray() if name == "manifest.json" else None
+        if keep is not None and ti.size > 16 << 20:
+            raise BadArchive("manifest.json is implausibly large; refused")
+        left = ti.size
+        try:
+            out = open_out(target)
+        except FileExistsError:
+            raise BadArchive(f"archive member {name!r} appears twice; refused") from None
+        try:
+            while left:
+                chunk = src.take(min(CHUNK, left), repr(name))
+                sha.update(chunk)
+                _write_all(out, chunk)
+                if keep is not None:
+                    keep += chunk
+                left -= len(chunk)
+            os.fsync(out.fileno())
+        finally:
+            out.close()
+        os.chmod(target, 0o600)
+        pad = (-ti.size) % BLOCK
+        if pad:
+            src.read_exact(pad, repr(name))
+        members[name] = Member(ti.size, sha.hexdigest())
+        if keep is not None:
+            manifest = bytes(keep)
+    # The rest of the stream must be zeros (tar record padding), then nothing.
+    for rest in src.rest("the padding after the last member"):
+        if bytes(rest).count(0) != len(rest):
+            raise BadArchive("the archive is damaged: data after an end-of-archive marker")
+    return members, manifest
 
 
 def _write_all(out: BinaryIO, data: memoryview) -> None:
