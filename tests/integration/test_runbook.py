@@ -21,6 +21,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 BIN = Path(sys.executable).parent
+WAIT_READY = (
+    'for i in $(seq 1 100); do curl -fsS "$ENGRAM_URL/health/ready" >/dev/null && exit 0; '
+    "sleep 0.1; done; exit 1"
+)
 
 
 def _free_port() -> int:
@@ -84,14 +88,16 @@ class Runbook:
             ["bash", "-c", full], cwd=self.work, env=env, capture_output=True, text=True,
             timeout=300,
         )
-        assert p.returncode == 0, f"runbook step failed:\n{script}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+        assert p.returncode == 0, (
+            f"runbook step failed:\n{script}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+        )
         return p.stdout
 
     def engram(self, *args: str) -> str:
         return self.bash("engram " + " ".join(f"'{a}'" for a in args))
 
     def start(self) -> None:
-        self.bash("start_engram\nfor i in $(seq 1 100); do curl -fsS \"$ENGRAM_URL/health/ready\" >/dev/null && exit 0; sleep 0.1; done; exit 1")
+        self.bash("start_engram\n" + WAIT_READY)
 
     def stop(self) -> None:
         self.bash("stop_engram")
@@ -144,7 +150,9 @@ def test_scenario_2_corruption(rb: Runbook) -> None:
     rb.start()
     for i in range(10):
         rb.engram("put", "--content", f"good {i}", "--id", f"g{i}")
-    rb.engram("backup", "--full", "--no-validate", f"--output={rb.work}/backups/full-20251024.tar.zst")
+    rb.engram(
+        "backup", "--full", "--no-validate", f"--output={rb.work}/backups/full-20251024.tar.zst"
+    )
     rb.engram("put", "--content", "also good", "--id", "g-late")
     time.sleep(1.1)
     restore_time = _local_now()
@@ -155,7 +163,7 @@ def test_scenario_2_corruption(rb: Runbook) -> None:
               f"--output={rb.work}/backups/incremental-20251024-1430.log")
     out = rb.bash(_sections()["scenario 2"][0], RESTORE_TIME=restore_time)
     assert "recovered" in out
-    rb.bash('for i in $(seq 1 100); do curl -fsS "$ENGRAM_URL/health/ready" >/dev/null && exit 0; sleep 0.1; done; exit 1')
+    rb.bash(WAIT_READY)
     assert '"id": "g1"' in rb.engram("query", "--id", "g1", "--json")
     assert '"id": "g-late"' in rb.engram("query", "--id", "g-late", "--json")
     missing = subprocess.run(
@@ -170,7 +178,9 @@ def test_scenario_3_accidental_deletion(rb: Runbook) -> None:
     rb.engram("put", "--content", "the one we need", "--id", "critical-node")
     rb.engram("put", "--content", "a neighbour", "--id", "neighbour")
     rb.engram("link", "--src", "critical-node", "--dst", "neighbour")
-    rb.engram("backup", "--full", "--no-validate", f"--output={rb.work}/backups/full-20251024.tar.zst")
+    rb.engram(
+        "backup", "--full", "--no-validate", f"--output={rb.work}/backups/full-20251024.tar.zst"
+    )
     time.sleep(1.1)
     before_delete = _local_now()
     time.sleep(1.1)
