@@ -437,3 +437,25 @@ def test_rows_scanned_in_helper_processes_give_the_same_report(
     split = verify_data_dir(root)
     assert split.digest_recomputed == one.digest_recomputed is not None
     assert facts(split) == facts(one)
+
+
+def test_damaged_index_is_found_by_the_structure_check(data_dir: Path) -> None:
+    """Only SQLite's own check reads the edges_by_dst index: its findings must reach the report
+    (on a data dir nobody owns it runs beside the row scans)."""
+    db = data_dir / "warm" / "engram.db"
+    conn = sqlite3.connect(db)
+    root_page = conn.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'edges_by_dst'"
+    ).fetchone()[0]
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    data = bytearray(db.read_bytes())
+    start = (root_page - 1) * page
+    data[start : start + page] = b"\x00" * page  # a page that is no b-tree page at all
+    db.write_bytes(bytes(data))
+    for check_all in (False, True):
+        report = verify_data_dir(data_dir, check_all=check_all)
+        sqlite_problems = [p for p in report.problems if p.check == "sqlite"]
+        assert sqlite_problems, render_text(report)
+        assert report.checks["sqlite"].status == "fail"
+        assert report.checks["memories"].status == "ok"  # the rows themselves are fine
