@@ -40,10 +40,10 @@ from typing import Any
 
 import msgspec
 
-import engram
 from engram.backup.archive import CHUNK, ArchiveWriter, FileSink, Member, Progress
 from engram.errors import BackupError, BadArchive, EngramError
 from engram.format.manifest import MANIFEST_NAME, encode_manifest
+from engram.procs import module_argv, module_env
 
 EXIT_FAILED = 3
 EXIT_ORPHANED = 4
@@ -116,18 +116,14 @@ def run_worker(
     message; a worker that dies or talks nonsense is a BackupError naming ``output``. On any
     error or interrupt here, the worker is killed and reaped before this returns. The caller
     owns (and removes) the temp file."""
-    env = dict(os.environ)
-    # The worker runs this very package, wherever it was imported from.
-    root = str(Path(engram.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     payload = msgspec.msgpack.encode(request)
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", MODULE],
+            module_argv(MODULE),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
-            env=env,
+            env=module_env(),
             # A process group of its own, so that a Ctrl-C at a terminal reaches only the
             # parent (which kills and reaps it) -- but the parent's session: with autogroup
             # scheduling (Linux's default on desktops and many servers) a new session would be a

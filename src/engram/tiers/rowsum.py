@@ -24,6 +24,7 @@ from typing import TypeVar
 import msgspec
 
 from engram.digest import MOD, memory_rows_sum
+from engram.procs import module_argv, module_env
 
 log = logging.getLogger("engram.digest")
 
@@ -72,9 +73,10 @@ def split_scan(
     for a, b in bounds[1:]:
         try:
             p: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-m", module, database, str(a), str(b)],
+                module_argv(module, database, str(a), str(b)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                env=module_env(),
             )
         except OSError as e:
             log.warning("scan helper could not start (%s); scanning in this process", e)
