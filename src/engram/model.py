@@ -45,7 +45,10 @@ MEMORY_OPS = frozenset(
 EDGE_OPS = frozenset({OpType.CREATE_EDGE, OpType.DELETE_EDGE})
 
 
-class Memory(msgspec.Struct, array_like=True):
+# gc=False: memories and edges hold only strings, numbers and JSON metadata, so they can never
+# be part of a reference cycle; untracked, a fast tier of a million memories adds nothing to a
+# full garbage collection (~0.15 s per 700,000 tracked memories, with every thread stopped).
+class Memory(msgspec.Struct, array_like=True, gc=False):
     """A memory. Encoded as a msgpack array (field order is part of the format)."""
 
     id: str
@@ -75,7 +78,7 @@ class Memory(msgspec.Struct, array_like=True):
         return out
 
 
-class Edge(msgspec.Struct, array_like=True):
+class Edge(msgspec.Struct, array_like=True, gc=False):
     src: str
     dst: str
     kind: str
