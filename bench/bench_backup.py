@@ -202,6 +202,7 @@ def bench_cut(rep: Report, args: Any, store: Store, label: str) -> dict[str, flo
     try:
         w = Writers(eng, 2, prefix=f"cut-{label}-")
         stalls: list[int] = []
+        waits: list[int] = []
         calls: list[int] = []
 
         def cuts(stop: threading.Event) -> None:
@@ -211,6 +212,7 @@ def bench_cut(rep: Report, args: Any, store: Store, label: str) -> dict[str, flo
                 calls.append(time.perf_counter_ns() - t0)
                 eng.release_cut(cut)
                 stalls.append(cut.stall_ns)
+                waits.append(cut.lock_wait_ns)
                 stop.wait(0.01)
 
         without: list[int] = []
@@ -222,6 +224,7 @@ def bench_cut(rep: Report, args: Any, store: Store, label: str) -> dict[str, flo
         eng.close()
     st = Latency.of(stalls)
     call = Latency.of(calls)
+    wait = Latency.of(waits)
     lw, lc = Latency.of(without), Latency.of(with_cuts)
     rep.figure(
         f"cut_stall_{label}",
@@ -229,9 +232,15 @@ def bench_cut(rep: Report, args: Any, store: Store, label: str) -> dict[str, flo
         f"{len(stalls)} cuts: lock held (Cut.stall_ns) {st.text()}",
     )
     rep.figure(
+        f"cut_wait_{label}",
+        wait.__dict__,
+        f"the cut's wait for the lock (held by a checkpoint or a write; writers wait for "
+        f"those anyway): {wait.text()}",
+    )
+    rep.figure(
         f"cut_call_{label}",
         call.__dict__,
-        f"whole engine.cut() call (lock + segment listing): {call.text()}",
+        f"whole engine.cut() call (wait + lock held + ranking the hot set): {call.text()}",
     )
     rep.figure(
         f"cut_writes_{label}",

@@ -81,7 +81,8 @@ class Cut:
     taken_ns: int
     memories: int
     edges: int
-    stall_ns: int = 0
+    stall_ns: int = 0  # how long the cut held the engine lock (writers wait meanwhile)
+    lock_wait_ns: int = 0  # how long it waited for the lock first (a checkpoint, a write)
 
 
 @dataclass
@@ -340,6 +341,7 @@ class Engine:
         wal = self.layout.warm_db.with_name("engram.db-wal")
         t0 = time.perf_counter_ns()
         with self.lock:
+            t_held = time.perf_counter_ns()
             if self.failed is not None:
                 raise Unavailable(self.failed, retry_after=30)
             if self._cuts == 0:
@@ -366,10 +368,13 @@ class Engine:
             except BaseException:
                 self._release_locked()
                 raise
-            stall = time.perf_counter_ns() - t0
-        cut.stall_ns = stall
+            held = time.perf_counter_ns() - t_held
+        cut.lock_wait_ns = t_held - t0
         with self.lock:  # a cache hint, not part of the cut: copied after it, ranked outside
+            t_held = time.perf_counter_ns()
             cached = self.fast.snapshot()
+            held += time.perf_counter_ns() - t_held
+        cut.stall_ns = held  # what the cut made writers wait: both times it held the lock
         cut.hot_ids = rank_hot(cached, 10_000)
         return cut
 
