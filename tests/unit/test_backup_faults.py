@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.util
 import os
 import random
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 import engram.backup.archive as archive_mod
+import faults as F
 from engram.backup.archive import FileSink
 from engram.backup.full import BackupResult, full_backup
 from engram.backup.incremental import incremental_backup
@@ -36,17 +34,6 @@ from engram.cli.main import app
 from engram.errors import BackupError, RestoreError
 from engram.graph import Engine, EngineConfig
 
-
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-F = _load("faults", Path(__file__).resolve().parents[1] / "faults.py")
 KINDS = ["full-zst", "full-gz", "incremental"]
 NEW = {"full-zst": "new.tar.zst", "full-gz": "new.tar.gz", "incremental": "new.log"}
 

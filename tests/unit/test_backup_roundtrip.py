@@ -24,79 +24,10 @@ from engram.backup.restore import restore
 from engram.backup.verify import verify_data_dir
 from engram.graph import Engine, EngineConfig
 from engram.oplog.reader import list_segments
+from opgen import OpGen
 
 # Checkpoints only when the test calls engine.checkpoint(); segments of a few KiB.
 CFG = EngineConfig(segment_bytes=4096, checkpoint_interval=3600, checkpoint_ops=10**9)
-KINDS = ("related", "causes", "part-of")
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
-
-
-class OpGen:
-    """Valid random batches; tracks which memories and edges exist (batches are atomic, so the
-    shadow is updated as ops are generated, exactly as the planner's overlay sees them)."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.mems: list[str] = []
-        self.edges: set[tuple[str, str, str]] = set()
-        self.n = 0
-
-    def _text(self) -> str:
-        return " ".join(self.rng.choices(WORDS, k=self.rng.randint(1, 6)))
-
-    def op(self) -> dict[str, Any]:
-        r = self.rng
-        kinds = ["create"] * 4
-        if self.mems:
-            kinds += ["update"] * 2 + ["activate"] * 3 + ["delete"] + ["link"] * 3
-        if self.edges:
-            kinds += ["unlink"]
-        k = r.choice(kinds)
-        if k == "create":
-            self.n += 1
-            mid = f"m{self.n}"
-            self.mems.append(mid)
-            op: dict[str, Any] = {"op": "create_memory", "id": mid, "content": self._text()}
-            if r.random() < 0.5:
-                op["strength"] = round(r.random(), 6)
-            if r.random() < 0.4:
-                op["metadata"] = {"n": self.n, "tags": r.sample(WORDS, 2), "ok": r.random() < 0.5}
-            return op
-        if k == "update":
-            op = {"op": "update_memory", "id": r.choice(self.mems)}
-            if r.random() < 0.7:
-                op["content"] = self._text()
-            if r.random() < 0.5:
-                op["strength"] = round(r.random(), 6)
-            if r.random() < 0.3:
-                op["metadata"] = {"v": r.randint(0, 1000)}
-            return op
-        if k == "activate":
-            op = {"op": "activate", "id": r.choice(self.mems)}
-            if r.random() < 0.5:
-                op["boost"] = round(r.random() * 0.3, 6)
-            return op
-        if k == "delete":
-            mid = r.choice(self.mems)
-            self.mems.remove(mid)
-            self.edges = {e for e in self.edges if mid not in (e[0], e[1])}
-            return {"op": "delete_memory", "id": mid}
-        if k == "link":
-            src, dst, kind = r.choice(self.mems), r.choice(self.mems), r.choice(KINDS)
-            self.edges.add((src, dst, kind))
-            return {
-                "op": "create_edge",
-                "src": src,
-                "dst": dst,
-                "kind": kind,
-                "weight": round(r.uniform(-1, 2), 6),
-            }
-        src, dst, kind = r.choice(sorted(self.edges))
-        self.edges.discard((src, dst, kind))
-        return {"op": "delete_edge", "src": src, "dst": dst, "kind": kind}
-
-    def batch(self) -> list[dict[str, Any]]:
-        return [self.op() for _ in range(self.rng.choice((1, 1, 1, 2, 3, 5)))]
 
 
 def export(engine: Engine) -> tuple[dict[str, tuple], dict[tuple[str, str, str], tuple]]:

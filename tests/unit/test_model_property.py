@@ -12,33 +12,20 @@ the recomputed one, and equal the digest the engine reported when it acknowledge
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import tempfile
 import time
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+import crashdriver
 from engram.graph import Engine, EngineConfig
 from engram.model import ID_RE, KIND_RE
-
-
-def _load_driver() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "crashdriver.py"
-    spec = importlib.util.spec_from_file_location("crashdriver", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-crashdriver = _load_driver()
 
 # -- the model ---------------------------------------------------------------------------------
 

@@ -31,12 +31,11 @@ from engram.errors import ForeignLog, LogGap, UsageError
 from engram.graph import Engine, EngineConfig
 from engram.model import Edge, Memory
 from engram.recovery import read_header
+from opgen import OpGen
 
 CFG = EngineConfig(
     segment_bytes=16 << 10, checkpoint_interval=3600, checkpoint_ops=10**9, half_life_s=0.0
 )
-KINDS = ("related", "causes", "part-of")
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
 
 MemT = tuple[str, str, float, dict, int, int, int, int]
 EdgeT = tuple[str, str, str, float, int]
@@ -124,69 +123,6 @@ class Txn:
     marks: list[str]
 
 
-class OpGen:
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.mems: list[str] = []
-        self.edges: set[tuple[str, str, str]] = set()
-        self.n = 0
-        self.marks = 0
-
-    def _text(self) -> str:
-        return " ".join(self.rng.choices(WORDS, k=self.rng.randint(1, 5)))
-
-    def op(self) -> dict[str, Any]:
-        r = self.rng
-        kinds = ["create"] * 4
-        if self.mems:
-            kinds += ["update"] * 2 + ["activate"] * 3 + ["delete"] + ["link"] * 4
-        if self.edges:
-            kinds += ["unlink"]
-        if r.random() < 0.02:
-            self.marks += 1
-            return {"op": "mark", "name": f"point-{self.marks}"}
-        k = r.choice(kinds)
-        if k == "create":
-            self.n += 1
-            mid = f"m{self.n}"
-            self.mems.append(mid)
-            op: dict[str, Any] = {"op": "create_memory", "id": mid, "content": self._text()}
-            if r.random() < 0.5:
-                op["strength"] = round(r.random(), 6)
-            if r.random() < 0.3:
-                op["metadata"] = {"n": self.n, "tags": r.sample(WORDS, 2)}
-            return op
-        if k == "update":
-            op = {"op": "update_memory", "id": r.choice(self.mems)}
-            if r.random() < 0.7:
-                op["content"] = self._text()
-            if r.random() < 0.5:
-                op["strength"] = round(r.random(), 6)
-            if r.random() < 0.3:
-                op["metadata"] = {"v": r.randint(0, 99)}
-            return op
-        if k == "activate":
-            op = {"op": "activate", "id": r.choice(self.mems)}
-            if r.random() < 0.5:
-                op["boost"] = round(r.random() * 0.2, 6)
-            return op
-        if k == "delete":
-            mid = r.choice(self.mems)
-            self.mems.remove(mid)
-            self.edges = {e for e in self.edges if mid not in (e[0], e[1])}
-            return {"op": "delete_memory", "id": mid}
-        if k == "link":
-            src, dst, kind = r.choice(self.mems), r.choice(self.mems), r.choice(KINDS)
-            self.edges.add((src, dst, kind))
-            op = {"op": "create_edge", "src": src, "dst": dst, "kind": kind}
-            if r.random() < 0.7:
-                op["weight"] = round(r.uniform(0, 2), 6)
-            return op
-        src, dst, kind = r.choice(sorted(self.edges))
-        self.edges.discard((src, dst, kind))
-        return {"op": "delete_edge", "src": src, "dst": dst, "kind": kind}
-
-
 @dataclass
 class History:
     txns: list[Txn]
@@ -216,7 +152,7 @@ class History:
 
 def _build(root: Path, seed: int = 7, n_txns: int = 1300) -> History:
     rng = random.Random(seed)
-    gen = OpGen(rng)
+    gen = OpGen(rng, marks=0.02)
     backups = root / "backups"
     later = root / "later"
     backups.mkdir()
@@ -230,7 +166,7 @@ def _build(root: Path, seed: int = 7, n_txns: int = 1300) -> History:
     eng = Engine.open(root / "src", CFG)
     try:
         for i in range(1, n_txns + 1):
-            ops = [gen.op() for _ in range(rng.choice((1, 1, 2, 3, 5)))]
+            ops = gen.batch((1, 1, 2, 3, 5))
             res = eng.apply(ops)
             ts = eng.last_ts
             n = model.apply(ops, ts)
@@ -452,7 +388,7 @@ def test_repo_with_a_second_full_in_the_same_directory(tmp_path: Path) -> None:
     taken after the second full continues from it, so the chain of the first full stops short
     of the second; a target inside the first full's chain must still be recoverable."""
     rng = random.Random(17)
-    gen = OpGen(rng)
+    gen = OpGen(rng, marks=0.02)
     repo = tmp_path / "repo"
     repo.mkdir()
     model = Model()
@@ -462,7 +398,7 @@ def test_repo_with_a_second_full_in_the_same_directory(tmp_path: Path) -> None:
 
         def run(n: int) -> None:
             for _ in range(n):
-                ops = [gen.op() for _ in range(rng.choice((1, 2, 3)))]
+                ops = gen.batch((1, 2, 3))
                 res = eng.apply(ops)
                 k = model.apply(ops, eng.last_ts)
                 txns.append(Txn(res.lsn - k + 1, res.lsn, eng.last_ts, ops, []))

@@ -4,17 +4,16 @@ data dir is written by tests/crashdriver.py, which is SIGKILLed."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
 import sqlite3
 import struct
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+import crashdriver
 from engram import digest as dg
 from engram.errors import CorruptData, CorruptLog, ForeignLog, LogGap
 from engram.format import record as fmt
@@ -22,17 +21,6 @@ from engram.graph import Engine, EngineConfig
 from engram.model import OpType
 from engram.oplog.reader import LogFile, list_segments
 
-
-def _load_driver() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "crashdriver.py"
-    spec = importlib.util.spec_from_file_location("crashdriver", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-crashdriver = _load_driver()
 NO_CKPT = {"checkpoint_interval": 3600.0, "checkpoint_ops": 10**9}
 
 
