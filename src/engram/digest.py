@@ -41,16 +41,11 @@ def memory_hash(m: Memory) -> int:
     )
 
 
-def memory_row_hash(row: tuple, metadata: dict) -> int:
-    """``memory_hash`` of a warm-tier row (id, content, strength, metadata JSON, created_at,
-    updated_at, last_activated_at, activation_count) with its metadata decoded: the same bytes
-    are hashed, without building a Memory."""
-    return _h(_enc.encode(("m", row[0], row[1], row[2], metadata, *row[4:8])))
-
-
 def memory_rows_sum(rows: Iterable[tuple], decode_metadata: Callable[[str], dict]) -> int:
-    """The sum of ``memory_row_hash`` over warm-tier rows, the same bytes hashed with the
-    calls inlined (the digest recompute spends its time here)."""
+    """The sum of ``memory_hash`` over warm-tier rows (id, content, strength, metadata JSON,
+    created_at, updated_at, last_activated_at, activation_count): the same bytes hashed,
+    without building Memory objects, the calls inlined (a digest recompute spends its time
+    here)."""
     enc, sha, from_bytes = _enc.encode, hashlib.sha256, int.from_bytes
     return sum(
         from_bytes(

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from engram.digest import MOD, memory_hash, memory_row_hash
+from engram.digest import MOD, memory_hash, memory_rows_sum
 from engram.errors import CorruptData
 from engram.format.record import Record
 from engram.model import Edge, Memory, OpType, parse_edge_target
@@ -348,22 +348,17 @@ class WarmTier:
 
     def digest_sum(self, overrides: dict[str, Memory]) -> int:
         """Sum (mod 2^256) of the memory hashes of every row, in any order, with ``overrides``
-        (newer versions held by the fast tier) taking the place of rows. With no uncommitted
-        changes the committed file is what to hash and helper processes share the scan
-        (``rowsum``); otherwise this connection reads it all."""
+        (newer versions held by the fast tier) taking the place of rows. With uncommitted
+        changes this connection reads every row; otherwise the committed file is what to hash
+        and helper processes share the scan (``rowsum``)."""
         if self.conn.in_transaction:
-            total = 0
-            for r in self.conn.execute(f"SELECT {_COLS} FROM memories"):
-                m = overrides.get(r[0])
-                total += (
-                    memory_hash(m) if m is not None else memory_row_hash(r, _json_dec.decode(r[3]))
-                )
-            return total % MOD
-        total = rowsum.committed_sum(self.path, self.conn)
+            total = rowsum.range_sum(self.conn)
+        else:
+            total = rowsum.committed_sum(self.path, self.conn)
         for mid, m in overrides.items():
             r = self.conn.execute(f"SELECT {_COLS} FROM memories WHERE id=?", (mid,)).fetchone()
             if r is not None:
-                total += memory_hash(m) - memory_row_hash(r, _json_dec.decode(r[3]))
+                total += memory_hash(m) - memory_rows_sum((r,), _json_dec.decode)
         return total % MOD
 
     def iter_edges(self, batch: int = 5000) -> Iterator[Edge]:
