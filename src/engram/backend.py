@@ -60,6 +60,7 @@ class Backend(Protocol):
         since_lsn: int | None,
         progress: Progress | None = None,
         priority: str | None = None,
+        cpu_share: float | None = None,
     ) -> dict[str, Any]: ...
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]: ...
@@ -78,22 +79,29 @@ def _run_backup(
     progress: Progress | None = None,
     priority: str | None = None,
     default_priority: str = "normal",
+    cpu_share: float | None = None,
 ) -> dict[str, Any]:
     """``priority`` (full backups only; None = ``default_priority``): "low" writes the archive
     in a worker process on idle CPU, "normal" in this process on every core. The server's
-    default is "low" (writers keep their latency), a data dir opened here "normal"."""
+    default is "low" (writers keep their latency), a data dir opened here "normal".
+    ``cpu_share`` caps a low-priority worker while the engine writes (None = the default cap);
+    given without a priority, it means "low"."""
     # Imported here: only backup commands pay for the backup modules.
     from engram.backup.full import full_backup
     from engram.backup.incremental import incremental_backup
 
     if kind == "full":
-        res = full_backup(engine, output, progress, priority=priority or default_priority)
+        if priority is None and cpu_share is not None:
+            priority = "low"
+        res = full_backup(
+            engine, output, progress, priority=priority or default_priority, cpu_share=cpu_share
+        )
         return res.to_json()
     if kind == "incremental":
-        if priority is not None:
+        if priority is not None or cpu_share is not None:
             raise UsageError(
-                "priority applies to full backups only (an incremental is a short read of the "
-                "log, taken in the engine's process)"
+                "priority and cpu share apply to full backups only (an incremental is a short "
+                "read of the log, taken in the engine's process)"
             )
         return incremental_backup(engine, output, since_s, since_lsn, progress).to_json()
     raise UsageError(f"backup kind must be full or incremental, got {kind!r}")
@@ -120,8 +128,18 @@ class LocalBackend:
         since_lsn: int | None,
         progress: Progress | None = None,
         priority: str | None = None,
+        cpu_share: float | None = None,
     ) -> dict[str, Any]:
-        return _run_backup(self.engine, kind, output, since_s, since_lsn, progress, priority)
+        return _run_backup(
+            self.engine,
+            kind,
+            output,
+            since_s,
+            since_lsn,
+            progress,
+            priority,
+            cpu_share=cpu_share,
+        )
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         raise _no_server(self.engine.root, "quiesce")
@@ -194,10 +212,13 @@ class RemoteBackend:
         since_lsn: int | None,
         progress: Progress | None = None,
         priority: str | None = None,
+        cpu_share: float | None = None,
     ) -> dict[str, Any]:
         # The server writes the file: the path must mean the same to it, so make it absolute.
         # No priority given: the server's default (low).
-        return self.client.backup(kind, str(Path(output).absolute()), since_s, since_lsn, priority)
+        return self.client.backup(
+            kind, str(Path(output).absolute()), since_s, since_lsn, priority, cpu_share
+        )
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         return self.client.quiesce(timeout_s)

@@ -241,6 +241,7 @@ class EngramClient:
         since_s: float | None = None,
         since_lsn: int | None = None,
         priority: str | None = None,
+        cpu_share: float | None = None,
     ) -> dict[str, Any]:
         body = _drop_none(
             {
@@ -249,6 +250,7 @@ class EngramClient:
                 "since_s": since_s,
                 "since_lsn": since_lsn,
                 "priority": priority,
+                "cpu_share": cpu_share,
             }
         )
         return dict(self.request("POST", "/v1/admin/backup", json=body, timeout=None))

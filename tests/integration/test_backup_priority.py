@@ -2,7 +2,8 @@
 ``priority`` ("low", the server's default: the archive is written by a worker process on idle
 CPU; or "normal": in the server's process on every core), validated like the other fields, and
 `engram backup --priority` passes it on; on a data dir no server holds the CLI's default is
-"normal"."""
+"normal". A low-priority backup's ``cpu_share`` (`--cpu-share`) caps its worker while the log
+grows; it is checked the same way, and implies priority low."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from serverproc import ServerProcess
 from typer.testing import CliRunner
 
 from engram.backup.restore import restore
+from engram.backup.worker import DEFAULT_CPU_SHARE
 from engram.cli.main import app
 from engram.graph import Engine, EngineConfig
 
 ENGRAM = str(Path(sys.executable).with_name("engram"))
+BAD_SHARE = "--cpu-share must be a number from 0.05 to 1 (a fraction of one core), "
 
 
 def _engram(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,7 +59,29 @@ def test_admin_backup_priority_field(
             assert Path(got[name]["path"]) == out and out.exists()
         assert got["default"]["priority"] == "low"  # the server's default
         assert got["low"]["priority"] == "low" and got["normal"]["priority"] == "normal"
+        assert got["default"]["cpu_share"] == DEFAULT_CPU_SHARE
+        assert got["normal"]["cpu_share"] is None
+        r = c.post("/v1/admin/backup", json={
+            "kind": "full", "output": str(bk / "share.tar.zst"), "cpu_share": 0.5})
+        assert r.status_code == 200, r.text
+        assert (r.json()["priority"], r.json()["cpu_share"]) == ("low", 0.5)
         files = sorted(os.listdir(bk))
+        for bad_share in [0, 0.01, 1.5, -1]:
+            body = _error(c.post("/v1/admin/backup", json={
+                "kind": "full", "output": str(bk / "bad.tar.zst"), "cpu_share": bad_share}),
+                "cpu_share")
+            assert "from 0.05 to 1" in body["message"]
+        for bad_type in ["0.5", True, [0.5]]:
+            _error(c.post("/v1/admin/backup", json={
+                "kind": "full", "output": str(bk / "bad.tar.zst"), "cpu_share": bad_type}),
+                "cpu_share")
+        body = _error(c.post("/v1/admin/backup", json={
+            "kind": "full", "output": str(bk / "bad.tar.zst"), "priority": "normal",
+            "cpu_share": 0.5}), "cpu_share")
+        assert "priority low only" in body["message"]
+        body = _error(c.post("/v1/admin/backup", json={
+            "kind": "incremental", "output": str(bk / "i.log"), "cpu_share": 0.5}), "cpu_share")
+        assert "full backups only" in body["message"]
         for bad in ["fast", "", "LOW"]:
             body = _error(c.post("/v1/admin/backup", json={
                 "kind": "full", "output": str(bk / "bad.tar.zst"), "priority": bad}), "priority")
@@ -95,10 +120,15 @@ def test_cli_priority_through_a_server(
                 "--no-validate", "--data-dir", dd)
     assert p.returncode == 0, p.stderr
     assert "at normal priority" in p.stdout
+    p = _engram("backup", "--full", "--cpu-share=0.5", f"--output={bk}/s.tar.zst",
+                "--no-validate", "--data-dir", dd, "--json")
+    assert p.returncode == 0, p.stderr
+    assert (json.loads(p.stdout)["priority"], json.loads(p.stdout)["cpu_share"]) == ("low", 0.5)
     files = sorted(os.listdir(bk))
     for args, needle in [
         (("--full", "--priority=idle"), "--priority must be low or normal, got 'idle'"),
-        (("--incremental", "--priority=normal"), "--priority only applies to --full"),
+        (("--incremental", "--priority=normal"), "--priority and --cpu-share only apply"),
+        (("--full", "--cpu-share=2"), BAD_SHARE + "got 2.0"),
     ]:
         p = _engram("backup", *args, f"--output={bk}/bad.tar.zst", "--data-dir", dd)
         lines = p.stderr.strip().splitlines()
@@ -129,11 +159,25 @@ def test_cli_priority_flag(tmp_path: Path) -> None:
     assert json.loads(r.stdout)["priority"] == "low"
     r = backup("--full", "--priority=low", f"--output={bk / 'low2.tar.gz'}")
     assert r.exit_code == 0 and "at low priority" in r.stdout, (r.stdout, r.stderr)
+    assert f"at most {DEFAULT_CPU_SHARE:.0%} of it while the log grew" in r.stdout
+    r = backup("--full", "--cpu-share=0.4", f"--output={bk / 'share.tar.zst'}", "--json")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    res = json.loads(r.stdout)
+    assert (res["priority"], res["cpu_share"]) == ("low", 0.4)  # a share implies low
+    assert res["paused_s"] == 0  # nothing wrote to the log while it ran
+    r = backup("--full", "--cpu-share=1", f"--output={bk / 'free.tar.zst'}")
+    assert r.exit_code == 0 and "while the log grew" not in r.stdout, r.stdout
     files = sorted(os.listdir(bk))
     for args, needle in [
         (("--full", "--priority=fast"), "--priority must be low or normal, got 'fast'"),
         (("--full", "--priority="), "--priority must be low or normal"),
-        (("--incremental", "--priority=low"), "--priority only applies to --full"),
+        (("--incremental", "--priority=low"), "--priority and --cpu-share only apply to --full"),
+        (("--incremental", "--cpu-share=0.5"), "--priority and --cpu-share only apply to --full"),
+        (("--full", "--cpu-share=0"), BAD_SHARE + "got 0.0"),
+        (("--full", "--cpu-share=nan"), "--cpu-share must be a number from 0.05 to 1"),
+        (("--full", "--priority=normal", "--cpu-share=0.5"),
+         "--cpu-share applies to --priority=low"),
+        (("--full", "--cpu-share=half"), "'--cpu-share'"),
     ]:
         r = backup(*args, f"--output={bk / 'bad.tar.zst'}")
         assert r.exit_code == 2, (args, r.stdout, r.stderr)

@@ -19,6 +19,7 @@ import random
 import resource
 import signal
 import tarfile
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +32,15 @@ from engram.backup.full import describe_os_error, full_backup
 from engram.backup.restore import restore
 from engram.backup.validate import validate_backup
 from engram.backup.worker import (
+    DEFAULT_CPU_SHARE,
+    LogActivity,
+    Pacer,
     Plan,
     PlanMember,
     Request,
     _error_from,
     _error_of,
+    check_cpu_share,
     run_worker,
 )
 from engram.errors import BackupError, BadArchive, UsageError
@@ -293,3 +298,175 @@ def test_worker_errors_keep_their_errno(exc: OSError, expect: str, tmp_path: Pat
     other = _error_from(json.loads(json.dumps(_error_of(MemoryError("boom\nmore")))), "w", out)
     assert isinstance(other, BackupError) and "\n" not in other.message
     assert "MemoryError: boom more" in other.message and str(out) in other.message
+
+
+# -- the cpu share: pausing while the engine writes ------------------------------------------
+
+
+class _Clocks:
+    """A CPU clock and a wall clock the test moves by hand; sleeping moves the wall clock (by
+    ``over`` more than asked, like a real sleep that overruns)."""
+
+    def __init__(self, over: float = 0.0) -> None:
+        self.cpu_t, self.wall_t, self.over = 0.0, 0.0, over
+        self.sleeps: list[float] = []
+
+    def cpu(self) -> float:
+        return self.cpu_t
+
+    def wall(self) -> float:
+        return self.wall_t
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.wall_t += s + self.over
+
+
+def _pacer(c: _Clocks, share: float, busy: Any = None) -> Pacer:
+    return Pacer(share, busy, cpu=c.cpu, wall=c.wall, sleep=c.sleep, min_sleep=0.002)
+
+
+def test_pacer_keeps_to_its_share() -> None:
+    c = _Clocks()
+    pace = _pacer(c, 0.25)
+    for _ in range(5000):  # slices of 0.2 ms of CPU, each owing 0.6 ms of sleep
+        c.cpu_t += 0.0002
+        c.wall_t += 0.0002
+        pace()
+    # 1 s of CPU owes 3 s of sleep at a quarter of a core, slept in pauses of >= 2 ms (every
+    # fourth slice), not after every slice.
+    assert sum(c.sleeps) == pytest.approx(3.0, rel=1e-6)
+    assert min(c.sleeps) >= 0.002 and len(c.sleeps) == 1250
+    assert c.cpu_t / c.wall_t == pytest.approx(0.25, rel=0.01)
+    assert pace.slept == pytest.approx(3.0, rel=1e-6)
+
+
+def test_pacer_credits_a_sleep_that_overruns() -> None:
+    c = _Clocks(over=0.001)
+    pace = _pacer(c, 0.5)
+    for _ in range(100):
+        c.cpu_t += 0.004
+        c.wall_t += 0.004
+        pace()
+    # Each pause is asked for what is owed less what the last one overran.
+    assert c.sleeps[0] == pytest.approx(0.004)
+    assert all(s == pytest.approx(0.003) for s in c.sleeps[1:])
+    assert pace.slept == pytest.approx(0.4, rel=0.01)
+
+
+def test_pacer_is_free_while_the_engine_is_idle_and_with_share_one() -> None:
+    c = _Clocks()
+    busy = [False]
+    pace = _pacer(c, 0.1, lambda: busy[0])
+    for i in range(300):
+        busy[0] = 100 <= i < 200  # only the middle third is while the engine writes
+        c.cpu_t += 0.001
+        c.wall_t += 0.001
+        pace()
+    # Only the 100 busy slices owe sleep (9x their CPU), none of the idle ones.
+    assert sum(c.sleeps) == pytest.approx(0.9, rel=1e-6)
+    c2 = _Clocks()
+    uncapped = _pacer(c2, 1.0, lambda: True)
+    for _ in range(100):
+        c2.cpu_t += 0.001
+        uncapped()
+    assert c2.sleeps == []
+
+
+@pytest.mark.parametrize("bad", [0, 0.01, -1, 1.5, float("nan"), float("inf"), "half", None])
+def test_cpu_share_is_checked(bad: Any, engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cpu share must be a number from 0.05 to 1"):
+        check_cpu_share(bad)
+    if bad is not None:
+        with pytest.raises(UsageError, match="cpu share"):
+            full_backup(engine, tmp_path / "x.tar.zst", priority="low", cpu_share=bad)
+    with pytest.raises(UsageError, match="applies to priority low only"):
+        full_backup(engine, tmp_path / "x.tar.zst", priority="normal", cpu_share=0.5)
+    assert list(tmp_path.glob("x.tar.zst*")) == []
+    assert getattr(engine, "_cuts", 0) == 0
+    assert check_cpu_share(0.05) == 0.05 and check_cpu_share(1) == 1.0
+
+
+def test_log_activity_sees_appends_and_new_segments(tmp_path: Path) -> None:
+    log = tmp_path / "oplog"
+    log.mkdir()
+    seg = log / f"{1:016x}.log"
+    seg.write_bytes(b"x" * 100)
+    t = [0.0]
+    act = LogActivity(log, wall=lambda: t[0], every=0.005, hold=0.25)
+    t[0] = 0.01
+    assert not act()  # nothing appended since it started
+    with seg.open("ab") as f:
+        f.write(b"y")
+    assert not act()  # looked less than `every` ago: not looked again
+    t[0] = 0.02
+    assert act()  # the segment grew
+    t[0] = 0.2
+    assert act()  # still within `hold` of the growth
+    t[0] = 0.3
+    assert not act()  # quiet for longer than `hold`
+    (log / f"{200:016x}.log").write_bytes(b"")  # the log rotated: a new, empty segment
+    t[0] = 0.31
+    assert act()
+    t[0] = 0.6
+    assert not act()
+    with (log / f"{200:016x}.log").open("ab") as f:  # it watches the new segment now
+        f.write(b"z")
+    t[0] = 0.61
+    assert act()
+    gone = LogActivity(tmp_path / "missing", wall=lambda: t[0])
+    assert not gone()  # a log it cannot see never counts as busy
+
+
+def _pacing_run(tmp_path: Path, share: float, grow: bool) -> float:
+    """A real worker archiving 32 MB while (if ``grow``) a thread appends to a log segment
+    every millisecond: the seconds it paused."""
+    src = tmp_path / "src.bin"
+    if not src.exists():
+        src.write_bytes(os.urandom(32 << 20))
+    log = tmp_path / "oplog"
+    log.mkdir(exist_ok=True)
+    seg = log / f"{1:016x}.log"
+    seg.touch()
+    out = tmp_path / f"out-{share}-{grow}.tar.zst"
+    tmp = tmp_path / f".{out.name}.tmp"
+    plan = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=32 << 20)],
+                {"kind": "full"}, 1)
+    stop = threading.Event()
+
+    def appender() -> None:
+        with seg.open("ab") as f:
+            while not stop.wait(0.001):
+                f.write(b"r")
+                f.flush()
+
+    th = threading.Thread(target=appender)
+    if grow:
+        th.start()
+    try:
+        done = run_worker(Request(str(tmp), plan, cpu_share=share, log_dir=str(log)), out)
+    finally:
+        stop.set()
+        if grow:
+            th.join()
+    assert done.size == tmp.stat().st_size
+    tmp.unlink()
+    return done.paused_s
+
+
+def test_worker_pauses_only_while_the_log_grows(tmp_path: Path) -> None:
+    assert _pacing_run(tmp_path, 0.1, grow=True) > 0
+    assert _pacing_run(tmp_path, 0.1, grow=False) == 0
+    assert _pacing_run(tmp_path, 1.0, grow=True) == 0
+
+
+def test_low_priority_backup_reports_its_share(engine: Engine, tmp_path: Path) -> None:
+    r = full_backup(engine, tmp_path / "d.tar.zst", priority="low")
+    assert (r.priority, r.cpu_share) == ("low", DEFAULT_CPU_SHARE)
+    assert r.paused_s is not None and r.paused_s >= 0
+    r2 = full_backup(engine, tmp_path / "s.tar.zst", priority="low", cpu_share=0.6)
+    assert r2.cpu_share == 0.6
+    n = full_backup(engine, tmp_path / "n.tar.zst")
+    assert (n.priority, n.cpu_share, n.paused_s) == ("normal", None, None)
+    info = json.loads((tmp_path / "s.tar.zst.info.json").read_text())
+    assert info["cpu_share"] == 0.6

@@ -26,7 +26,16 @@ from typing import Any
 from engram import __version__
 from engram.backup.archive import FileSink
 from engram.backup.catalog import info_path, write_info
-from engram.backup.worker import LOW_CHUNK, Plan, PlanMember, Request, run_worker, write_plan
+from engram.backup.worker import (
+    DEFAULT_CPU_SHARE,
+    LOW_CHUNK,
+    Plan,
+    PlanMember,
+    Request,
+    check_cpu_share,
+    run_worker,
+    write_plan,
+)
 from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import MANIFEST_VERSION, compression_for, encode_sidecar
@@ -53,6 +62,8 @@ class BackupResult:
     counts: dict[str, int] = field(default_factory=dict)
     stall_ms: float = 0.0
     priority: str | None = None  # full backups: "low" (worker process) or "normal"
+    cpu_share: float | None = None  # priority "low": the worker's cap, a fraction of one core
+    paused_s: float | None = None  # priority "low": time the worker slept to keep to it
     note: str | None = None
     validation: dict[str, Any] | None = None
 
@@ -164,13 +175,15 @@ def full_backup(
     sink_factory: SinkFactory = FileSink,
     priority: str = "normal",
     on_worker: Callable[[int], None] | None = None,
+    cpu_share: float | None = None,
 ) -> BackupResult:
     """Take a full backup of ``engine`` to ``output`` (.tar.zst or .tar.gz).
 
     ``priority="normal"`` writes the archive in this process with zstd on every core (fastest;
     for a data dir nobody writes to). ``"low"`` writes it in a worker process that runs only on
-    CPU the engine leaves idle, compressing on one thread (slower; what the server uses, so that
-    writers keep their latency). The cut is held, and the plan gathered, here either way;
+    CPU the engine leaves idle, compressing on one thread and using at most ``cpu_share`` of one
+    core (default ``DEFAULT_CPU_SHARE``; slower, what the server uses, so that writers keep their
+    latency). The cut is held, and the plan gathered, here either way;
     ``sink_factory`` applies to "normal" only, ``on_worker(pid)`` to "low" only
     (``worker.run_worker``).
     """
@@ -184,6 +197,14 @@ def full_backup(
         raise UsageError(f"backup priority must be low or normal, got {priority!r}")
     if priority == "low" and sink_factory is not FileSink:
         raise ValueError("sink_factory applies to priority='normal' only (in-process writing)")
+    if priority == "low":
+        share: float | None = check_cpu_share(DEFAULT_CPU_SHARE if cpu_share is None else cpu_share)
+    elif cpu_share is not None:
+        raise UsageError(
+            "a cpu share applies to priority low only (priority normal uses every core)"
+        )
+    else:
+        share = None
     check_output(output, ("full",))
     t0 = time.monotonic()
     cut = engine.cut()
@@ -199,9 +220,16 @@ def full_backup(
 
             plan = _plan(engine, cut, compression, priority)
             if priority == "low":
-                req = Request(str(tmp), plan, progress=progress is not None)
+                assert share is not None
+                req = Request(
+                    str(tmp),
+                    plan,
+                    progress=progress is not None,
+                    cpu_share=share,
+                    log_dir=str(engine.layout.oplog),
+                )
                 res = run_worker(req, output, tick, on_worker)
-                size, sha = res.size, res.sha256
+                size, sha, paused = res.size, res.sha256, round(res.paused_s, 3)
                 if tmp.stat().st_size != size:
                     raise BackupError(
                         f"the backup worker reported {size} bytes but wrote "
@@ -213,7 +241,7 @@ def full_backup(
                     write_plan(plan, sink, tick)
                 finally:
                     sink.close()
-                size, sha = sink.size, sink.sha.hexdigest()
+                size, sha, paused = sink.size, sink.sha.hexdigest(), None
             result = BackupResult(
                 kind="full",
                 path=str(output),
@@ -229,6 +257,8 @@ def full_backup(
                 counts=plan.manifest["counts"],
                 stall_ms=round(cut.stall_ns / 1e6, 3),
                 priority=priority,
+                cpu_share=share,
+                paused_s=paused,
             )
             info = result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0}
             publish(tmp, tmp_side, output, result.sha256, info)

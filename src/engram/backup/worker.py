@@ -14,16 +14,17 @@ whichever process runs it:
   itself to SCHED_IDLE (nice 19 where that is refused; Linux also puts a SCHED_IDLE process in
   the idle I/O class, which the BFQ I/O scheduler honours), compresses on one thread and reads in
   small chunks, so the engine's writers and their group-commit flusher keep the CPU, the GIL and
-  most of the cache. Slower, but writes barely notice it.
+  most of the cache; and while the engine's op log grows it uses at most ``cpu_share`` of one
+  core (``Pacer``, ``LogActivity``), pausing between chunks. Slower, but writes barely notice it.
 
-The worker protocol: the request (``Request``: the temp path to create and the plan), msgpack on
-stdin; JSON lines on stdout: ``{"progress": n}`` (bytes since the last line, every 4 MiB, when
-asked for), then one of ``{"done": {"size", "sha256"}}`` or ``{"error": {...}}``. Exit code
-0 = done, 3 = failed (the error line says why: an OSError keeps its errno, an engram error its
-class and message), 4 = its parent went away (it removed its temp file itself). Anything else —
-a signal, a crash — is the worker dying, and ``run_worker`` says so. The worker runs in a process
-group of its own (in the parent's session), so a Ctrl-C at a terminal reaches only the parent,
-which kills and reaps it.
+The worker protocol: the request (``Request``: the temp path to create, the plan, the cpu share
+and the log to watch), msgpack on stdin; JSON lines on stdout: ``{"progress": n}`` (bytes since
+the last line, every 4 MiB, when asked for), then one of ``{"done": {"size", "sha256",
+"paused_s"}}`` or ``{"error": {...}}``. Exit code 0 = done, 3 = failed (the error line says
+why: an OSError keeps its errno, an engram error its class and message), 4 = its parent went
+away (it removed its temp file itself). Anything else — a signal, a crash — is the worker dying,
+and ``run_worker`` says so. The worker runs in a process group of its own (in the parent's
+session), so a Ctrl-C at a terminal reaches only the parent, which kills and reaps it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,9 @@ from typing import Any
 import msgspec
 
 from engram.backup.archive import CHUNK, ArchiveWriter, FileSink, Member, Progress
-from engram.errors import BackupError, BadArchive, EngramError
+from engram.errors import BackupError, BadArchive, EngramError, UsageError
 from engram.format.manifest import MANIFEST_NAME, encode_manifest
+from engram.oplog.reader import list_segments
 from engram.procs import module_argv, module_env
 
 EXIT_FAILED = 3
@@ -53,6 +56,14 @@ MODULE = "engram.backup.worker"
 # 2 cores: write p99 during back-to-back backups ~1.4x with 256 KiB vs ~1.55x with 4 MiB).
 LOW_CHUNK = 256 << 10
 REPORT_EVERY = 4 << 20  # bytes between progress lines (each one wakes the parent)
+# The share of one core a low-priority worker may use, by default, while the engine writes.
+# SCHED_IDLE keeps it off a core a writer wants, but not out of the cache, the memory bus and
+# the disk the writers share: measured on 2 cores (bench_backup.py --only during), write p99
+# during back-to-back backups was 1.5-2.2x without a cap, 1.4-1.5x at 0.5, 1.2-1.4x at 0.25.
+# While the log does not grow the worker runs uncapped (LogActivity); ``cpu_share=1`` lifts
+# the cap altogether.
+DEFAULT_CPU_SHARE = 0.25
+MIN_CPU_SHARE = 0.05
 
 
 class PlanMember(msgspec.Struct, frozen=True):
@@ -76,11 +87,115 @@ class Request(msgspec.Struct):
     path: str  # the temp file to create (O_EXCL) and write
     plan: Plan
     progress: bool = True  # send progress lines (each one wakes the parent)
+    cpu_share: float = 1.0  # of one core, at most, while the engine writes (Pacer); 1 = no cap
+    log_dir: str | None = None  # the op log whose growth means the engine is writing
+
+
+def check_cpu_share(share: float, name: str = "cpu share") -> float:
+    """``share`` as a float in [MIN_CPU_SHARE, 1], or a UsageError naming ``name`` and what is
+    allowed."""
+    try:
+        f = float(share)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not MIN_CPU_SHARE <= f <= 1.0:  # NaN fails both
+        raise UsageError(
+            f"{name} must be a number from {MIN_CPU_SHARE} to 1 (a fraction of one core), "
+            f"got {share!r}"
+        )
+    return f
+
+
+class LogActivity:
+    """Whether the engine is writing: its op log grew, or got a new segment, within the last
+    ``hold`` seconds. Looks (a stat or two) at most every ``every`` seconds. Every write is
+    appended to the log before it is applied (DESIGN O1), so this sees every writer, in this
+    process or any other, without asking the engine anything."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        wall: Callable[[], float] = time.monotonic,
+        every: float = 0.005,
+        hold: float = 0.25,
+    ) -> None:
+        self.dir, self._wall, self._every, self._hold = log_dir, wall, every, hold
+        self._seg: Path | None = None
+        self._dir_mtime = -1
+        self._key = self._look()
+        self._checked = wall()
+        self._active_at = float("-inf")
+
+    def _look(self) -> tuple[int, int] | None:
+        try:
+            mtime = os.stat(self.dir).st_mtime_ns
+            if mtime != self._dir_mtime or self._seg is None:  # a segment came or went
+                segs = list_segments(self.dir)
+                self._seg = segs[-1][1] if segs else None
+                self._dir_mtime = mtime
+            return mtime, os.stat(self._seg).st_size if self._seg is not None else 0
+        except OSError:
+            self._seg = None
+            return None
+
+    def __call__(self) -> bool:
+        now = self._wall()
+        if now - self._checked >= self._every:
+            self._checked = now
+            key = self._look()
+            if key != self._key:
+                self._key = key
+                self._active_at = now
+        return now - self._active_at < self._hold
+
+
+class Pacer:
+    """Keeps a process's CPU use at most ``share`` of one core while ``busy()`` says so (always,
+    without it): called after each slice of work, it owes ``used * (1 - share) / share`` seconds
+    of sleep for the CPU time ``used`` since the last call, and sleeps once it owes
+    ``min_sleep`` (fewer, longer pauses; a sleep that overruns is credited). A duty cycle rather
+    than a rate: it needs no idea of how fast the machine is, and leaves the cores, the cache
+    and the disk to the engine most of the time.
+    """
+
+    def __init__(
+        self,
+        share: float,
+        busy: Callable[[], bool] | None = None,
+        cpu: Callable[[], float] = time.process_time,
+        wall: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        min_sleep: float = 0.002,
+    ) -> None:
+        self.share = check_cpu_share(share)
+        self._busy = busy
+        self._cpu, self._wall, self._sleep, self._min = cpu, wall, sleep, min_sleep
+        self._last = cpu()
+        self.owed = 0.0
+        self.slept = 0.0
+
+    def __call__(self) -> None:
+        if self.share >= 1.0:
+            return
+        now = self._cpu()
+        if self._busy is not None and not self._busy():
+            self._last, self.owed = now, 0.0  # the engine is idle: this slice is free
+            return
+        self.owed += (now - self._last) * (1.0 - self.share) / self.share
+        self._last = now
+        if self.owed >= self._min:
+            t0 = self._wall()
+            self._sleep(self.owed)
+            took = self._wall() - t0
+            self.slept += took
+            self.owed -= took
+            self._last = self._cpu()
 
 
 class Done(msgspec.Struct):
     size: int
     sha256: str
+    paused_s: float = 0.0  # time the worker slept to keep to its cpu share
 
 
 def write_plan(plan: Plan, sink: FileSink, progress: Progress | None = None) -> dict[str, Member]:
@@ -247,11 +362,13 @@ def main() -> int:
 
     report = True
     pending = 0
+    pace = Pacer(1.0)
 
     def tick(n: int) -> None:
         nonlocal pending
         if os.getppid() != parent:
             raise _Orphaned
+        pace()
         pending += n
         if report and pending >= REPORT_EVERY:
             say({"progress": pending})
@@ -262,12 +379,15 @@ def main() -> int:
     try:
         req = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=Request)
         report = req.progress
+        busy = LogActivity(Path(req.log_dir)) if req.log_dir else None
+        pace = Pacer(req.cpu_share, busy)
         path = Path(req.path)
         sink = FileSink(path)
         write_plan(req.plan, sink, tick)
         if report and pending:
             say({"progress": pending})
-        say({"done": {"size": sink.size, "sha256": sink.sha.hexdigest()}})
+        done = {"size": sink.size, "sha256": sink.sha.hexdigest(), "paused_s": pace.slept}
+        say({"done": done})
         return 0
     except BaseException as e:
         if sink is not None and path is not None:

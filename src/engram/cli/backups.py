@@ -109,6 +109,15 @@ def backup(
             show_default=False,
         ),
     ] = None,
+    cpu_share: Annotated[
+        float | None,
+        typer.Option(
+            "--cpu-share",
+            help="Full, priority low: the most of one core the worker uses while the log grows "
+            "(0.05-1; default 0.25, 1 = no cap). Implies --priority=low.",
+            show_default=False,
+        ),
+    ] = None,
     level: Level = 4,
     p50_warn_ms: P50Warn = 10.0,
     data_dir: DataDir = _DD,
@@ -126,13 +135,27 @@ def backup(
 
     if priority is not None and priority not in PRIORITIES:
         raise UsageError(f"--priority must be low or normal, got {priority!r}")
-    if incremental and priority is not None:
-        raise UsageError("--priority only applies to --full (an incremental is a short log read)")
+    if incremental and (priority is not None or cpu_share is not None):
+        raise UsageError(
+            "--priority and --cpu-share only apply to --full (an incremental is a short log read)"
+        )
+    if cpu_share is not None:
+        from engram.backup.worker import check_cpu_share
+
+        if priority == "normal":
+            raise UsageError("--cpu-share applies to --priority=low (normal uses every core)")
+        cpu_share = check_cpu_share(cpu_share, "--cpu-share")
     since_s = parse_duration(since, "--since") if since is not None else None
     kind = "full" if full else "incremental"
     with backend(data_dir, token_file) as b, progress_bar(f"{kind} backup") as bar:
         res = b.backup(
-            kind, output.absolute(), since_s, since_lsn, None if as_json else bar, priority
+            kind,
+            output.absolute(),
+            since_s,
+            since_lsn,
+            None if as_json else bar,
+            priority,
+            cpu_share,
         )
     path = Path(res["path"])
     res["validation"] = None if no_validate else _validate(path, level, p50_warn_ms, as_json)
@@ -153,7 +176,12 @@ def backup(
         con.print(f"  sha256 {res['sha256']} (in {Path(res['sidecar']).name})", markup=False)
         took = f"  took {res['duration_s']} s"
         if res.get("priority") == "low":
-            took += " at low priority (a worker on idle CPU, one core)"
+            share = res.get("cpu_share")
+            cap = ""
+            if share and share < 1:
+                cap = f", at most {share:.0%} of it while the log grew"
+                cap += f"; paused {res.get('paused_s') or 0:.1f} s for the writers"
+            took += f" at low priority (a worker on idle CPU, one core{cap})"
         elif res.get("priority") == "normal":
             took += " at normal priority (every core)"
         con.print(took, markup=False)

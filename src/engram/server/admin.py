@@ -3,7 +3,8 @@
 The server takes a backup itself because only the process that owns the data dir can make the
 consistent cut; the CLI sends the (absolute) output path and validates the result afterwards.
 A full backup here defaults to priority "low": its archive is written by a worker process on idle
-CPU only, so that the writers this server serves keep their latency.
+CPU only, and at most ``cpu_share`` of one core while the log grows, so that the writers this
+server serves keep their latency.
 These routes sit under /v1 and need the token like every other /v1 route.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 
 from engram.backend import _run_backup, status_of
 from engram.backup.full import PRIORITIES
-from engram.errors import ValidationError
+from engram.backup.worker import check_cpu_share
+from engram.errors import UsageError, ValidationError
 from engram.graph import Engine
 
 Result = tuple[int, Any]
@@ -44,7 +46,9 @@ def _only_fields(body: dict[str, Any], allowed: set[str], what: str) -> None:
 
 
 async def backup(eng: Engine, body: dict[str, Any]) -> Result:
-    _only_fields(body, {"kind", "output", "since_s", "since_lsn", "priority"}, "backup")
+    _only_fields(
+        body, {"kind", "output", "since_s", "since_lsn", "priority", "cpu_share"}, "backup"
+    )
     kind = _field(body, "kind", (str,), required=True)
     output = _field(body, "output", (str,), required=True)
     if not os.path.isabs(output):
@@ -57,9 +61,22 @@ async def backup(eng: Engine, body: dict[str, Any]) -> Result:
             raise ValidationError("priority must be low or normal", field="priority")
         if kind == "incremental":
             raise ValidationError("priority applies to full backups only", field="priority")
+    cpu_share = _field(body, "cpu_share", (int, float))
+    if cpu_share is not None:
+        if kind == "incremental":
+            raise ValidationError("cpu_share applies to full backups only", field="cpu_share")
+        if priority == "normal":
+            raise ValidationError(
+                "cpu_share applies to priority low only (normal uses every core)",
+                field="cpu_share",
+            )
+        try:
+            cpu_share = check_cpu_share(cpu_share, "cpu_share")
+        except UsageError as e:
+            raise ValidationError(e.message, field="cpu_share") from None
     loop = asyncio.get_running_loop()
     # A full backup taken here shares the machine with the writers: low priority unless asked.
-    run = partial(_run_backup, priority=priority, default_priority="low")
+    run = partial(_run_backup, priority=priority, default_priority="low", cpu_share=cpu_share)
     res = await loop.run_in_executor(None, run, eng, kind, Path(output), since_s, since_lsn)
     return 200, res
 
