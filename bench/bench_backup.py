@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -358,17 +359,32 @@ def bench_write_during_backup(rep: Report, args: Any, store: Store, work: Path) 
         while not stop.is_set():
             took.append(one("low", paused))
 
+    # `engram backup` then validates the archive in the CLI's process, at the backup's priority.
+    cli = Path(sys.executable).with_name("engram")
+    checked = out / "validated.tar.zst"
+    validations = [0]
+
+    def validating(stop: threading.Event) -> None:
+        while not stop.is_set():
+            cmd = [str(cli), "validate-backup", str(checked), "--priority=low", "--json"]
+            subprocess.run(cmd, capture_output=True, check=True, timeout=600)
+            validations[0] += 1
+
     try:
         # What the trade costs when nothing else runs: one core at idle priority vs every core.
         idle = {p: [one(p) for _ in range(args.reps)] for p in ("low", "normal")}
+        full_backup(eng, checked)
         w = Writers(eng, 2, prefix="during-")
         without: list[int] = []
         during: list[int] = []
+        during_val: list[int] = []
         # Many short alternating phases: the machine's drift (its fsync latency moves by 10x
         # within minutes) lands on both sides alike.
         for _ in range(args.rounds):
             without += w.measure(D / 2)[0]
             during += w.measure(D / 2, backups)[0]
+            if cli.exists():
+                during_val += w.measure(D / 2, validating)[0]
     finally:
         eng.close()
     lw, ld = Latency.of(without), Latency.of(during)
@@ -384,6 +400,17 @@ def bench_write_during_backup(rep: Report, args: Any, store: Store, work: Path) 
         f"2 writer threads, one-op durable writes: without {lw.text()}",
     )
     rep.info(f"during {len(took)} back-to-back full backups at priority low: {ld.text()}")
+    if during_val:
+        lv = Latency.of(during_val)
+        rep.figure(
+            "write_during_validation",
+            {"during": lv.__dict__, "validations": validations[0]},
+            f"during {validations[0]} back-to-back `engram validate-backup --priority=low` (level "
+            f"4, as `engram backup` runs it after a backup through a server): {lv.text()} = "
+            f"{lv.p99 / lw.p99 if lw.p99 else 0:.2f}x the p99 without",
+        )
+    else:
+        rep.info(f"(write latency during validation skipped: no {cli})")
     rep.figure(
         "low_priority_backup",
         {

@@ -37,6 +37,7 @@ class Backend(Protocol):
     """What a command can ask of a database, wherever it lives."""
 
     where: str
+    remote: bool  # True: a running server holds the data dir (and shares this machine)
 
     def apply(self, ops: list[dict[str, Any]]) -> dict[str, Any]: ...
 

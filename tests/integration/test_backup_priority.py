@@ -116,10 +116,16 @@ def test_cli_priority_through_a_server(
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["priority"] == "low" and res["validation"]["ok"], res
+    assert res["validation"]["priority"] == "low"  # validated on idle CPU, like the backup
     p = _engram("backup", "--full", "--priority=normal", f"--output={bk}/n.tar.zst",
                 "--no-validate", "--data-dir", dd)
     assert p.returncode == 0, p.stderr
     assert "at normal priority" in p.stdout
+    p = _engram("backup", "--incremental", f"--output={bk}/i.log", "--level=2", "--data-dir", dd,
+                "--json")
+    assert p.returncode == 0, p.stderr
+    # An incremental runs in the server's process; its validation here shares the machine too.
+    assert json.loads(p.stdout)["validation"]["priority"] == "low"
     p = _engram("backup", "--full", "--cpu-share=0.5", f"--output={bk}/s.tar.zst",
                 "--no-validate", "--data-dir", dd, "--json")
     assert p.returncode == 0, p.stderr

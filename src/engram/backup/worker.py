@@ -46,7 +46,7 @@ from engram.backup.archive import CHUNK, ArchiveWriter, FileSink, Member, Progre
 from engram.errors import BackupError, BadArchive, EngramError, UsageError
 from engram.format.manifest import MANIFEST_NAME, encode_manifest
 from engram.oplog.reader import list_segments
-from engram.procs import module_argv, module_env
+from engram.procs import lower_priority, module_argv, module_env
 
 EXIT_FAILED = 3
 EXIT_ORPHANED = 4
@@ -334,21 +334,6 @@ def _error_of(e: BaseException) -> dict[str, Any]:
     if isinstance(e, EngramError):
         return {"kind": "engram", "class": type(e).__name__, "message": e.message}
     return {"kind": "other", "message": f"{type(e).__name__}: {e}"}
-
-
-def lower_priority() -> str:
-    """Make this process run only when a CPU is otherwise idle: SCHED_IDLE, or nice 19 where
-    that is not available or not permitted. Returns which one it got."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return "SCHED_IDLE"
-    except (AttributeError, OSError):
-        pass
-    try:
-        os.nice(19 - os.nice(0))
-        return "nice 19"
-    except OSError:
-        return "unchanged"
 
 
 def main() -> int:
