@@ -470,3 +470,29 @@ def test_low_priority_backup_reports_its_share(engine: Engine, tmp_path: Path) -
     assert (n.priority, n.cpu_share, n.paused_s) == ("normal", None, None)
     info = json.loads((tmp_path / "s.tar.zst.info.json").read_text())
     assert info["cpu_share"] == 0.6
+
+
+def test_backup_pauses_while_the_engine_writes_and_restores_to_its_cut(
+    big: tuple[Engine, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """full_backup hands the worker the engine's log to watch: writes during the backup make it
+    pause, and the archive is still exactly the cut."""
+    e, bk, _ = big
+    stop = threading.Event()
+    wrote = [0]
+
+    def writer() -> None:
+        while not stop.is_set():
+            e.apply([{"op": "create_memory", "id": f"w{wrote[0]}", "content": "during"}])
+            wrote[0] += 1
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        r = full_backup(e, bk / "paced.tar.zst", priority="low", cpu_share=0.1)
+    finally:
+        stop.set()
+        th.join()
+    assert wrote[0] > 0 and r.paused_s is not None and r.paused_s > 0
+    got = restore(Path(r.path), tmp_path / "restored")
+    assert (got.snapshot_lsn, got.digest) == (r.snapshot_lsn, r.digest)
