@@ -1,8 +1,11 @@
-"""Small file-system helpers: atomic metadata writes and private directories (STYLE habit 7)."""
+"""Small file-system helpers: atomic metadata writes, private directories (STYLE habit 7), and
+starting write-back early."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -40,3 +43,30 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
     os.close(fd)
     os.replace(tmp, p)
     fsync_dir(p.parent)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2) through libc (the os module does not expose it), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` to disk, without
+    waiting, so that the fsync that must follow has only the tail left to wait for (restore:
+    extraction ~0.19 -> ~0.14 s on 150 MB). Not for a process whose neighbours fsync small
+    appends (a server's log): their fsyncs then queue behind this write-back all along.
+
+    A hint: it does nothing where sync_file_range is missing, and ignores its errors; the
+    caller's fsync is what makes the data durable and reports an I/O error."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

@@ -26,8 +26,10 @@ import zstandard
 
 from engram.errors import BadArchive
 from engram.format.manifest import allowed_member
+from engram.fsutil import start_writeback
 
 CHUNK = 4 << 20
+WRITEBACK_EVERY = 8 << 20  # extraction: bytes written between two start_writeback calls
 BLOCK = 512
 RECORD = 20 * BLOCK
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -447,6 +449,7 @@ def _extract_members(
         except FileExistsError:
             raise BadArchive(f"archive member {name!r} appears twice; refused") from None
         try:
+            written = started = 0
             while left:
                 chunk = src.take(min(CHUNK, left), repr(name))
                 sha.update(chunk)
@@ -454,6 +457,10 @@ def _extract_members(
                 if keep is not None:
                     keep += chunk
                 left -= len(chunk)
+                written += len(chunk)
+                if written - started >= WRITEBACK_EVERY:  # the disk works while we decompress
+                    start_writeback(out.fileno(), started, written - started)
+                    started = written
             os.fsync(out.fileno())
         finally:
             out.close()
