@@ -65,3 +65,36 @@ def test_extraction_starts_writeback_of_each_large_member_in_order(
     # Small members are only fsynced.
     assert not [c for c in calls if c[0].endswith("manifest.json")]
     assert (dest / "warm" / "engram.db").stat().st_size == db
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_a_restore_test_is_not_fsynced_a_restore_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validate-backup's restore is thrown away: it leaves the disk alone (no fsync, no early
+    write-back of what it extracts); a real restore fsyncs every file."""
+    from engram.backup.restore import restore
+    from engram.backup.validate import validate_backup
+
+    e = Engine.open(tmp_path / "data", EngineConfig(checkpoint_interval=3600))
+    e.apply([{"op": "create_memory", "id": f"m{i}", "content": f"text {i}"} for i in range(50)])
+    arch = tmp_path / "b.tar.zst"
+    full_backup(e, arch)
+    e.close()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    monkeypatch.setattr(archive_mod, "start_writeback", lambda *a: synced.append("writeback"))
+    v = validate_backup(arch, level=3, record=False, workdir=tmp_path)
+    assert v.ok, v.verdict
+    assert not [p for p in synced if p.endswith(("warm/engram.db", "identity.json"))]
+    assert "writeback" not in synced
+    synced.clear()
+    restore(arch, tmp_path / "restored")
+    assert any(p.endswith("warm/engram.db") for p in synced)
+    assert any(p.endswith("identity.json") for p in synced)

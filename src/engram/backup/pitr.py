@@ -466,12 +466,15 @@ def restore_pitr(
     output: Path,
     force: bool = False,
     progress: Progress | None = None,
+    durable: bool = True,
 ) -> PitrResult:
+    """Restore ``base`` and replay ``logs`` up to ``target`` into ``output``. ``durable=False``
+    skips fsyncing the extracted base and the result (a restore test that is thrown away)."""
     base, output = Path(base).absolute(), Path(output).absolute()
     t0 = time.monotonic()
     check_target(output, force)
     with staging_for(output, "restore-pitr") as staging:
-        manifest, _ = extract_backup(base, staging)
+        manifest, _ = extract_backup(base, staging, durable=durable)
         engine = open_and_check(staging, manifest, recompute=False)
         try:
             base_lsn = engine.last_lsn
@@ -493,7 +496,8 @@ def restore_pitr(
             digest = engine.digest.hex
         finally:
             engine.close()
-        fsync_tree(staging)
+        if durable:
+            fsync_tree(staging)
         aside = place(staging, output, force)
     return PitrResult(
         base=str(base),

@@ -124,9 +124,13 @@ def sidecar_hash(archive: Path) -> str | None:
 
 
 def extract_backup(
-    archive: Path, staging: Path, progress: Callable[[int, int], None] | None = None
+    archive: Path,
+    staging: Path,
+    progress: Callable[[int, int], None] | None = None,
+    durable: bool = True,
 ) -> tuple[dict[str, Any], bool]:
-    """Extract and check ``archive`` into ``staging``; returns (manifest, sidecar_checked)."""
+    """Extract and check ``archive`` into ``staging``; returns (manifest, sidecar_checked).
+    ``durable=False``: no fsyncs (a restore test that is thrown away)."""
     if not archive.is_file():
         raise UsageError(f"{archive} does not exist or is not a file")
     expected = sidecar_hash(archive)
@@ -146,7 +150,9 @@ def extract_backup(
         )
 
     try:
-        members, manifest_bytes, actual = extract_verified(archive, staging, tick)
+        members, manifest_bytes, actual = extract_verified(
+            archive, staging, tick, durable=durable
+        )
     except BadArchive as e:
         # With a sidecar, a damaged archive is first of all one that does not match it.
         if expected is not None and (actual := sha256_file(archive)) != expected:

@@ -109,7 +109,9 @@ def _validate_full(
     def structure() -> str:
         if sidecar_hash(path) is None:
             raise BadArchive(f"{path.name}.sha256 is missing; the backup cannot be checked")
-        manifest, _ = extract_backup(path, staging)
+        # A restore test, thrown away afterwards: no fsyncs (validation often runs on a
+        # machine a server shares, whose writers fsync their log).
+        manifest, _ = extract_backup(path, staging, durable=False)
         holder["manifest"] = manifest
         m = manifest
         return (
@@ -215,7 +217,7 @@ def _validate_incremental(
         if path not in incs:
             incs.append(path)
         says = f"base {base.name} + {', '.join(p.name for p in incs)}"
-        res = restore_pitr(base, incs, Target(lsn=h["to_lsn"]), out)
+        res = restore_pitr(base, incs, Target(lsn=h["to_lsn"]), out, durable=False)
         if res.digest != h["digest"]:
             raise EngramError(
                 f"the chain restored to LSN {res.reached_lsn} has a different digest than the "

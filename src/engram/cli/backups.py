@@ -66,10 +66,12 @@ def _validate(
     threads and helper processes it starts): a restore test, verify and a read benchmark on a
     machine a server shares would otherwise take both cores from its writers (write p99 ~9x
     during one, measured; ~1.2x at idle priority)."""
-    from engram.backup.validate import validate_backup
     from engram.procs import idle_priority
 
     with idle_priority(priority == "low"):
+        # Imported here: at low priority, even loading the validation modules waits for idle CPU.
+        from engram.backup.validate import validate_backup
+
         if as_json:
             v = validate_backup(path, level, p50_warn_ms).to_json()
         else:
