@@ -29,6 +29,20 @@ def module_env() -> dict[str, str]:
     return env
 
 
+def at_idle_priority() -> bool:
+    """Whether the calling thread runs at idle priority (``lower_priority``). Work done there
+    should use one core: the point of idle priority is to leave the others to the database."""
+    try:
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:
+            return True
+    except (AttributeError, OSError):
+        pass
+    try:
+        return os.nice(0) >= 19
+    except OSError:
+        return False
+
+
 def lower_priority() -> str:
     """Make the calling thread (on Linux; the process elsewhere) run only when a CPU is
     otherwise idle: SCHED_IDLE, or nice 19 where that is not available or not permitted.

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 import engram.backup.validate as validate_mod
 from engram.cli.main import app
 from engram.graph import Engine, EngineConfig
-from engram.procs import idle_priority
+from engram.procs import at_idle_priority, idle_priority
+from engram.tiers import rowsum
 
 linux = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 runner = CliRunner()
@@ -38,8 +39,12 @@ def test_idle_priority_lowers_this_thread_and_what_it_starts_then_restores() -> 
         out = subprocess.run([sys.executable, "-c", CHILD_POLICY], capture_output=True,
                              text=True, check=True)
         seen["child"] = int(out.stdout)
-    assert seen == {"here": os.SCHED_IDLE, "thread": os.SCHED_IDLE, "child": os.SCHED_IDLE}
+        seen["scan_workers"] = rowsum.workers()
+        assert at_idle_priority()
+    assert seen == {"here": os.SCHED_IDLE, "thread": os.SCHED_IDLE, "child": os.SCHED_IDLE,
+                    "scan_workers": 1}  # at idle priority a scan uses one core
     assert os.sched_getscheduler(0) == before  # put back
+    assert not at_idle_priority()
     with idle_priority(False):
         assert os.sched_getscheduler(0) == before
 

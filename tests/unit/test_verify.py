@@ -4,6 +4,7 @@ with writes not yet checkpointed is clean (DESIGN "Validation levels", STYLE hab
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -414,8 +415,14 @@ def test_rows_scanned_in_helper_processes_give_the_same_report(
 
     def facts(r: VerifyReport) -> tuple:
         listed = sorted((p.location, p.message) for p in r.problems if p.check == "memories")
-        return (r.memories, r.checks["memories"].problems, len(listed), r.checks["digest"].status,
-                r.digest_recomputed, {k: c.status for k, c in r.checks.items()})
+        return (
+            r.memories,
+            r.checks["memories"].problems,
+            len(listed),
+            r.checks["digest"].status,
+            r.digest_recomputed,
+            {k: c.status for k, c in r.checks.items()},
+        )
 
     one = verify_data_dir(root, check_all=True)
     assert one.checks["memories"].problems == 150 + 6
@@ -437,6 +444,48 @@ def test_rows_scanned_in_helper_processes_give_the_same_report(
     split = verify_data_dir(root)
     assert split.digest_recomputed == one.digest_recomputed is not None
     assert facts(split) == facts(one)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_at_idle_priority_verify_uses_one_core_and_reports_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A validation at low priority runs verify at idle priority: no helper processes and no
+    structure-check thread beside the scans (they would take the core the writers need), and
+    the same findings."""
+    import engram.backup.verify as verify_mod
+    from engram.procs import idle_priority
+    from engram.tiers import rowsum
+
+    root = tmp_path / "data"
+    with Engine.open(root, SMALL) as eng:
+        eng.apply([{"op": "create_memory", "id": f"m{i}", "content": f"c {i}"} for i in range(600)])
+    sql(root, "UPDATE memories SET strength = 2.0 WHERE rowid % 4 = 0")
+    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
+    started: list[str] = []
+    real_popen, real_thread = rowsum.subprocess.Popen, verify_mod.threading.Thread
+    monkeypatch.setattr(
+        rowsum.subprocess,
+        "Popen",
+        lambda argv, **kw: started.append(argv[2]) or real_popen(argv, **kw),
+    )
+    monkeypatch.setattr(
+        verify_mod.threading, "Thread", lambda **kw: started.append(kw["name"]) or real_thread(**kw)
+    )
+    monkeypatch.setattr(rowsum, "workers", lambda: 1 if rowsum.at_idle_priority() else 2)
+    normal = verify_data_dir(root, check_all=True)
+    assert sorted(started) == ["engram-verify-sqlite", "engram.backup.rowcheck"]
+    started.clear()
+    with idle_priority():
+        idle = verify_data_dir(root, check_all=True)
+    assert started == []
+    assert [(p.check, p.location, p.message) for p in idle.problems] == [
+        (p.check, p.location, p.message) for p in normal.problems
+    ]
+    assert {k: c.status for k, c in idle.checks.items()} == {
+        k: c.status for k, c in normal.checks.items()
+    }
+    assert normal.checks["memories"].problems == 150
 
 
 def test_damaged_index_is_found_by_the_structure_check(data_dir: Path) -> None:

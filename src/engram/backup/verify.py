@@ -36,6 +36,7 @@ from engram.errors import CorruptLog, DataDirError
 from engram.format import record as fmt
 from engram.model import ID_RE, KIND_RE, Edge, OpType
 from engram.oplog.reader import LogFile, list_segments
+from engram.procs import at_idle_priority
 from engram.tiers.rowsum import split_scan
 
 BATCH = 5000
@@ -319,7 +320,7 @@ class _Verifier:
         if "meta" in names:
             self._read_meta()
         pragma = self.report.sqlite_check
-        if self.report.live:
+        if self.report.live or at_idle_priority():  # at idle priority: one core, in turn
             self._structure_found(_structure_check(self.conn, pragma))
             res.detail = pragma + (": ok" if not res.problems else "")
             return

@@ -24,7 +24,7 @@ from typing import TypeVar
 import msgspec
 
 from engram.digest import MOD, memory_rows_sum
-from engram.procs import module_argv, module_env
+from engram.procs import at_idle_priority, module_argv, module_env
 
 log = logging.getLogger("engram.digest")
 
@@ -39,6 +39,9 @@ _dec = msgspec.json.Decoder(dict).decode
 
 
 def workers() -> int:
+    """How many processes a scan may use: one per core (up to 4), or one at idle priority."""
+    if at_idle_priority():
+        return 1
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
