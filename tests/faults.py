@@ -8,6 +8,7 @@
 - ``OsFaults``: fail ``os.write`` / ``os.fsync`` / ``os.rename`` / ``os.replace`` only for files
   whose path matches a predicate (found through /proc/self/fd), so that the engine's own log
   writes and fsyncs go on working while a backup's sidecar, rename or info file fails.
+- ``trace_fsyncs``: the paths ``os.fsync`` is called on.
 
 Loaded by the tests through importlib (tests/ is not a package).
 """
@@ -200,6 +201,20 @@ def fd_path(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
+
+
+def trace_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the files ``os.fsync`` is called on from now on, in order (each fsync
+    still happens)."""
+    paths: list[str] = []
+    real = os.fsync
+
+    def tracing(fd: int) -> None:
+        paths.append(fd_path(fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", tracing)
+    return paths
 
 
 class OsFaults:

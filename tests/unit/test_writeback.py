@@ -15,6 +15,7 @@ import engram.fsutil as fsutil
 from engram.backup.archive import WRITEBACK_EVERY, extract_verified
 from engram.backup.full import full_backup
 from engram.graph import Engine, EngineConfig
+from faults import trace_fsyncs
 
 
 def test_start_writeback_is_a_hint(tmp_path: Path) -> None:
@@ -81,14 +82,7 @@ def test_a_restore_test_is_not_fsynced_a_restore_is(
     arch = tmp_path / "b.tar.zst"
     full_backup(e, arch)
     e.close()
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = trace_fsyncs(monkeypatch)
     monkeypatch.setattr(archive_mod, "start_writeback", lambda *a: synced.append("writeback"))
     v = validate_backup(arch, level=3, record=False, workdir=tmp_path)
     assert v.ok, v.verdict

@@ -18,6 +18,7 @@ from engram.model import OpType
 from engram.oplog import writer as writer_mod
 from engram.oplog.reader import LogFile, list_segments
 from engram.oplog.writer import LogWriter
+from faults import trace_fsyncs
 
 DB = "00000000-0000-4000-8000-0000000000aa"
 
@@ -300,14 +301,7 @@ def test_engine_refuses_writes_after_fsync_failure(tmp_path: Path, monkeypatch: 
 
 
 def test_rotation_by_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    events: list[str] = []
-    real = os.fsync
-
-    def tracing_fsync(fd: int) -> None:
-        events.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", tracing_fsync)
+    events = trace_fsyncs(monkeypatch)
     d = tmp_path / "d"
     digest_at = {0: dg.EMPTY}
     with Engine.open(d, EngineConfig(segment_bytes=1500)) as eng:
