@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 import common
 from common import Latency, Report, Store, mb, median
 from engram.backup.full import full_backup
@@ -39,7 +37,7 @@ from engram.format.record import OpType
 from engram.graph import Engine, EngineConfig
 from engram.oplog.reader import iter_log_files
 from engram.procs import lower_priority
-from engram.tiers.warm import connect
+from engram.tiers.warm import connect, memory_row  # the baseline's rows, built untimed
 
 TAR_ZSTD = "zstd -1 -T0"
 
@@ -66,22 +64,6 @@ FTS_IN = (
     "INSERT INTO memories_fts(rowid, content) SELECT m.rowid, m.content FROM memories m "
     "JOIN temp.ids USING (id) ORDER BY m.rowid"
 )
-_json = msgspec.json.Encoder()
-
-
-def memory_row(m: Any) -> tuple:
-    return (
-        m.id,
-        m.content,
-        m.strength,
-        _json.encode(m.metadata).decode(),
-        m.created_at,
-        m.updated_at,
-        m.last_activated_at,
-        m.activation_count,
-    )
-
-
 SECTIONS = ("full", "restore", "validate", "cut", "during", "incremental", "pitr")
 
 
