@@ -197,14 +197,11 @@ def full_backup(
         raise UsageError(f"backup priority must be low or normal, got {priority!r}")
     if priority == "low" and sink_factory is not FileSink:
         raise ValueError("sink_factory applies to priority='normal' only (in-process writing)")
-    if priority == "low":
-        share: float | None = check_cpu_share(DEFAULT_CPU_SHARE if cpu_share is None else cpu_share)
-    elif cpu_share is not None:
+    if priority == "normal" and cpu_share is not None:
         raise UsageError(
             "a cpu share applies to priority low only (priority normal uses every core)"
         )
-    else:
-        share = None
+    share = DEFAULT_CPU_SHARE if cpu_share is None else check_cpu_share(cpu_share)
     check_output(output, ("full",))
     t0 = time.monotonic()
     cut = engine.cut()
@@ -220,7 +217,6 @@ def full_backup(
 
             plan = _plan(engine, cut, compression, priority)
             if priority == "low":
-                assert share is not None
                 req = Request(
                     str(tmp),
                     plan,
@@ -257,7 +253,7 @@ def full_backup(
                 counts=plan.manifest["counts"],
                 stall_ms=round(cut.stall_ns / 1e6, 3),
                 priority=priority,
-                cpu_share=share,
+                cpu_share=share if priority == "low" else None,
                 paused_s=paused,
             )
             info = result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0}
