@@ -120,6 +120,9 @@ class LogGap(EngramError):
 class CorruptData(EngramError):
     """Stored data is damaged."""
 
+    # A read that meets damage is not the client's fault and not a crash of the server: the
+    # data cannot be served until it is repaired or restored (503, with the way out named).
+    http_status = 503
     code = "corrupt_data"
 
 
