@@ -264,11 +264,15 @@ def open_backend(
     *,
     write: bool = False,
     config: EngineConfig | None = None,
+    admin_token: str | None = None,
+    cacert: str | Path | None = None,
 ) -> Iterator[Backend]:
     """The backend for ``data_dir``: its server if one owns it, else the directory itself.
 
     ``write`` lets a missing data dir be created; reads of a missing one fail with "not an
-    engram data dir".
+    engram data dir". Through a server, ``token`` goes with every request and
+    ``admin_token`` (when given) instead of it with admin ones; an https server's certificate
+    is verified against ``cacert`` or, without it, the system's trusted CAs.
     """
     root = Path(data_dir)
     owner = _owner(root)
@@ -293,5 +297,5 @@ def open_backend(
             engine.close()
         return
     assert url is not None
-    with EngramClient(url, token) as client:
+    with EngramClient(url, token, admin_token=admin_token, cacert=cacert) as client:
         yield RemoteBackend(client)

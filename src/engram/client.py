@@ -8,7 +8,9 @@ exit code whether it talked to the server or opened the data dir itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import ssl
+from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -21,6 +23,7 @@ from engram.errors import (
     NotFound,
     RemoteError,
     Unavailable,
+    UsageError,
     ValidationError,
 )
 
@@ -107,8 +110,50 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+ADMIN_PREFIX = "/v1/admin/"
+
+
+class _BearerAuth(httpx.Auth):
+    """The data token on every request, the admin token (when given) on /v1/admin ones.
+
+    Chosen by the request's path, so every way of sending a request (plain, streamed) carries
+    the right one, and the admin token is never sent to a data route.
+    """
+
+    def __init__(self, token: str | None, admin_token: str | None) -> None:
+        self._data = f"Bearer {token}" if token else None
+        self._admin = f"Bearer {admin_token}" if admin_token else self._data
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        value = self._admin if request.url.path.startswith(ADMIN_PREFIX) else self._data
+        if value is not None:
+            request.headers["Authorization"] = value
+        yield request
+
+
+def tls_context(cacert: str | Path | None) -> ssl.SSLContext:
+    """How an HTTPS server's certificate is verified: against ``cacert`` (a PEM bundle, for a
+    private CA) when given, else the system's trusted CAs. Verification is never turned off."""
+    if cacert is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(cacert))
+    except FileNotFoundError:
+        raise UsageError(f"cannot read --cacert {cacert} (no such file)") from None
+    except OSError as e:
+        raise UsageError(f"cannot read --cacert {cacert} ({e.strerror})") from None
+    except ssl.SSLError:
+        raise UsageError(
+            f"--cacert {cacert} holds no PEM certificate; give the CA's PEM file"
+        ) from None
+
+
 class EngramClient:
-    """Synchronous client of one engram server; a context manager that closes its connections."""
+    """Synchronous client of one engram server; a context manager that closes its connections.
+
+    ``token`` goes with every request, ``admin_token`` (when given) instead of it with admin
+    requests. An https URL is verified against ``cacert`` or the system's trusted CAs.
+    """
 
     def __init__(
         self,
@@ -116,15 +161,20 @@ class EngramClient:
         token: str | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        *,
+        admin_token: str | None = None,
+        cacert: str | Path | None = None,
     ) -> None:
         self.url = local_url(url)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.has_token = bool(token)
+        self.has_admin_token = bool(admin_token)
+        self.cacert = cacert
         self._http = httpx.Client(
             base_url=self.url,
-            headers=headers,
+            auth=_BearerAuth(token, admin_token),
             timeout=httpx.Timeout(timeout, connect=5.0),
             transport=transport,
+            verify=tls_context(cacert) if self.url.startswith("https:") else True,
         )
 
     def close(self) -> None:
@@ -140,6 +190,13 @@ class EngramClient:
 
     def _unreachable(self, e: httpx.HTTPError) -> RemoteError:
         reason = str(e) or type(e).__name__
+        if _is_certificate_error(e):
+            where = f"--cacert {self.cacert}" if self.cacert else "the system's trusted CAs"
+            return RemoteError(
+                f"the engram server at {self.url} has a certificate that {where} does not "
+                f"verify ({reason}); pass --cacert F (or set ENGRAM_CACERT) with the CA that "
+                "signed it, and make sure it names this address"
+            )
         return RemoteError(
             f"cannot reach the engram server at {self.url} ({reason}); "
             "check that it is running, or stop it and retry"
@@ -150,9 +207,22 @@ class EngramClient:
             return
         err = error_from_response(resp.status_code, resp.read(), resp.headers, self.url)
         if resp.status_code == 401:
-            hint = (
-                "check the token" if self.has_token else "pass --token-file F or set ENGRAM_TOKEN"
-            )
+            if resp.request.url.path.startswith(ADMIN_PREFIX):
+                hint = (
+                    "check the admin token"
+                    if self.has_admin_token
+                    else "pass --admin-token-file F or set ENGRAM_ADMIN_TOKEN if the server "
+                    "has an admin token, else check the token"
+                    if self.has_token
+                    else "pass --admin-token-file F or --token-file F (or set "
+                    "ENGRAM_ADMIN_TOKEN or ENGRAM_TOKEN)"
+                )
+            else:
+                hint = (
+                    "check the token"
+                    if self.has_token
+                    else "pass --token-file F or set ENGRAM_TOKEN"
+                )
             err = RemoteError(f"{self.url} refused the request ({err.message}); {hint}")
         raise err
 
@@ -284,6 +354,18 @@ class EngramClient:
                 f"the export stream from {self.url} broke ({e or type(e).__name__}); "
                 "retry the export"
             ) from None
+
+
+def _is_certificate_error(e: BaseException) -> bool:
+    """True when ``e`` (or what caused it) is a failed verification of the server's certificate."""
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(e)
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:

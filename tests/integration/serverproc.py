@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -42,9 +43,17 @@ class ServerProcess:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        admin_token: str | None = None,
+        tls: tuple[Path, Path] | None = None,  # (certificate chain, key), PEM files
+        cacert: Path | None = None,  # what the test's clients verify the server against
+        read_timeout: float | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.token = token
+        self.admin_token = admin_token
+        self.tls = tls
+        self.cacert = cacert
+        self.read_timeout = read_timeout
         self.token_via = token_via
         self.host = host
         self.port = port
@@ -66,6 +75,15 @@ class ServerProcess:
             tf.write_text(self.token + "\n")
             tf.chmod(0o600)
             cmd += ["--token-file", str(tf)]
+        if self.admin_token is not None:
+            af = self.data_dir.parent / f"{self.data_dir.name}.admin-token"
+            af.write_text(self.admin_token + "\n")
+            af.chmod(0o600)
+            cmd += ["--admin-token-file", str(af)]
+        if self.tls is not None:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        if self.read_timeout is not None:
+            cmd += ["--read-timeout", str(self.read_timeout)]
         if self.max_body is not None:
             cmd += ["--max-body", str(self.max_body)]
         if self.durability is not None:
@@ -76,6 +94,7 @@ class ServerProcess:
         """Start the process; wait for "ready", "live", or nothing (None)."""
         env = dict(os.environ)
         env.pop("ENGRAM_TOKEN", None)
+        env.pop("ENGRAM_ADMIN_TOKEN", None)
         if self.token is not None and self.token_via == "env":
             env["ENGRAM_TOKEN"] = self.token
         if self.env:
@@ -101,7 +120,7 @@ class ServerProcess:
                 self.url = self._discover_url()
             if self.url is not None:
                 try:
-                    r = httpx.get(f"{self.url}/health/{what}", timeout=2.0)
+                    r = httpx.get(f"{self.url}/health/{what}", timeout=2.0, verify=self.verify())
                     if r.status_code == 200:
                         return
                 except httpx.TransportError:
@@ -111,7 +130,7 @@ class ServerProcess:
 
     def _discover_url(self) -> str | None:
         if self.port:
-            return f"http://{self.host}:{self.port}"
+            return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
         owner = read_owner(self.data_dir)
         if owner and owner.get("pid") == self.pid and owner.get("url"):
             return str(owner["url"])
@@ -169,15 +188,21 @@ class ServerProcess:
         tok = token if token is not None else self.token
         return {"Authorization": f"Bearer {tok}"} if tok else {}
 
+    def verify(self) -> ssl.SSLContext | bool:
+        """How the test's clients verify the server: against ``cacert`` when given."""
+        return ssl.create_default_context(cafile=str(self.cacert)) if self.cacert else True
+
     def client(self, **kwargs: Any) -> httpx.Client:
         assert self.url is not None, "the server is not up"
         kwargs.setdefault("timeout", 30.0)
+        kwargs.setdefault("verify", self.verify())
         headers = {**self.headers(), **kwargs.pop("headers", {})}
         return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
     def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
         assert self.url is not None, "the server is not up"
         kwargs.setdefault("timeout", 30.0)
+        kwargs.setdefault("verify", self.verify())
         headers = {**self.headers(), **kwargs.pop("headers", {})}
         return httpx.AsyncClient(base_url=self.url, headers=headers, **kwargs)
 

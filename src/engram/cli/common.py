@@ -35,15 +35,34 @@ TokenFile = Annotated[
         show_default="$ENGRAM_TOKEN",
     ),
 ]
+AdminTokenFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--admin-token-file",
+        help="File holding the server's admin token (when it has one); else the data token "
+        "is sent.",
+        show_default="$ENGRAM_ADMIN_TOKEN",
+    ),
+]
+CaCert = Annotated[
+    Path | None,
+    typer.Option(
+        "--cacert",
+        envvar="ENGRAM_CACERT",
+        help="PEM file of the CA that signed an HTTPS server's certificate (a private CA); "
+        "default: the system's trusted CAs.",
+        show_default="$ENGRAM_CACERT",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 DEFAULT_DATA_DIR = Path("engram-data")
 
 
-def resolve_token(token_file: Path | None) -> str | None:
-    """The token from ``--token-file`` (content stripped), else ``ENGRAM_TOKEN``, else None."""
+def resolve_token(token_file: Path | None, env: str = "ENGRAM_TOKEN") -> str | None:
+    """The token from ``token_file`` (content stripped), else the variable ``env``, else None."""
     if token_file is None:
-        return os.environ.get("ENGRAM_TOKEN", "").strip() or None
+        return os.environ.get(env, "").strip() or None
     try:
         token = token_file.read_text().strip()
     except OSError as e:
@@ -56,8 +75,26 @@ def resolve_token(token_file: Path | None) -> str | None:
 
 
 @contextmanager
-def backend(data_dir: Path, token_file: Path | None, *, write: bool = False) -> Iterator[Backend]:
-    with open_backend(data_dir, resolve_token(token_file), write=write) as b:
+def backend(
+    data_dir: Path,
+    token_file: Path | None,
+    *,
+    write: bool = False,
+    admin_token_file: Path | None = None,
+    cacert: Path | None = None,
+) -> Iterator[Backend]:
+    """The data dir or its server. The admin token (``admin_token_file`` or
+    ENGRAM_ADMIN_TOKEN) goes with admin requests only; ``cacert`` (or ENGRAM_CACERT, for
+    commands without the option) verifies an HTTPS server."""
+    if cacert is None and os.environ.get("ENGRAM_CACERT"):
+        cacert = Path(os.environ["ENGRAM_CACERT"])
+    with open_backend(
+        data_dir,
+        resolve_token(token_file),
+        write=write,
+        admin_token=resolve_token(admin_token_file, "ENGRAM_ADMIN_TOKEN"),
+        cacert=cacert,
+    ) as b:
         yield b
 
 

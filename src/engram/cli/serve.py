@@ -39,9 +39,9 @@ def _setup_logging() -> None:
     configure_logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _check_token_file(path: Path | None) -> None:
+def _check_private(path: Path | None, what: str) -> None:
     if path is not None and path.exists() and path.stat().st_mode & 0o077:
-        log.warning("token file %s is readable by other users; chmod 600 it", path)
+        log.warning("%s %s is readable by other users; chmod 600 it", what, path)
 
 
 def serve(
@@ -57,10 +57,43 @@ def serve(
             show_default="$ENGRAM_TOKEN",
         ),
     ] = None,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--admin-token-file",
+            help="File holding the token /v1/admin routes (backup, quiesce, resume, status) "
+            "then require instead of the data token; the data token no longer opens them.",
+            show_default="$ENGRAM_ADMIN_TOKEN",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            help="PEM certificate chain: serve HTTPS. It must name the address clients use "
+            "(for a wildcard --host, 127.0.0.1 or ::1 too: local commands use loopback).",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")
+    ] = None,
     insecure: Annotated[
         bool,
-        typer.Option("--insecure", help="Allow binding a non-loopback address without a token."),
+        typer.Option(
+            "--insecure",
+            help="Allow binding a non-loopback address without a token or without TLS.",
+        ),
     ] = False,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout",
+            min=0.1,
+            max=3600,
+            help="Seconds a client has to send its request line and headers, and between "
+            "pieces of its body; slower connections are closed.",
+        ),
+    ] = 30.0,
     durability: Annotated[
         Durability, typer.Option("--durability", help=DURABILITY_HELP)
     ] = Durability.sync,
@@ -89,8 +122,11 @@ def serve(
     While it runs, other engram commands on the same --data-dir go through it.
     """
     _setup_logging()
-    _check_token_file(token_file)
+    _check_private(token_file, "token file")
+    _check_private(admin_token_file, "admin token file")
+    _check_private(tls_key, "TLS key")
     token = resolve_token(token_file)
+    admin_token = resolve_token(admin_token_file, "ENGRAM_ADMIN_TOKEN")
     config = EngineConfig(
         durability=durability.value,
         segment_bytes=segment_bytes,
@@ -99,6 +135,7 @@ def serve(
         checkpoint_interval=checkpoint_interval,
     )
     # Imported here: the HTTP stack is only loaded by the command that needs it.
+    from engram.server.app import TLS
     from engram.server.app import serve as run_server
 
     run_server(
@@ -109,6 +146,9 @@ def serve(
         insecure=insecure,
         engine_config=config,
         max_body=max_body,
+        admin_token=admin_token,
+        tls=TLS.from_options(tls_cert, tls_key),
+        read_timeout=read_timeout,
     )
 
 

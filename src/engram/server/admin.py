@@ -11,6 +11,7 @@ These routes sit under /v1 and need the token like every other /v1 route.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from functools import partial
@@ -26,6 +27,8 @@ from engram.graph import Engine
 Result = tuple[int, Any]
 
 _STARTED = time.time()
+# The longest quiesce: writes stay paused at most this long (24 h) unless resumed earlier.
+MAX_QUIESCE_S = 24 * 3600.0
 
 
 def _field(body: dict[str, Any], name: str, types: tuple[type, ...], required: bool = False) -> Any:
@@ -83,9 +86,23 @@ async def backup(eng: Engine, body: dict[str, Any]) -> Result:
 
 async def quiesce(eng: Engine, body: dict[str, Any]) -> Result:
     _only_fields(body, {"timeout_s"}, "quiesce")
-    timeout = _field(body, "timeout_s", (int, float), required=True)
+    timeout = _seconds(body, "timeout_s", MAX_QUIESCE_S)
     loop = asyncio.get_running_loop()
-    return 200, await loop.run_in_executor(None, eng.quiesce, float(timeout))
+    return 200, await loop.run_in_executor(None, eng.quiesce, timeout)
+
+
+def _seconds(body: dict[str, Any], name: str, most: float) -> float:
+    """A required duration in seconds: a number more than 0 and at most ``most``."""
+    value = _field(body, name, (int, float), required=True)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer too large for a float
+        seconds = math.inf
+    if not 0 < seconds <= most:  # also refuses NaN
+        raise ValidationError(
+            f"{name} must be more than 0 and at most {most:g} seconds", field=name
+        )
+    return seconds
 
 
 async def resume(eng: Engine, body: dict[str, Any]) -> Result:

@@ -1,8 +1,9 @@
 """Running the server: ``serve()`` owns the socket, the engine's lifecycle and shutdown.
 
 Start-up order, and why:
-1. Refuse what is refusable at once: a non-loopback bind without a token, a data dir that a live
-   process already owns (named by its pid and URL).
+1. Refuse what is refusable at once: a non-loopback bind without a token or without TLS (unless
+   ``insecure``), an unreadable certificate or key, a data dir that a live process already owns
+   (named by its pid and URL).
 2. Bind the socket, so /health/live answers while recovery runs (recovery can take minutes on a
    large log; an orchestrator must not kill a process that is making progress).
 3. Open the engine in a background thread; until it is open /health/ready and every /v1 route
@@ -20,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from pathlib import Path
@@ -27,14 +29,79 @@ from typing import Any
 
 from engram.errors import EngramError, UsageError
 from engram.graph import Engine, EngineConfig
+from engram.server.protocol import DEFAULT_READ_TIMEOUT
 from engram.server.routes import EngramApp, create_app
 
-__all__ = ["create_app", "serve", "is_loopback"]
+__all__ = ["create_app", "serve", "is_loopback", "TLS", "DEFAULT_READ_TIMEOUT"]
 
 log = logging.getLogger("engram.server")
 
 DEFAULT_MAX_BODY = 16 << 20
 BACKLOG = 2048
+KEEP_ALIVE = 5.0
+# A read timeout above this is no protection against a client that holds connections open.
+MAX_READ_TIMEOUT = 3600.0
+
+
+class TLS:
+    """A certificate chain and its private key (PEM files), checked when made."""
+
+    @classmethod
+    def from_options(cls, cert: Path | None, key: Path | None) -> TLS | None:
+        """From --tls-cert and --tls-key, which go together; None when neither is given."""
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            raise UsageError("--tls-cert and --tls-key go together; give both, or neither")
+        return cls(cert, key)
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = Path(cert), Path(key)
+        for option, path in (("--tls-cert", self.cert), ("--tls-key", self.key)):
+            try:
+                path.read_bytes()
+            except OSError as e:
+                raise UsageError(f"cannot read {option} {path} ({e.strerror})") from None
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as e:
+            raise UsageError(
+                f"--tls-cert {self.cert} and --tls-key {self.key} are not a PEM certificate "
+                f"chain and its private key ({e.reason or e}); check both files"
+            ) from None
+
+
+def check_serving_options(
+    host: str,
+    token: str | None,
+    admin_token: str | None,
+    tls: TLS | None,
+    insecure: bool,
+    read_timeout: float,
+) -> None:
+    """Refuse options that would serve something unprotected or unbounded (UsageError)."""
+    for what, value in (("token", token), ("admin token", admin_token)):
+        if value is not None and not value.strip():
+            raise UsageError(f"the {what} is empty; put a secret in its file or variable")
+    if admin_token is not None and admin_token == token:
+        raise UsageError(
+            "the admin token is the data token; give admin routes a secret of their own"
+        )
+    if not insecure and not is_loopback(host):
+        if not token:
+            raise UsageError(
+                f"refusing to serve on {host} without a token; pass --token-file F or set "
+                "ENGRAM_TOKEN, or --insecure to serve without authentication"
+            )
+        if tls is None:
+            raise UsageError(
+                f"refusing to serve on {host} without TLS (the token would cross the network "
+                "in clear); pass --tls-cert F --tls-key F, or --insecure"
+            )
+    if not 0 < read_timeout <= MAX_READ_TIMEOUT:
+        raise UsageError(
+            f"--read-timeout must be more than 0 and at most {MAX_READ_TIMEOUT:g} seconds"
+        )
 
 
 def serve(
@@ -46,32 +113,35 @@ def serve(
     engine_config: EngineConfig,
     max_body: int = DEFAULT_MAX_BODY,
     *,
+    admin_token: str | None = None,
+    tls: TLS | None = None,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
     log_level: str = "warning",
     access_log: bool = False,
 ) -> None:
-    """Serve ``data_dir`` on ``host:port`` until SIGTERM/SIGINT (blocking)."""
+    """Serve ``data_dir`` on ``host:port`` until SIGTERM/SIGINT (blocking).
+
+    ``token`` guards the data routes, ``admin_token`` (when given) the ``/v1/admin`` routes,
+    which otherwise take ``token``; ``tls`` serves HTTPS.
+    """
     import uvicorn  # imported here so that the CLI's other commands do not pay for it
+
+    from engram.server.protocol import ReadTimeoutProtocol
 
     os.umask(0o077)  # every file and directory engram creates is private to its owner
     _setup_logging()
-    if token is not None and not token.strip():
-        raise UsageError("the token is empty; put a secret in the token file or ENGRAM_TOKEN")
-    if not token and not insecure and not is_loopback(host):
-        raise UsageError(
-            f"refusing to serve on {host} without a token; pass --token-file F or set "
-            "ENGRAM_TOKEN, or --insecure to serve without authentication"
-        )
+    check_serving_options(host, token, admin_token, tls, insecure, read_timeout)
     if max_body < 1:
         raise UsageError("the body limit must be at least 1 byte")
     root = Path(data_dir)
     _refuse_if_owned(root)
     sock = _bind(host, port)
-    url = _url(host, sock.getsockname()[1])
-    app = create_app(None, token, max_body)
+    url = _url(host, sock.getsockname()[1], https=tls is not None)
+    app = create_app(None, token, max_body, admin_token=admin_token)
     config = uvicorn.Config(
         app,
         loop="uvloop" if _has("uvloop") else "asyncio",
-        http="httptools" if _has("httptools") else "h11",
+        http=ReadTimeoutProtocol.with_timeout(read_timeout),
         lifespan="off",
         log_level=log_level,
         # uvicorn's access log line is client, method, path and status: never a header.
@@ -79,6 +149,10 @@ def serve(
         server_header=False,
         backlog=BACKLOG,
         timeout_graceful_shutdown=30,
+        # An idle kept-alive connection is closed after KEEP_ALIVE, or the read timeout if shorter.
+        timeout_keep_alive=max(1, round(min(read_timeout, KEEP_ALIVE))),
+        ssl_certfile=str(tls.cert) if tls else None,
+        ssl_keyfile=str(tls.key) if tls else None,
     )
     server = uvicorn.Server(config)
     opener = _Opener(root, engine_config, url, app, server)
@@ -183,15 +257,16 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(host: str, port: int) -> str:
+def _url(host: str, port: int, https: bool = False) -> str:
     """The URL a local client should use (a wildcard bind is reached through loopback)."""
+    scheme = "https" if https else "http"
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return f"http://{host}:{port}"
+        return f"{scheme}://{host}:{port}"
     if ip.is_unspecified:
         ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
-    return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
+    return f"{scheme}://[{ip}]:{port}" if ip.version == 6 else f"{scheme}://{ip}:{port}"
 
 
 def is_loopback(host: str) -> bool:

@@ -75,11 +75,20 @@ class Stream:
 class EngramApp:
     """The ASGI application. ``engine`` stays None while the server recovers (503s until set)."""
 
-    def __init__(self, engine: Engine | None, token: str | None, max_body: int) -> None:
+    def __init__(
+        self,
+        engine: Engine | None,
+        token: str | None,
+        max_body: int,
+        admin_token: str | None = None,
+    ) -> None:
         self.engine = engine
         self.max_body = max_body
-        # Compared in constant time with the whole Authorization header.
-        self._expected_auth = b"Bearer " + token.encode() if token else None
+        # Compared in constant time with the whole Authorization header. Admin routes take
+        # the admin token when there is one (and then only it), else the data token; data
+        # routes never take the admin token.
+        self._expected_auth = _bearer(token)
+        self._expected_admin_auth = _bearer(admin_token) if admin_token else self._expected_auth
         self.startup_error: str | None = None  # set when the engine failed to open
         self.progress: tuple[int, int] | None = None  # (records replayed, LSN) during recovery
         self._waiter: DurableWaiter | None = None
@@ -144,7 +153,7 @@ class EngramApp:
             raise NoRoute(f"no route {req.path}; see the HTTP API in README.md")
         if not seg or seg[0] != "v1" or len(seg) < 2:
             raise NoRoute(f"no route {req.path}; see the HTTP API in README.md")
-        self._authorize(req)
+        self._authorize(req, admin=seg[1] == "admin")
         handler, args = self._route(req)
         return await handler(req, self._engine(), *args)
 
@@ -181,12 +190,17 @@ class EngramApp:
             raise MethodNotAllowed(f"{method} is not allowed on {req.path}", allow=list(routes))
         return static, ()
 
-    def _authorize(self, req: Request) -> None:
-        if self._expected_auth is None:
+    def _authorize(self, req: Request, admin: bool) -> None:
+        expected = self._expected_admin_auth if admin else self._expected_auth
+        if expected is None:
             return
         got = req.header(b"authorization") or b""
-        if not hmac.compare_digest(got, self._expected_auth):
-            raise Unauthorized()
+        if not hmac.compare_digest(got, expected):
+            raise Unauthorized(
+                "a valid admin token is required; pass Authorization: Bearer <admin token>"
+                if admin and expected is not self._expected_auth
+                else None
+            )
 
     def _engine(self) -> Engine:
         eng = self.engine
@@ -345,9 +359,22 @@ class EngramApp:
         return Stream(_export_chunks(eng), CT_NDJSON)
 
 
-def create_app(engine: Engine | None, token: str | None, max_body: int = 16 << 20) -> EngramApp:
-    """The ASGI app over ``engine`` (None = still recovering: set ``app.engine`` when open)."""
-    return EngramApp(engine, token, max_body)
+def create_app(
+    engine: Engine | None,
+    token: str | None,
+    max_body: int = 16 << 20,
+    *,
+    admin_token: str | None = None,
+) -> EngramApp:
+    """The ASGI app over ``engine`` (None = still recovering: set ``app.engine`` when open).
+
+    ``token`` guards every /v1 route; ``admin_token``, when given, guards /v1/admin instead.
+    """
+    return EngramApp(engine, token, max_body, admin_token)
+
+
+def _bearer(token: str | None) -> bytes | None:
+    return b"Bearer " + token.encode() if token else None
 
 
 def _export_chunks(eng: Engine) -> Iterator[bytes]:
