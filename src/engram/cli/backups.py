@@ -14,6 +14,8 @@ import typer
 
 from engram.cli.common import DEFAULT_DATA_DIR as _DD
 from engram.cli.common import (
+    AdminTokenFile,
+    CaCert,
     DataDir,
     Json,
     TokenFile,
@@ -135,6 +137,8 @@ def backup(
     p50_warn_ms: P50Warn = 10.0,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    admin_token_file: AdminTokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Take a full or incremental backup, then validate it (exit 1 if validation fails)."""
@@ -160,7 +164,8 @@ def backup(
         cpu_share = check_cpu_share(cpu_share, "--cpu-share")
     since_s = parse_duration(since, "--since") if since is not None else None
     kind = "full" if full else "incremental"
-    with backend(data_dir, token_file) as b, progress_bar(f"{kind} backup") as bar:
+    remote = backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert)
+    with remote as b, progress_bar(f"{kind} backup") as bar:
         res = b.backup(
             kind,
             output.absolute(),

@@ -10,6 +10,8 @@ import typer
 
 from engram.cli.common import DEFAULT_DATA_DIR as _DD
 from engram.cli.common import (
+    AdminTokenFile,
+    CaCert,
     DataDir,
     Json,
     TokenFile,
@@ -28,11 +30,13 @@ def quiesce(
     ] = "3m",
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    admin_token_file: AdminTokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Pause writes on the running server (503 + Retry-After) after a checkpoint."""
     seconds = parse_duration(timeout, "--timeout")
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert) as b:
         st = b.quiesce(seconds)
     if as_json:
         emit_json(st)
@@ -44,9 +48,15 @@ def quiesce(
         )
 
 
-def resume(data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json = False) -> None:
+def resume(
+    data_dir: DataDir = _DD,
+    token_file: TokenFile = None,
+    admin_token_file: AdminTokenFile = None,
+    cacert: CaCert = None,
+    as_json: Json = False,
+) -> None:
     """Let the running server take writes again."""
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert) as b:
         st = b.resume()
     if as_json:
         emit_json(st)
@@ -55,9 +65,15 @@ def resume(data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json 
         console().print(f"writes {was} (LSN {st['lsn']})", markup=False)
 
 
-def status(data_dir: DataDir = _DD, token_file: TokenFile = None, as_json: Json = False) -> None:
+def status(
+    data_dir: DataDir = _DD,
+    token_file: TokenFile = None,
+    admin_token_file: AdminTokenFile = None,
+    cacert: CaCert = None,
+    as_json: Json = False,
+) -> None:
     """What the data dir (or its server) is doing: LSN, counts, tiers, quiesce, health."""
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert) as b:
         st = b.status()
     if as_json:
         emit_json(st)
@@ -122,7 +138,7 @@ def benchmark(
         typer.echo(render_lines(res), nl=False)
 
 
-def _smoke(url: str, token: str | None) -> list[tuple[str, str]]:
+def _smoke(url: str, token: str | None, cacert: Path | None) -> list[tuple[str, str]]:
     from engram.client import EngramClient
 
     steps: list[tuple[str, str]] = []
@@ -138,7 +154,7 @@ def _smoke(url: str, token: str | None) -> list[tuple[str, str]]:
         steps.append((name, "ok"))
         return out
 
-    with EngramClient(url, token, timeout=10) as c:
+    with EngramClient(url, token, timeout=10, cacert=cacert) as c:
 
         def health() -> None:
             c.live()
@@ -166,6 +182,7 @@ def test(
     ] = None,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Smoke-test the running server: health, write a canary, read, recall, delete it."""
@@ -176,7 +193,7 @@ def test(
         if not owner or not owner.get("url"):
             raise UsageError(f"no engram server is running on {data_dir}; start one, or give --url")
         url = owner["url"]
-    steps = _smoke(url, resolve_token(token_file))
+    steps = _smoke(url, resolve_token(token_file), cacert)
     if as_json:
         emit_json({"ok": True, "url": url, "steps": [s for s, _ in steps]})
     else:
