@@ -348,7 +348,8 @@ def test_export_import_round_trip(tmp_path: Path) -> None:
     s1, s2 = okj("stats", "--data-dir", src), okj("stats", "--data-dir", dst)
     assert (s1["memories"], s1["edges"]) == (s2["memories"], s2["edges"])
     assert (
-        "exported 3 memories and 2 edges" in ok("export", "--data-dir", src, "-o", str(f2)).stdout
+        "exported 3 memories and 2 edges"
+        in ok("export", "--data-dir", src, "-o", str(f2), "--force").stdout
     )
 
 
@@ -360,13 +361,101 @@ def test_export_to_stdout(dd: str) -> None:
     assert "exported 3 memories" in res.stderr
 
 
-def test_export_replaces_an_existing_file(dd: str, tmp_path: Path) -> None:
+def test_export_refuses_an_existing_file_unless_forced(dd: str, tmp_path: Path) -> None:
     put(dd, "a", "alpha")
     out = tmp_path / "out.jsonl"
     out.write_text("old\n")
-    ok("export", "--data-dir", dd, "-o", str(out))
+    assert "already exists" in fails(2, "export", "--data-dir", dd, "-o", str(out))
+    assert out.read_text() == "old\n"
+    ok("export", "--data-dir", dd, "-o", str(out), "--force")
     assert json.loads(out.read_text())["id"] == "a"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    # Through a symlink, --force replaces the file it points to; the link stays a link.
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    out.write_text("old\n")
+    assert "already exists" in fails(2, "export", "--data-dir", dd, "-o", str(link))
+    ok("export", "--data-dir", dd, "-o", str(link), "--force")
+    assert link.is_symlink() and json.loads(out.read_text())["id"] == "a"
+
+
+def test_export_refuses_what_is_not_a_file(dd: str, tmp_path: Path) -> None:
+    put(dd, "a", "alpha")
     assert "is a directory" in fails(2, "export", "--data-dir", dd, "-o", str(tmp_path))
+    assert "is a directory" in fails(2, "export", "--data-dir", dd, "-o", str(tmp_path), "--force")
+    sock_path = tmp_path / "s.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(sock_path))
+        assert "is a socket" in fails(2, "export", "--data-dir", dd, "-o", str(sock_path))
+    finally:
+        sock.close()
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert "symlink to nothing" in fails(2, "export", "--data-dir", dd, "-o", str(dangling))
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+    missing = tmp_path / "no-such-dir" / "out.jsonl"
+    assert "does not exist" in fails(2, "export", "--data-dir", dd, "-o", str(missing))
+
+
+def test_export_writes_through_a_device_and_a_fifo(dd: str, tmp_path: Path) -> None:
+    put(dd, "a", "alpha")
+    res = ok("export", "--data-dir", dd, "-o", "/dev/null")
+    assert "exported 1 memories" in res.stdout
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "to-pipe"
+    link.symlink_to(fifo)
+    got: list[bytes] = []
+
+    def drain() -> None:
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+    import threading
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    ok("export", "--data-dir", dd, "-o", str(link))
+    reader.join(10)
+    assert json.loads(got[0])["id"] == "a"
+    assert link.is_symlink() and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "pipe", "to-pipe"]
+
+
+def test_two_exports_to_one_new_name_one_wins(tmp_path: Path) -> None:
+    """Both pass the check before the export; publishing never replaces, so the second to
+    finish is refused and nothing of it remains."""
+    import threading
+
+    from engram.cli.transfer import _output, _output_kind
+
+    out = tmp_path / "out.jsonl"
+    kinds = [_output_kind(out, force=False) for _ in range(2)]
+    assert kinds == ["new", "new"]
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+
+    def export(i: int) -> None:
+        try:
+            with _output(out, "new") as fh:
+                fh.write(f"writer {i}\n".encode())
+                barrier.wait()  # both temp files written before either is published
+            results.append(f"won {i}")
+        except ValidationError as e:
+            results.append(e.message)
+
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if r.startswith("won")]
+    assert len(won) == 1, results
+    assert any("already exists" in r for r in results), results
+    assert out.read_text() == f"writer {won[0].split()[1]}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
 def test_import_in_batches_with_progress_free_output(dd: str, tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +39,7 @@ from engram.cli.common import (
     err_console,
 )
 from engram.errors import EngramError, RemoteError, ValidationError
-from engram.fsutil import fsync_dir
+from engram.fsutil import fsync_dir, rename_noreplace
 
 # A batch is also capped in bytes so that it stays well under the server's body limit.
 MAX_BATCH_BYTES = 4 << 20
@@ -193,12 +195,73 @@ def _encode(op: dict[str, Any]) -> bytes:
     return (json.dumps(op, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
+# Names that mean this process's own standard output: written to it directly (as ``-``), never
+# opened by name (with stdout redirected to a file, /dev/stdout resolves to that file).
+_STDOUT_NAMES = ("-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1")
+
+
+def _output_kind(path: Path, force: bool) -> str:
+    """How ``export`` writes ``path``: "new" (created complete or not at all, never replacing
+    what another process creates meanwhile), "replace" (an existing regular file, with
+    ``--force``: replaced atomically; through a symlink, the file it points to), or "stream"
+    (a FIFO or character device, after following symlinks: written through, never replaced).
+    Anything else is refused with a usage error."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ValidationError(
+                f"directory {path.parent} does not exist; create it first", field="output"
+            ) from None
+        return "new"
+    except OSError as e:
+        raise ValidationError(f"cannot use {path} ({e.strerror})", field="output") from None
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise ValidationError(
+            f"{path} is a symlink to nothing; name a new file or remove the link", field="output"
+        ) from None
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        return "stream"
+    if stat.S_ISREG(st.st_mode):
+        if not force:
+            raise ValidationError(
+                f"{path} already exists; use --force to replace it, or name a new file",
+                field="output",
+            )
+        return "replace"
+    what = {
+        stat.S_IFDIR: "a directory",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFBLK: "a block device",
+    }.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    raise ValidationError(
+        f"{path} is {what}; name a new file, an existing one with --force, a FIFO or - for stdout",
+        field="output",
+    )
+
+
 @contextmanager
-def _atomic_output(path: Path) -> Iterator[IO[bytes]]:
-    """A file that appears at ``path`` complete (temp, fsync, rename, fsync dir) or not at all."""
-    if path.is_dir():
-        raise ValidationError(f"{path} is a directory; name a file", field="output")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _output(path: Path, kind: str) -> Iterator[IO[bytes]]:
+    """The export's output, as ``_output_kind`` decided. A file appears complete (temp, fsync,
+    rename, fsync of the directory) or not at all: on any failure the temp file is removed."""
+    if kind == "stream":
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ValidationError(f"cannot write {path} ({e.strerror})", field="output") from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):  # it was replaced meanwhile
+            os.close(fd)
+            raise ValidationError(
+                f"{path} changed while the export started; run it again", field="output"
+            )
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+        return
+    target = Path(os.path.realpath(path)) if kind == "replace" else path
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
@@ -208,11 +271,21 @@ def _atomic_output(path: Path) -> Iterator[IO[bytes]]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if kind == "replace":
+            os.replace(tmp, target)
+        else:
+            try:
+                rename_noreplace(tmp, target)
+            except FileExistsError:
+                raise ValidationError(
+                    f"{path} already exists (it was created while the export ran); nothing was "
+                    "written — name a new file, or use --force to replace it",
+                    field="output",
+                ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(target.parent)
 
 
 def _write(ops: Iterator[dict[str, Any]], fh: IO[bytes]) -> dict[str, Any]:
@@ -234,20 +307,29 @@ def _write(ops: Iterator[dict[str, Any]], fh: IO[bytes]) -> dict[str, Any]:
 def export(
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="File to write (replaced atomically); - for stdout."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="A new file to create; an existing file only with --force (replaced "
+            "atomically); a FIFO or device is written through; - for stdout.",
+        ),
     ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing regular file atomically.")
+    ] = False,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
     as_json: Json = False,
 ) -> None:
     """Write the whole graph as JSON-lines ops that `import` turns back into the same graph."""
-    to_stdout = str(output) == "-"
+    to_stdout = str(output) in _STDOUT_NAMES
+    kind = "stdout" if to_stdout else _output_kind(output, force)  # refused before any work
     with backend(data_dir, token_file) as b:
         if to_stdout:
             out = _write(b.export(), sys.stdout.buffer)
             sys.stdout.flush()
         else:
-            with _atomic_output(output) as fh:
+            with _output(output, kind) as fh:
                 out = _write(b.export(), fh)
     out = {"output": str(output), **out}
     if as_json and not to_stdout:
