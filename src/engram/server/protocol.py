@@ -11,7 +11,9 @@ closes such a connection:
   previous one. Time during which the server itself stopped reading (uvicorn pauses the socket
   while the application has not taken the body it buffered) does not count against the client.
 
-Between requests, ``timeout_keep_alive`` (set to the same value by ``serve``) applies as before.
+Between requests, uvicorn's ``timeout_keep_alive`` applies as before. With TLS the protocol
+starts once the handshake is done; the handshake itself is bounded by the event loop's own
+limit (60 s), which uvicorn does not let a caller change.
 The application never sees a timeout: to it the client disconnected (``http.disconnect``).
 """
 
