@@ -5,9 +5,10 @@
   (writing the bytes before N first, as a filling disk does), or at its fsync, with ENOSPC, EIO
   or a KeyboardInterrupt (Ctrl-C).
 - ``FailingFile`` / ``failing_open``: a raw output file for extraction that fails the same way.
-- ``OsFaults``: fail ``os.write`` / ``os.fsync`` / ``os.rename`` / ``os.replace`` only for files
-  whose path matches a predicate (found through /proc/self/fd), so that the engine's own log
-  writes and fsyncs go on working while a backup's sidecar, rename or info file fails.
+- ``OsFaults``: fail ``os.write`` / ``os.fsync`` / ``os.rename`` / ``os.replace`` (and the
+  no-replace rename a backup publishes with) only for files whose path matches a predicate
+  (found through /proc/self/fd), so that the engine's own log writes and fsyncs go on working
+  while a backup's sidecar, rename or info file fails.
 - ``trace_fsyncs``: the paths ``os.fsync`` is called on.
 
 Loaded by the tests through importlib (tests/ is not a package).
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+import engram.backup.output as output_mod
 from engram.backup.archive import FileSink
 
 Fault = Callable[[], BaseException]
@@ -48,8 +50,8 @@ class CountingSink(FileSink):
     bytes = 0
     paths: list[Path] = []
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, fd: int | None = None) -> None:
+        super().__init__(path, fd)
         type(self).paths.append(Path(path))
 
     @classmethod
@@ -64,7 +66,7 @@ class CountingSink(FileSink):
         return super().write(data)
 
 
-def counting_factory() -> tuple[Callable[[Path], FileSink], type[CountingSink]]:
+def counting_factory() -> tuple[Callable[[Path, int], FileSink], type[CountingSink]]:
     """A fresh counting sink class (so parallel uses do not share counters) and its factory."""
 
     class Counter(CountingSink):
@@ -82,12 +84,13 @@ class FailingSink(FileSink):
     def __init__(
         self,
         path: Path,
+        fd: int | None = None,
         at_write: int | None = None,
         after_bytes: int | None = None,
         at_fsync: bool = False,
         fault: Fault = enospc,
     ) -> None:
-        super().__init__(path)
+        super().__init__(path, fd)
         self.path = Path(path)
         self.at_write = at_write
         self.after_bytes = after_bytes
@@ -118,12 +121,13 @@ class FailingSink(FileSink):
         super().sync_close()
 
 
-def failing_factory(**kw: Any) -> tuple[Callable[[Path], FileSink], list[FailingSink]]:
-    """A sink factory for ``full_backup``/``incremental_backup`` and the sinks it made."""
+def failing_factory(**kw: Any) -> tuple[Callable[[Path, int], FileSink], list[FailingSink]]:
+    """A sink factory for ``full_backup``/``incremental_backup`` (``factory(temp path, fd)``)
+    and the sinks it made."""
     made: list[FailingSink] = []
 
-    def make(path: Path) -> FileSink:
-        s = FailingSink(path, **kw)
+    def make(path: Path, fd: int) -> FileSink:
+        s = FailingSink(path, fd, **kw)
         made.append(s)
         return s
 
@@ -221,8 +225,9 @@ class OsFaults:
     """Fail selected os-level calls for matching paths only (see the module doc).
 
     ``fail_write(pred)``: os.write to an fd whose path satisfies ``pred`` raises ENOSPC;
-    ``fail_fsync(pred)``: os.fsync likewise (EIO by default); ``fail_rename(pred)``: os.rename
-    and os.replace whose *source* satisfies ``pred``. ``hits`` counts the injected failures.
+    ``fail_fsync(pred)``: os.fsync likewise (EIO by default); ``fail_rename(pred)``: os.rename,
+    os.replace and the backup's no-replace rename whose *source* satisfies ``pred``. ``hits``
+    counts the injected failures.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,3 +273,12 @@ class OsFaults:
                 _real(src, dst, *a, **k)
 
             self.mp.setattr(os, name, ren)
+        real_noreplace = output_mod.rename_noreplace
+
+        def noreplace(src: Any, dst: Any) -> None:
+            if pred(os.fspath(src)):
+                self.hits.append(("rename_noreplace", os.fspath(src)))
+                raise fault()
+            real_noreplace(src, dst)
+
+        self.mp.setattr(output_mod, "rename_noreplace", noreplace)

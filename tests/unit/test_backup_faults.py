@@ -57,7 +57,7 @@ class Rig:
     def new(self) -> Path:
         return self.bk / NEW[self.kind]
 
-    def backup(self, sink_factory: Callable[[Path], FileSink] = FileSink) -> BackupResult:
+    def backup(self, sink_factory: Callable[[Path, int], FileSink] = FileSink) -> BackupResult:
         if self.kind == "incremental":
             return incremental_backup(self.engine, self.new, sink_factory=sink_factory)
         return full_backup(self.engine, self.new, sink_factory=sink_factory)
@@ -158,22 +158,26 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
 
 
 def clean_write_count(rig: Rig) -> tuple[int, int]:
-    """(writes, bytes) a clean backup of the rig's kind makes, measured in a scratch copy of
-    the backup dir (so that an incremental continues from the same place)."""
-    counter, factory = F.counting_factory()
-    scratch = rig.root / "count"
-    scratch.mkdir()
-    for name in os.listdir(rig.bk):
-        (scratch / name).write_bytes((rig.bk / name).read_bytes())
-    if rig.kind == "incremental":
-        incremental_backup(rig.engine, scratch / NEW[rig.kind], sink_factory=factory)
-    else:
-        full_backup(rig.engine, scratch / NEW[rig.kind], sink_factory=factory)
-    assert counter.writes >= 2, counter.writes
-    return counter.writes, counter.bytes
+    """(writes, bytes) a clean backup of the rig's kind makes, measured in scratch copies of
+    the backup dir (so that an incremental continues from the same place): the fewest of three
+    runs, since multi-threaded zstd hands over its output in a number of writes that varies."""
+    counts = []
+    for attempt in range(3):
+        counter, factory = F.counting_factory()
+        scratch = rig.root / f"count-{attempt}"
+        scratch.mkdir()
+        for name in os.listdir(rig.bk):
+            (scratch / name).write_bytes((rig.bk / name).read_bytes())
+        if rig.kind == "incremental":
+            incremental_backup(rig.engine, scratch / NEW[rig.kind], sink_factory=factory)
+        else:
+            full_backup(rig.engine, scratch / NEW[rig.kind], sink_factory=factory)
+        assert counter.writes >= 2, counter.writes
+        counts.append((counter.writes, counter.bytes))
+    return min(counts)
 
 
-def fails(rig: Rig, factory: Callable[[Path], FileSink], *needles: str) -> BackupError:
+def fails(rig: Rig, factory: Callable[[Path, int], FileSink], *needles: str) -> BackupError:
     with pytest.raises(BackupError) as ei:
         rig.backup(factory)
     for n in needles:
@@ -236,7 +240,7 @@ def test_sink_fsync_fails(rig: Rig, fault: str) -> None:
 
 
 def test_sink_cannot_be_created(rig: Rig) -> None:
-    def factory(path: Path) -> FileSink:
+    def factory(path: Path, fd: int) -> FileSink:
         raise F.enospc()
 
     fails(rig, factory, "disk full")

@@ -261,24 +261,70 @@ def test_worker_reports_a_file_that_shrank_and_a_missing_file(tmp_path: Path) ->
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(100_000))
     manifest = {"kind": "full"}
-    tmp = tmp_path / ".out.tmp"
     out = tmp_path / "out.tar.zst"
     shrank = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=200_000)], manifest, 1)
-    with pytest.raises(BadArchive) as ei:
-        run_worker(Request(str(tmp), shrank), out)
-    assert ei.value.message == f"{src} shrank while it was being archived"
-    assert not tmp.exists(), "the worker left its temp file"
     missing = Plan("gzip", [PlanMember("cold/x.seg", path=str(tmp_path / "gone"), size=1)],
                    manifest)
-    with pytest.raises(FileNotFoundError) as oe:
-        run_worker(Request(str(tmp), missing), out)
-    assert oe.value.errno == errno.ENOENT
-    assert not tmp.exists()
-    # The temp file exists already: the worker refuses it (O_EXCL) and leaves it alone.
-    tmp.write_bytes(b"not ours")
-    with pytest.raises(FileExistsError):
-        run_worker(Request(str(tmp), shrank), out)
-    assert tmp.read_bytes() == b"not ours"
+    fd = os.open(tmp_path / ".out.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with pytest.raises(BadArchive) as ei:
+            run_worker(Request(shrank), out, fd=fd)
+        assert ei.value.message == f"{src} shrank while it was being archived"
+        with pytest.raises(FileNotFoundError) as oe:
+            run_worker(Request(missing), out, fd=fd)
+        assert oe.value.errno == errno.ENOENT
+    finally:
+        os.close(fd)
+    # The worker never creates, names or removes a file: the parent's temp file stays its own.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp", "src.bin"]
+
+
+def test_worker_relays_through_a_pipe_into_a_sink(tmp_path: Path) -> None:
+    """A sink that is not a file (the server's backup stream) gets the archive through a pipe:
+    the same bytes the worker hashed; a sink that fails stops the worker."""
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    plan = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=3 << 20)],
+                {"kind": "full"}, 1, chunk=64 << 10)
+
+    class Memory:
+        def __init__(self, fail_after: int | None = None) -> None:
+            self.buf = bytearray()
+            self.sha = hashlib.sha256()
+            self.size = 0
+            self.fail_after = fail_after
+
+        def write(self, data: bytes | memoryview) -> int:
+            if self.fail_after is not None and self.size >= self.fail_after:
+                raise OSError(errno.EPIPE, "the client went away")
+            self.buf += data
+            self.sha.update(data)
+            self.size += len(data)
+            return len(data)
+
+        def flush(self) -> None: ...
+
+        def sync_close(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    sink = Memory()
+    done = run_worker(Request(plan), None, relay=sink)
+    assert (done.size, done.sha256) == (sink.size, sink.sha.hexdigest())
+    with tarfile.open(fileobj=io.BytesIO(
+            zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(sink.buf))).read())) as t:
+        f = t.extractfile("warm/engram.db")
+        assert f is not None and f.read() == src.read_bytes()
+    pids: list[int] = []
+    with pytest.raises(OSError) as ei:
+        run_worker(Request(plan), None, on_start=pids.append, relay=Memory(fail_after=1))
+    assert ei.value.errno == errno.EPIPE
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pids[0], 0)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(BackupError, match="cancelled"):
+        run_worker(Request(plan), None, relay=Memory(), cancel=cancel)
 
 
 @pytest.mark.parametrize(
@@ -430,6 +476,7 @@ def _pacing_run(tmp_path: Path, share: float, grow: bool) -> float:
     seg.touch()
     out = tmp_path / f"out-{share}-{grow}.tar.zst"
     tmp = tmp_path / f".{out.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     plan = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=32 << 20)],
                 {"kind": "full"}, 1)
     stop = threading.Event()
@@ -444,8 +491,9 @@ def _pacing_run(tmp_path: Path, share: float, grow: bool) -> float:
     if grow:
         th.start()
     try:
-        done = run_worker(Request(str(tmp), plan, cpu_share=share, log_dir=str(log)), out)
+        done = run_worker(Request(plan, cpu_share=share, log_dir=str(log)), out, fd=fd)
     finally:
+        os.close(fd)
         stop.set()
         if grow:
             th.join()

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import queue
+import stat
 import tarfile
 import threading
 import time
@@ -42,11 +43,38 @@ class RawSink(Protocol):
     def write(self, data: bytes | memoryview) -> int: ...
 
 
-class FileSink:
-    """The compressed output: an O_EXCL file, hashed as written."""
+class Sink(Protocol):
+    """Where a backup's bytes go (an archive or an incremental, already compressed): a file
+    (``FileSink``) or a stream to a client (the server's backup stream). ``size`` and ``sha``
+    count and hash every byte written, so that whoever wrote can say what it wrote.
 
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    ``write`` takes every byte or raises; ``sync_close`` makes the bytes durable where that
+    means something (fsync of a file) and closes; ``close`` closes without (after a failure)."""
+
+    size: int
+    sha: hashlib._Hash
+
+    def write(self, data: bytes | memoryview) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def sync_close(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileSink:
+    """A file, hashed as written: ``path`` created with O_EXCL, or the open descriptor ``fd``
+    (a file another step created, or a pipe: only a regular file is fsynced). The sink owns
+    the descriptor and closes it."""
+
+    def __init__(self, path: Path | None = None, fd: int | None = None) -> None:
+        if fd is None:
+            if path is None:
+                raise ValueError("FileSink needs a path or a descriptor")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd = fd
+        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
         self.sha = hashlib.sha256()
         self.size = 0
 
@@ -63,7 +91,8 @@ class FileSink:
 
     def sync_close(self) -> None:
         if self.fd >= 0:
-            os.fsync(self.fd)
+            if self._regular:
+                os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
 
@@ -74,7 +103,7 @@ class FileSink:
 
 
 class _GzipWriter:
-    def __init__(self, sink: FileSink, level: int = 6) -> None:
+    def __init__(self, sink: Sink, level: int = 6) -> None:
         self.sink = sink
         self.z = zlib.compressobj(level, zlib.DEFLATED, 31)
 
@@ -92,7 +121,7 @@ class _ZstdWriter:
     """``threads``: None = one compression thread per core (up to 8); 0 or 1 = compress in the
     calling thread only (a low-priority backup, which must not take a second core)."""
 
-    def __init__(self, sink: FileSink, level: int = 1, threads: int | None = None) -> None:
+    def __init__(self, sink: Sink, level: int = 1, threads: int | None = None) -> None:
         if threads is None:
             threads = min(os.cpu_count() or 1, 8)
         # The content checksum lets a reader without the sidecar still catch a changed byte.
@@ -120,7 +149,7 @@ class ArchiveWriter:
     ``threads`` is zstd's (see ``_ZstdWriter``); gzip always compresses in the calling thread.
     ``chunk``: files are read, hashed and compressed this many bytes at a time."""
 
-    sink: FileSink
+    sink: Sink
     compression: str
     progress: Progress | None = None
     threads: int | None = None

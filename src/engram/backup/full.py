@@ -2,30 +2,28 @@
 
 Under the cut, this process gathers a plan (``worker.Plan``: the bytes only the engine's process
 can read consistently, the files to stream, the manifest); the archive is then written from the
-plan by ``worker.write_plan``, here (priority "normal") or in a low-priority worker process
-(priority "low", what the server uses), and published from here either way.
+plan by ``worker.write_plan`` into a sink (``archive.Sink``), here (priority "normal") or in a
+low-priority worker process (priority "low", what the server uses).
 
-Write order: the archive goes to a hidden temp file beside PATH while it is hashed; it is
-fsynced, then the sidecar is written the same way; only then are both renamed into place and the
-directory fsynced. On any failure both temp files are removed and nothing appears at PATH or
-PATH.sha256; earlier backups in the directory are never touched.
+``take_full`` writes the archive into any sink: a temp file (``full_backup``, which publishes
+it through ``output.BackupOutput``: never replacing, nothing left on failure) or the server's
+backup stream to the client that writes the file (``engram backup`` through a server).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engram import __version__
-from engram.backup.archive import FileSink
-from engram.backup.catalog import info_path, write_info
+from engram.backup.archive import FileSink, Sink
+from engram.backup.output import BackupOutput, SinkFactory, describe_os_error
 from engram.backup.worker import (
     DEFAULT_CPU_SHARE,
     LOW_CHUNK,
@@ -38,18 +36,26 @@ from engram.backup.worker import (
 )
 from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
-from engram.format.manifest import MANIFEST_VERSION, compression_for, encode_sidecar
-from engram.fsutil import fsync_dir
+from engram.format.manifest import MANIFEST_VERSION, compression_for
 from engram.graph import Cut, Engine
 from engram.model import ns_to_iso
 
-SinkFactory = Callable[[Path], FileSink]
+__all__ = [
+    "PRIORITIES",
+    "BackupResult",
+    "SinkFactory",
+    "check_full_request",
+    "describe_os_error",
+    "full_backup",
+    "full_compression",
+    "take_full",
+]
 
 
 @dataclass
 class BackupResult:
     kind: str
-    path: str
+    path: str  # "" for a backup streamed to a client (the client knows where it wrote it)
     sidecar: str
     size: int
     sha256: str
@@ -66,82 +72,165 @@ class BackupResult:
     paused_s: float | None = None  # priority "low": time the worker slept to keep to it
     note: str | None = None
     validation: dict[str, Any] | None = None
+    # What only the catalog entry records (times in ns, restore points, parent).
+    catalog: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["catalog"]
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """The catalog entry (``NAME.info.json``) of this backup."""
+        return self.to_json() | self.catalog
+
+    def stream_result(self) -> dict[str, Any]:
+        """The RESULT of a streamed backup: this without local paths, with the catalog fields."""
+        out = self.to_json() | {"catalog": self.catalog}
+        del out["path"], out["sidecar"]
+        return out
 
 
-def check_output(output: Path, kinds: tuple[str, ...]) -> None:
-    if output.exists() or output.with_name(output.name + ".sha256").exists():
+PRIORITIES = ("low", "normal")
+
+
+def full_compression(name: str) -> str:
+    """The compression a full backup named ``name`` gets, or a UsageError."""
+    compression = compression_for(name)
+    if compression is None:
+        raise UsageError(f"{name}: a full backup must end in .tar.zst (recommended) or .tar.gz")
+    return compression
+
+
+def check_full_request(priority: str, cpu_share: float | None) -> float:
+    """The checks of a full backup's priority and cpu share (one rule for every caller); the
+    share the worker gets."""
+    if priority not in PRIORITIES:
+        raise UsageError(f"backup priority must be low or normal, got {priority!r}")
+    if priority == "normal" and cpu_share is not None:
         raise UsageError(
-            f"{output} already exists; choose a new name (backups are never overwritten)"
+            "a cpu share applies to priority low only (priority normal uses every core)"
         )
-    if not output.parent.is_dir():
-        raise UsageError(f"directory {output.parent} does not exist; create it first")
+    return DEFAULT_CPU_SHARE if cpu_share is None else check_cpu_share(cpu_share)
 
 
-def temp_paths(output: Path) -> tuple[Path, Path]:
-    tag = f"{os.getpid()}-{time.monotonic_ns()}"
-    return (
-        output.with_name(f".{output.name}.tmp-{tag}"),
-        output.with_name(f".{output.name}.sha256.tmp-{tag}"),
-    )
+def full_backup(
+    engine: Engine,
+    output: Path,
+    progress: Callable[[int, int], None] | None = None,
+    sink_factory: SinkFactory | None = None,
+    priority: str = "normal",
+    on_worker: Callable[[int], None] | None = None,
+    cpu_share: float | None = None,
+) -> BackupResult:
+    """Take a full backup of ``engine`` to the new file ``output`` (.tar.zst or .tar.gz).
+
+    ``priority="normal"`` writes the archive in this process with zstd on every core (fastest;
+    for a data dir nobody writes to). ``"low"`` writes it in a worker process that runs only on
+    CPU the engine leaves idle, compressing on one thread and using at most ``cpu_share`` of one
+    core (default ``DEFAULT_CPU_SHARE``; slower, what the server uses, so that writers keep their
+    latency). ``sink_factory(path, fd)`` makes the temp file's sink (priority "normal" only);
+    ``on_worker(pid)`` applies to "low" only (``worker.run_worker``). Published without
+    replacing anything: an existing name is a UsageError ("already exists"), at the start or
+    when another backup took the name meanwhile.
+    """
+    output = Path(output).absolute()
+    compression = full_compression(output.name)
+    if priority == "low" and sink_factory not in (None, FileSink):
+        raise ValueError("sink_factory applies to priority='normal' only (in-process writing)")
+    share = check_full_request(priority, cpu_share)
+    with BackupOutput(output) as out:
+        sink = out.open(sink_factory)
+        result = take_full(
+            engine, compression, sink, progress, priority, share, on_worker, output=output
+        )
+        result.path, result.sidecar = str(output), str(out.sidecar)
+        out.publish(result.sha256, result.info())
+    return result
 
 
-def publish(tmp: Path, tmp_side: Path, output: Path, sha: str, info: dict[str, Any]) -> Path:
-    """Write the sidecar, rename archive and sidecar into place, fsync the directory, then
-    write the catalog entry. Any failure or interrupt removes all of them again."""
-    side = output.with_name(output.name + ".sha256")
-    fd = os.open(tmp_side, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def take_full(
+    engine: Engine,
+    compression: str,
+    sink: Sink,
+    progress: Callable[[int, int], None] | None = None,
+    priority: str = "normal",
+    cpu_share: float = DEFAULT_CPU_SHARE,
+    on_worker: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
+    output: Path | None = None,
+) -> BackupResult:
+    """Cut, write the archive into ``sink`` and sync_close it; the result has no path.
+
+    At priority "low" the worker writes a ``FileSink``'s descriptor itself (and fsyncs it);
+    any other sink is fed through a pipe and a relay thread, and must receive exactly the bytes
+    the worker hashed. ``cancel`` (set by a stream whose client went away) stops the worker;
+    an in-process write learns it from its sink. ``output`` names the file in error messages.
+    The cut is released on every path out.
+    """
+    t0 = time.monotonic()
+    cut = engine.cut()
     try:
-        os.write(fd, encode_sidecar(sha))
-        os.fsync(fd)
+        total = cut.db_size + cut.wal_size
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+
+        plan = _plan(engine, cut, compression, priority)
+        paused: float | None = None
+        if priority == "low":
+            req = Request(
+                plan,
+                progress=progress is not None,
+                cpu_share=cpu_share,
+                log_dir=str(engine.layout.oplog),
+            )
+            if isinstance(sink, FileSink) and sink.fd >= 0:
+                res = run_worker(req, output, tick, on_worker, fd=sink.fd, cancel=cancel)
+                wrote = os.fstat(sink.fd).st_size
+                sink.close()  # the worker fsynced it
+            else:
+                res = run_worker(req, output, tick, on_worker, relay=sink, cancel=cancel)
+                wrote = sink.size
+                if sink.sha.hexdigest() != res.sha256:
+                    wrote = -1
+                sink.sync_close()
+            if wrote != res.size:
+                where = f"; nothing was written at {output}" if output else ""
+                raise BackupError(
+                    f"the backup worker reported {res.size} bytes but {wrote} arrived{where}"
+                )
+            size, sha, paused = res.size, res.sha256, round(res.paused_s, 3)
+        else:
+            write_plan(plan, sink, tick)
+            size, sha = sink.size, sink.sha.hexdigest()
+        return BackupResult(
+            kind="full",
+            path="",
+            sidecar="",
+            size=size,
+            sha256=sha,
+            duration_s=round(time.monotonic() - t0, 3),
+            snapshot_lsn=cut.snapshot_lsn,
+            snapshot_time=plan.manifest["snapshot_time"],
+            digest=cut.digest,
+            database_id=cut.database_id,
+            from_lsn=1,
+            counts=plan.manifest["counts"],
+            stall_ms=round(cut.stall_ns / 1e6, 3),
+            priority=priority,
+            cpu_share=cpu_share if priority == "low" else None,
+            paused_s=paused,
+            catalog={
+                "snapshot_time_ns": cut.snapshot_ts,
+                "from_time_ns": 0,
+            },
+        )
     finally:
-        os.close(fd)
-    try:
-        os.rename(tmp, output)
-        os.rename(tmp_side, side)
-        fsync_dir(output.parent)
-        write_info(output, info)
-    except BaseException:
-        for p in (output, side, info_path(output)):
-            p.unlink(missing_ok=True)
-        raise
-    return side
-
-
-@contextmanager
-def temp_files(output: Path) -> Iterator[tuple[Path, Path]]:
-    """The temp paths of a backup being written: (archive temp, sidecar temp). Whatever fails
-    or interrupts inside, both are removed and the error names the cause."""
-    tmp, tmp_side = temp_paths(output)
-    try:
-        yield tmp, tmp_side
-    except OSError as e:
-        raise BackupError(describe_os_error(e, output)) from None
-    except KeyboardInterrupt:
-        raise BackupError(f"interrupted; nothing was written at {output}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_side.unlink(missing_ok=True)
-
-
-@contextmanager
-def writing(output: Path, sink_factory: SinkFactory) -> Iterator[tuple[FileSink, Path, Path]]:
-    """``temp_files`` with the archive's sink open in this process: (sink, archive temp,
-    sidecar temp); the sink is closed before the temp files are removed."""
-    with temp_files(output) as (tmp, tmp_side):
-        sink = sink_factory(tmp)
-        try:
-            yield sink, tmp, tmp_side
-        finally:
-            sink.close()
-
-
-def describe_os_error(e: OSError, output: Path) -> str:
-    if e.errno == errno.ENOSPC:
-        return f"disk full while writing {output}; free space and run the backup again"
-    return f"I/O error while writing {output} ({e.strerror or e}); check the disk and retry"
+        engine.release_cut(cut)
 
 
 def _log_segment_bytes(engine: Engine, cut: Cut) -> bytes | None:
@@ -163,104 +252,6 @@ def _log_segment_bytes(engine: Engine, cut: Cut) -> bytes | None:
     for _, _, _, raw in engine.log_range(cut.warm_lsn + 1, cut.snapshot_lsn):
         parts.append(raw)
     return b"".join(parts)
-
-
-PRIORITIES = ("low", "normal")
-
-
-def full_backup(
-    engine: Engine,
-    output: Path,
-    progress: Callable[[int, int], None] | None = None,
-    sink_factory: SinkFactory = FileSink,
-    priority: str = "normal",
-    on_worker: Callable[[int], None] | None = None,
-    cpu_share: float | None = None,
-) -> BackupResult:
-    """Take a full backup of ``engine`` to ``output`` (.tar.zst or .tar.gz).
-
-    ``priority="normal"`` writes the archive in this process with zstd on every core (fastest;
-    for a data dir nobody writes to). ``"low"`` writes it in a worker process that runs only on
-    CPU the engine leaves idle, compressing on one thread and using at most ``cpu_share`` of one
-    core (default ``DEFAULT_CPU_SHARE``; slower, what the server uses, so that writers keep their
-    latency). The cut is held, and the plan gathered, here either way;
-    ``sink_factory`` applies to "normal" only, ``on_worker(pid)`` to "low" only
-    (``worker.run_worker``).
-    """
-    output = Path(output).absolute()
-    compression = compression_for(output.name)
-    if compression is None:
-        raise UsageError(
-            f"{output.name}: a full backup must end in .tar.zst (recommended) or .tar.gz"
-        )
-    if priority not in PRIORITIES:
-        raise UsageError(f"backup priority must be low or normal, got {priority!r}")
-    if priority == "low" and sink_factory is not FileSink:
-        raise ValueError("sink_factory applies to priority='normal' only (in-process writing)")
-    if priority == "normal" and cpu_share is not None:
-        raise UsageError(
-            "a cpu share applies to priority low only (priority normal uses every core)"
-        )
-    share = DEFAULT_CPU_SHARE if cpu_share is None else check_cpu_share(cpu_share)
-    check_output(output, ("full",))
-    t0 = time.monotonic()
-    cut = engine.cut()
-    try:
-        with temp_files(output) as (tmp, tmp_side):
-            total = cut.db_size + cut.wal_size
-            done = [0]
-
-            def tick(n: int) -> None:
-                done[0] += n
-                if progress:
-                    progress(done[0], total)
-
-            plan = _plan(engine, cut, compression, priority)
-            if priority == "low":
-                req = Request(
-                    str(tmp),
-                    plan,
-                    progress=progress is not None,
-                    cpu_share=share,
-                    log_dir=str(engine.layout.oplog),
-                )
-                res = run_worker(req, output, tick, on_worker)
-                size, sha, paused = res.size, res.sha256, round(res.paused_s, 3)
-                if tmp.stat().st_size != size:
-                    raise BackupError(
-                        f"the backup worker reported {size} bytes but wrote "
-                        f"{tmp.stat().st_size}; nothing was written at {output}"
-                    )
-            else:
-                sink = sink_factory(tmp)
-                try:
-                    write_plan(plan, sink, tick)
-                finally:
-                    sink.close()
-                size, sha, paused = sink.size, sink.sha.hexdigest(), None
-            result = BackupResult(
-                kind="full",
-                path=str(output),
-                sidecar=str(output) + ".sha256",
-                size=size,
-                sha256=sha,
-                duration_s=round(time.monotonic() - t0, 3),
-                snapshot_lsn=cut.snapshot_lsn,
-                snapshot_time=plan.manifest["snapshot_time"],
-                digest=cut.digest,
-                database_id=cut.database_id,
-                from_lsn=1,
-                counts=plan.manifest["counts"],
-                stall_ms=round(cut.stall_ns / 1e6, 3),
-                priority=priority,
-                cpu_share=share if priority == "low" else None,
-                paused_s=paused,
-            )
-            info = result.to_json() | {"snapshot_time_ns": cut.snapshot_ts, "from_time_ns": 0}
-            publish(tmp, tmp_side, output, result.sha256, info)
-    finally:
-        engine.release_cut(cut)
-    return result
 
 
 def _plan(engine: Engine, cut: Cut, compression: str, priority: str) -> Plan:

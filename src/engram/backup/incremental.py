@@ -1,26 +1,64 @@
 """Incremental backups: the log records of a range, in the op-log format (docs/FORMAT.md).
 
 A chain never has a gap: when the newest backup in the output directory ends before the
-requested start, the range starts right after it instead, and the result says so. Ranges always
-begin on a transaction boundary (a transaction's id is its first LSN), so every file can be
-replayed on its own terms.
+requested start, the range starts right after it instead, and the result says so. The output
+directory is the writer's: ``incremental_backup`` reads it itself; a client writing a streamed
+incremental reads its own and sends the LSN the range must start at or before (``After``).
+Ranges always begin on a transaction boundary (a transaction's id is its first LSN), so every
+file can be replayed on its own terms.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from engram.backup.archive import FileSink
+from engram.backup.archive import Sink
 from engram.backup.catalog import newest_end
-from engram.backup.full import BackupResult, check_output, publish, writing
-from engram.errors import UsageError
+from engram.backup.full import BackupResult
+from engram.backup.output import BackupOutput, SinkFactory
+from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import compression_for
 from engram.graph import Engine
 from engram.model import ns_to_iso
 from engram.oplog.reader import LogFile, list_segments
+
+
+@dataclass(frozen=True)
+class After:
+    """The newest backup of the directory an incremental goes to: the range starts at or before
+    ``to_lsn + 1``. ``name`` is its file name (the header's ``parent``), ``where`` how a note
+    names its directory."""
+
+    name: str
+    to_lsn: int
+    where: str
+
+
+def chain_of(directory: Path, database_id: str) -> After | None:
+    """The newest backup of ``database_id`` in ``directory``, if any."""
+    newest = newest_end(directory, database_id)
+    if newest is None:
+        return None
+    return After(newest.name, newest.to_lsn, str(directory))
+
+
+def check_incremental_name(output: Path) -> None:
+    if compression_for(output.name):
+        raise UsageError(
+            f"{output.name} names a full backup archive; an incremental is a .log file"
+        )
+
+
+def nothing_to_continue(directory: Path | str) -> UsageError:
+    return UsageError(
+        f"no earlier backup in {directory} to continue from; give --since or --since-lsn, "
+        "or take a full backup there first"
+    )
 
 
 def _first_lsn_since(engine: Engine, since_ns: int, end: int) -> int:
@@ -52,36 +90,53 @@ def incremental_backup(
     since_s: float | None = None,
     since_lsn: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    sink_factory: Callable[[Path], FileSink] = FileSink,
+    sink_factory: SinkFactory | None = None,
 ) -> BackupResult:
+    """Write the records of a range to the new file ``output`` (a .log), published without
+    replacing anything; the range continues the newest backup in its directory."""
     output = Path(output).absolute()
-    if compression_for(output.name):
-        raise UsageError(
-            f"{output.name} names a full backup archive; an incremental is a .log file"
-        )
-    check_output(output, ("incremental",))
+    check_incremental_name(output)
+    with BackupOutput(output) as out:
+        after = chain_of(output.parent, engine.database_id)
+        if after is None and since_s is None and since_lsn is None:
+            raise nothing_to_continue(output.parent)
+        sink = out.open(sink_factory)
+        result = take_incremental(engine, sink, since_s, since_lsn, after, progress)
+        result.path, result.sidecar = str(output), str(out.sidecar)
+        out.publish(result.sha256, result.info())
+    return result
+
+
+def take_incremental(
+    engine: Engine,
+    sink: Sink,
+    since_s: float | None,
+    since_lsn: int | None,
+    after: After | None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> BackupResult:
+    """Write an incremental into ``sink`` and sync_close it; the result has no path. The range
+    starts at ``since_lsn``, else at the first record of the last ``since_s`` seconds, else
+    right after ``after`` — and never after ``after.to_lsn + 1``."""
     t0 = time.monotonic()
     db = engine.database_id
     end, end_ts, end_digest = engine.position()
-    newest = newest_end(output.parent, db)
     note = None
     if since_lsn is not None:
         start = since_lsn
     elif since_s is not None:
         start = _first_lsn_since(engine, time.time_ns() - int(since_s * 1e9), end)
-    elif newest is not None:
-        start = newest.to_lsn + 1
+    elif after is not None:
+        start = after.to_lsn + 1
     else:
-        raise UsageError(
-            f"no earlier backup in {output.parent} to continue from; give --since or --since-lsn, "
-            "or take a full backup there first"
-        )
-    if newest is not None and newest.to_lsn + 1 < start:
+        raise UsageError("an incremental needs a start: since_s, since_lsn or an earlier backup")
+    if after is not None and after.to_lsn + 1 < start:
         note = (
-            f"the newest backup in {output.parent} ({newest.name}) ends at LSN {newest.to_lsn}; "
-            f"starting at LSN {newest.to_lsn + 1} instead of {start} so the chain has no gap"
+            f"the newest backup in {after.where} ({after.name}) ends at LSN {after.to_lsn}; "
+            f"starting at LSN {after.to_lsn + 1} instead of {start} so the chain has no gap"
         )
-        start = newest.to_lsn + 1
+        start = after.to_lsn + 1
     start = max(1, start)
     first_ts = 0
     if start <= end:
@@ -99,44 +154,43 @@ def incremental_backup(
         "from_time_ns": first_ts,
         "to_time_ns": end_ts,
         "digest": end_digest,
-        "parent": newest.name if newest is not None else None,
+        "parent": after.name if after is not None else None,
         "created_at_ns": time.time_ns(),
         "record_count": count,
     }
-    with writing(output, sink_factory) as (sink, tmp, tmp_side):
-        sink.write(fmt.encode_file_header(fmt.KIND_INCREMENTAL, header))
-        done = 0
-        batch: list[bytes] = []
-        for _, _, _, raw in engine.log_range(start, end):
-            batch.append(raw)
-            if len(batch) >= 4096:
-                sink.write(b"".join(batch))
-                done += len(batch)
-                batch.clear()
-                if progress:
-                    progress(done, count)
-        if batch:
+    sink.write(fmt.encode_file_header(fmt.KIND_INCREMENTAL, header))
+    done = 0
+    batch: list[bytes] = []
+    for _, _, _, raw in engine.log_range(start, end):
+        batch.append(raw)
+        if len(batch) >= 4096:
+            if cancel is not None and cancel.is_set():
+                raise BackupError("the backup was cancelled; nothing of it was kept")
             sink.write(b"".join(batch))
-        sink.sync_close()
-        result = BackupResult(
-            kind="incremental",
-            path=str(output),
-            sidecar=str(output) + ".sha256",
-            size=sink.size,
-            sha256=sink.sha.hexdigest(),
-            duration_s=round(time.monotonic() - t0, 3),
-            snapshot_lsn=end,
-            snapshot_time=ns_to_iso(end_ts) if end_ts else "",
-            digest=end_digest,
-            database_id=db,
-            from_lsn=start,
-            counts={"records": count},
-            note=note,
-        )
-        info = result.to_json() | {
+            done += len(batch)
+            batch.clear()
+            if progress:
+                progress(done, count)
+    if batch:
+        sink.write(b"".join(batch))
+    sink.sync_close()
+    return BackupResult(
+        kind="incremental",
+        path="",
+        sidecar="",
+        size=sink.size,
+        sha256=sink.sha.hexdigest(),
+        duration_s=round(time.monotonic() - t0, 3),
+        snapshot_lsn=end,
+        snapshot_time=ns_to_iso(end_ts) if end_ts else "",
+        digest=end_digest,
+        database_id=db,
+        from_lsn=start,
+        counts={"records": count},
+        note=note,
+        catalog={
             "snapshot_time_ns": end_ts,
             "from_time_ns": first_ts,
             "parent": header["parent"],
-        }
-        publish(tmp, tmp_side, output, result.sha256, info)
-    return result
+        },
+    )

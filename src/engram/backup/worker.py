@@ -17,24 +17,32 @@ whichever process runs it:
   most of the cache; and while the engine's op log grows it uses at most ``cpu_share`` of one
   core (``Pacer``, ``LogActivity``), pausing between chunks. Slower, but writes barely notice it.
 
-The worker protocol: the request (``Request``: the temp path to create, the plan, the cpu share
-and the log to watch), msgpack on stdin; JSON lines on stdout: ``{"progress": n}`` (bytes since
-the last line, every 4 MiB, when asked for), then one of ``{"done": {"size", "sha256",
-"paused_s"}}`` or ``{"error": {...}}``. Exit code 0 = done, 3 = failed (the error line says
-why: an OSError keeps its errno, an engram error its class and message), 4 = its parent went
-away (it removed its temp file itself). Anything else — a signal, a crash — is the worker dying,
-and ``run_worker`` says so. The worker runs in a process group of its own (in the parent's
-session), so a Ctrl-C at a terminal reaches only the parent, which kills and reaps it.
+The worker protocol: the request (``Request``: the descriptor to write the archive to, the
+plan, the cpu share and the log to watch), msgpack on stdin; JSON lines on stdout:
+``{"progress": n}`` (bytes since the last line, every 4 MiB, when asked for), then one of
+``{"done": {"size", "sha256", "paused_s"}}`` or ``{"error": {...}}``. Exit code 0 = done, 3 =
+failed (the error line says why: an OSError keeps its errno, an engram error its class and
+message), 4 = its parent went away. Anything else — a signal, a crash — is the worker dying, and
+``run_worker`` says so. The worker runs in a process group of its own (in the parent's session),
+so a Ctrl-C at a terminal reaches only the parent, which kills and reaps it.
+
+The descriptor is inherited (``pass_fds``): the temp file the parent created (the worker writes
+and fsyncs it; the parent owns the file, publishes or removes it), or the write end of a pipe
+whose bytes a thread of the parent relays into a sink (the server's backup stream): a sink that
+does not keep up stops the relay, the pipe fills and the worker waits — backpressure all the way.
+The worker never creates, names or removes a file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +50,7 @@ from typing import Any
 
 import msgspec
 
-from engram.backup.archive import CHUNK, ArchiveWriter, FileSink, Member, Progress
+from engram.backup.archive import CHUNK, ArchiveWriter, FileSink, Member, Progress, Sink
 from engram.errors import BackupError, BadArchive, EngramError, UsageError
 from engram.format.manifest import MANIFEST_NAME, encode_manifest
 from engram.oplog.reader import list_segments
@@ -84,8 +92,8 @@ class Plan(msgspec.Struct):
 
 
 class Request(msgspec.Struct):
-    path: str  # the temp file to create (O_EXCL) and write
     plan: Plan
+    fd: int = -1  # the inherited descriptor to write to (run_worker sets it)
     progress: bool = True  # send progress lines (each one wakes the parent)
     cpu_share: float = 1.0  # of one core, at most, while the engine writes (Pacer); 1 = no cap
     log_dir: str | None = None  # the op log whose growth means the engine is writing
@@ -96,7 +104,7 @@ def check_cpu_share(share: float, name: str = "cpu share") -> float:
     allowed."""
     try:
         f = float(share)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
         f = float("nan")
     if not MIN_CPU_SHARE <= f <= 1.0:  # NaN fails both
         raise UsageError(
@@ -198,9 +206,9 @@ class Done(msgspec.Struct):
     paused_s: float = 0.0  # time the worker slept to keep to its cpu share
 
 
-def write_plan(plan: Plan, sink: FileSink, progress: Progress | None = None) -> dict[str, Member]:
-    """Write the archive of ``plan`` to ``sink``, then fsync and close it. Returns the members
-    (name -> size, sha256), manifest included."""
+def write_plan(plan: Plan, sink: Sink, progress: Progress | None = None) -> dict[str, Member]:
+    """Write the archive of ``plan`` to ``sink``, then sync_close it (fsync of a file).
+    Returns the members (name -> size, sha256), manifest included."""
     aw = ArchiveWriter(sink, plan.compression, progress, threads=plan.threads, chunk=plan.chunk)
     for m in plan.members:
         if m.path is not None:
@@ -219,106 +227,204 @@ def write_plan(plan: Plan, sink: FileSink, progress: Progress | None = None) -> 
 
 def run_worker(
     request: Request,
-    output: Path,
+    output: Path | None,
     progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
+    *,
+    fd: int | None = None,
+    relay: Sink | None = None,
+    cancel: threading.Event | None = None,
 ) -> Done:
     """Run ``request`` in a low-priority worker process and wait for it.
 
-    ``progress(n)`` gets the bytes the worker reports; ``on_start(pid)`` is called once the
-    worker exists, before it has its plan (a caller may watch it or set limits on it). Errors:
-    the worker's OSError is raised again with its errno, BadArchive and BackupError with their
-    message; a worker that dies or talks nonsense is a BackupError naming ``output``. On any
+    The worker writes the archive to ``fd`` (an open regular file of the caller's, which it
+    fsyncs), or, with ``relay``, to a pipe whose bytes a thread here writes into ``relay``
+    (which counts and hashes them; the caller compares with the worker's ``Done``). Exactly one
+    of the two. ``progress(n)`` gets the bytes the worker reports; ``on_start(pid)`` is called
+    once the worker exists, before it has its plan (a caller may watch it or set limits on it);
+    ``cancel``, once set, kills the worker and fails the backup.
+
+    Errors: the worker's OSError is raised again with its errno, BadArchive and BackupError
+    with their message, the relay's error as it is; a worker that dies or talks nonsense is a
+    BackupError naming ``output`` (the file nothing was written at; None for a stream). On any
     error or interrupt here, the worker is killed and reaped before this returns. The caller
-    owns (and removes) the temp file."""
-    payload = msgspec.msgpack.encode(request)
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            module_argv(MODULE),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=module_env(),
-            # A process group of its own, so that a Ctrl-C at a terminal reaches only the
-            # parent (which kills and reaps it) -- but the parent's session: with autogroup
-            # scheduling (Linux's default on desktops and many servers) a new session would be a
-            # new CPU group with its own fair share, and SCHED_IDLE would only rank the worker
-            # within that group, not below the engine's threads.
-            process_group=0,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        done: Done | None = None
-        error: dict[str, Any] | None = None
-        garbled = False
+    owns the file (and removes it on failure)."""
+    if (fd is None) == (relay is None):
+        raise ValueError("run_worker needs exactly one of fd and relay")
+    read_end = -1
+    if relay is not None:
+        read_end, fd = os.pipe()
         try:
-            if on_start is not None:
-                on_start(proc.pid)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # fewer wake-ups; a hint
+        except (OSError, AttributeError):
+            pass
+    assert fd is not None
+    payload = msgspec.msgpack.encode(msgspec.structs.replace(request, fd=fd))
+    relay_error: list[BaseException] = []
+    finished = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(
+                module_argv(MODULE),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=module_env(),
+                pass_fds=(fd,),
+                # A process group of its own, so that a Ctrl-C at a terminal reaches only the
+                # parent (which kills and reaps it) -- but the parent's session: with autogroup
+                # scheduling (Linux's default on desktops and many servers) a new session would
+                # be a new CPU group with its own fair share, and SCHED_IDLE would only rank the
+                # worker within that group, not below the engine's threads.
+                process_group=0,
+            )
+            if relay is not None:
+                os.close(fd)  # the worker holds the write end now: its exit ends the pipe
+                fd = None
+                t = threading.Thread(
+                    target=_relay,
+                    args=(read_end, relay, proc, relay_error),
+                    name="engram-backup-relay",
+                    daemon=True,
+                )
+                t.start()
+                threads.append(t)
+            if cancel is not None:
+                w = threading.Thread(
+                    target=_kill_on, args=(cancel, finished, proc), name="engram-backup-cancel",
+                    daemon=True,
+                )
+                w.start()
+                threads.append(w)
+            return _wait_for(proc, payload, err, output, progress, on_start, relay_error, cancel,
+                             threads)
+    finally:
+        finished.set()
+        for t in threads:
+            t.join()
+        if read_end >= 0:
+            os.close(read_end)
+        if relay is not None and fd is not None:
+            os.close(fd)  # Popen failed before the worker took it
+
+
+def _relay(read_end: int, sink: Sink, proc: subprocess.Popen[bytes],
+           error: list[BaseException]) -> None:
+    """Copy the pipe into ``sink`` until the worker closes it; on a sink error, kill the
+    worker (which then cannot block on a full pipe) and keep the error for the caller."""
+    try:
+        while True:
+            data = os.read(read_end, 1 << 20)
+            if not data:
+                return
+            sink.write(data)
+    except BaseException as e:
+        error.append(e)
+        proc.kill()
+
+
+def _kill_on(cancel: threading.Event, finished: threading.Event,
+             proc: subprocess.Popen[bytes]) -> None:
+    while not finished.is_set():
+        if cancel.wait(0.05):
+            proc.kill()
+            return
+
+
+def _wait_for(
+    proc: subprocess.Popen[bytes],
+    payload: bytes,
+    err: Any,
+    output: Path | None,
+    progress: Progress | None,
+    on_start: Callable[[int], None] | None,
+    relay_error: list[BaseException],
+    cancel: threading.Event | None,
+    threads: list[threading.Thread],
+) -> Done:
+    assert proc.stdin is not None and proc.stdout is not None
+    done: Done | None = None
+    error: dict[str, Any] | None = None
+    garbled = False
+    try:
+        if on_start is not None:
+            on_start(proc.pid)
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died before reading its plan: its exit status says how
+        for line in proc.stdout:
             try:
-                proc.stdin.write(payload)
+                msg = json.loads(line)
+                if "progress" in msg:
+                    if progress is not None:
+                        progress(int(msg["progress"]))
+                elif "done" in msg:
+                    done = msgspec.convert(msg["done"], Done)
+                elif "error" in msg:
+                    error = dict(msg["error"])
+                else:
+                    garbled = True
+            except (ValueError, TypeError, KeyError, msgspec.ValidationError):
+                garbled = True
+            if garbled:
+                break
+        if garbled:
+            proc.kill()
+        rc = proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        if not proc.stdin.closed:
+            try:
                 proc.stdin.close()
             except BrokenPipeError:
-                pass  # it died before reading its plan: its exit status says how
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                    if "progress" in msg:
-                        if progress is not None:
-                            progress(int(msg["progress"]))
-                    elif "done" in msg:
-                        done = msgspec.convert(msg["done"], Done)
-                    elif "error" in msg:
-                        error = dict(msg["error"])
-                    else:
-                        garbled = True
-                except (ValueError, TypeError, KeyError, msgspec.ValidationError):
-                    garbled = True
-                if garbled:
-                    break
-            if garbled:
-                proc.kill()
-            rc = proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-            if not proc.stdin.closed:
-                try:
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-        who = f"the backup worker (pid {proc.pid})"
-        if garbled:
-            raise BackupError(f"{who} answered nonsense; nothing was written at {output}")
-        if rc == 0 and done is not None and error is None:
-            return done
-        if rc == EXIT_FAILED and error is not None:
-            raise _error_from(error, who, output)
-        if rc < 0:
-            try:
-                how = f"was killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                how = f"was killed by signal {-rc}"
-        else:
-            how = f"exited with code {rc}"
-            err.seek(0)
-            last = err.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
-            if last:
-                how += f" ({last[-1].strip()[:300]})"
-        raise BackupError(f"{who} {how}; nothing was written at {output}")
+                pass
+    for t in threads:  # the relay has every byte (or its error) once the worker is gone
+        if t.name == "engram-backup-relay":
+            t.join()
+    if relay_error:
+        raise relay_error[0]
+    nothing = "nothing of it was kept" if output is None else f"nothing was written at {output}"
+    if cancel is not None and cancel.is_set():
+        raise BackupError(f"the backup was cancelled; {nothing}")
+    who = f"the backup worker (pid {proc.pid})"
+    if garbled:
+        raise BackupError(f"{who} answered nonsense; {nothing}")
+    if rc == 0 and done is not None and error is None:
+        return done
+    if rc == EXIT_FAILED and error is not None:
+        raise _error_from(error, who, output)
+    if rc < 0:
+        try:
+            how = f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            how = f"was killed by signal {-rc}"
+    else:
+        how = f"exited with code {rc}"
+        err.seek(0)
+        last = err.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+        if last:
+            how += f" ({last[-1].strip()[:300]})"
+    raise BackupError(f"{who} {how}; {nothing}")
 
 
 _ERRORS: dict[str, type[EngramError]] = {"BadArchive": BadArchive, "BackupError": BackupError}
 
 
-def _error_from(e: dict[str, Any], who: str, output: Path) -> BaseException:
+def _error_from(e: dict[str, Any], who: str, output: Path | None) -> BaseException:
     if e.get("kind") == "os" and isinstance(e.get("errno"), int):
         return OSError(e["errno"], str(e.get("strerror") or os.strerror(e["errno"])))
     message = " ".join(str(e.get("message") or "no reason given").split())
     cls = _ERRORS.get(str(e.get("class")))
     if e.get("kind") == "engram" and cls is not None:
         return cls(message)
-    return BackupError(f"{who} failed ({message}); nothing was written at {output}")
+    nothing = "nothing of it was kept" if output is None else f"nothing was written at {output}"
+    return BackupError(f"{who} failed ({message}); {nothing}")
 
 
 # -- the worker's side -----------------------------------------------------------------------
@@ -359,15 +465,13 @@ def main() -> int:
             say({"progress": pending})
             pending = 0
 
-    path: Path | None = None
     sink: FileSink | None = None
     try:
         req = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=Request)
         report = req.progress
         busy = LogActivity(Path(req.log_dir)) if req.log_dir else None
         pace = Pacer(req.cpu_share, busy)
-        path = Path(req.path)
-        sink = FileSink(path)
+        sink = FileSink(fd=req.fd)
         write_plan(req.plan, sink, tick)
         if report and pending:
             say({"progress": pending})
@@ -375,9 +479,8 @@ def main() -> int:
         say({"done": done})
         return 0
     except BaseException as e:
-        if sink is not None and path is not None:
-            sink.close()
-            path.unlink(missing_ok=True)
+        if sink is not None:
+            sink.close()  # the file is the parent's: it removes it
         if isinstance(e, _Orphaned):
             return EXIT_ORPHANED
         try:
