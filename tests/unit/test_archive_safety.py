@@ -1002,3 +1002,81 @@ def test_validate_level2_passes_clean(source: Source, tmp_path: Path) -> None:
     rep = validate_backup(a, level=2, record=False, workdir=tmp_path / "in")
     assert rep.ok, rep.reason
     shutil.rmtree(tmp_path / "in")
+
+
+# -- the archive header (docs/FORMAT.md "Archive header") ----------------------------------------
+
+
+class _BytesSink:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.buf += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _with_header(members: list[tuple[str, bytes]], comp: str, header: dict[str, Any]) -> bytes:
+    from engram.backup.archive import ArchiveWriter
+
+    sink = _BytesSink()
+    aw = ArchiveWriter(sink, "zstd" if comp == "zst" else "gzip", header=header)  # type: ignore[arg-type]
+    for name, data in members:
+        aw.add_bytes(name, data)
+    aw.finish()
+    return bytes(sink.buf)
+
+
+@pytest.mark.parametrize("comp", ["zst", "gz"])
+def test_archive_header_is_read_back_and_other_readers_skip_it(
+    source: Source, tmp_path: Path, comp: str
+) -> None:
+    from engram.backup.archive import read_archive_header
+    from engram.format.manifest import archive_header
+
+    manifest = manifest_of(source.members[comp])
+    a = write_archive(tmp_path / "in", f"h.tar.{comp}",
+                      _with_header(source.members[comp], comp, manifest))
+    assert read_archive_header(a) == archive_header(manifest)
+    assert read_archive_header(source.archives[comp]) in (None, archive_header(manifest))
+    # GNU tar (compression detected from the file, as `tar xf` does) and the decompressors
+    # read past it.
+    listed = subprocess.run(["tar", "tf", str(a)], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == [n for n, _ in source.members[comp]]
+    if comp == "gz":
+        subprocess.run(["gzip", "-t", str(a)], check=True)
+        assert tarfile.open(fileobj=io.BytesIO(gzip.decompress(a.read_bytes()))).getnames()
+    else:
+        subprocess.run(["zstd", "-q", "-t", str(a)], check=True)
+    res = restore(a, tmp_path / "restored")
+    assert (res.snapshot_lsn, res.digest) == (source.snapshot_lsn, source.digest)
+
+
+@pytest.mark.parametrize("comp", ["zst", "gz"])
+def test_archive_header_that_disagrees_with_the_manifest_is_damage(
+    source: Source, tmp_path: Path, comp: str
+) -> None:
+    manifest = manifest_of(source.members[comp])
+    lying = manifest | {"snapshot_lsn": manifest["snapshot_lsn"] + 1}
+    a = write_archive(tmp_path / "in", f"h.tar.{comp}",
+                      _with_header(source.members[comp], comp, lying))
+    scene = Scene.make(tmp_path)
+    refused(a, scene, BadArchive, "archive header disagrees with its manifest", "snapshot_lsn")
+
+
+@pytest.mark.parametrize("comp", ["zst", "gz"])
+def test_archive_header_with_a_flipped_bit_is_refused(
+    source: Source, tmp_path: Path, comp: str
+) -> None:
+    from engram.backup.archive import read_archive_header
+
+    manifest = manifest_of(source.members[comp])
+    data = bytearray(_with_header(source.members[comp], comp, manifest))
+    at = bytes(data).index(b'"database_id"') + 3
+    data[at] ^= 0x01
+    a = write_archive(tmp_path / "in", f"h.tar.{comp}", bytes(data), sidecar=False)
+    with pytest.raises(BadArchive, match="archive header is damaged"):
+        read_archive_header(a)

@@ -14,6 +14,7 @@ import hashlib
 import os
 import queue
 import stat
+import struct
 import tarfile
 import threading
 import time
@@ -21,12 +22,17 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
 
 from engram.errors import BadArchive
-from engram.format.manifest import allowed_member
+from engram.format.manifest import (
+    MAX_ARCHIVE_HEADER,
+    allowed_member,
+    decode_archive_header,
+    encode_archive_header,
+)
 from engram.fsutil import start_writeback
 
 CHUNK = 4 << 20
@@ -35,6 +41,13 @@ BLOCK = 512
 RECORD = 20 * BLOCK
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
+# The archive header's containers (docs/FORMAT.md "Archive header"): zstd, an empty frame (no
+# content, one empty last block) then a skippable frame with this magic; gzip, an FEXTRA
+# subfield with this id.
+ZSTD_EMPTY_FRAME = bytes.fromhex("28b52ffd2000010000")
+ZSTD_HEADER_MAGIC = 0x184D2A5E
+GZIP_HEADER_ID = b"Eg"
+_FEXTRA = 4
 
 Progress = Callable[[int], None]
 
@@ -103,25 +116,50 @@ class FileSink:
 
 
 class _GzipWriter:
-    def __init__(self, sink: Sink, level: int = 6) -> None:
+    """A gzip member written field by field (RFC 1952), so that the archive header rides in
+    its FEXTRA field: gzip, Python's gzip module and GNU tar skip it. Raw deflate in between,
+    then the CRC32 and size of the uncompressed data."""
+
+    def __init__(self, sink: Sink, level: int = 6, header: bytes | None = None) -> None:
         self.sink = sink
-        self.z = zlib.compressobj(level, zlib.DEFLATED, 31)
+        self.z = zlib.compressobj(level, zlib.DEFLATED, -15)
+        self.crc = 0
+        self.isize = 0
+        flags, extra = 0, b""
+        if header is not None:
+            sub = GZIP_HEADER_ID + struct.pack("<H", len(header)) + header
+            flags, extra = _FEXTRA, struct.pack("<H", len(sub)) + sub
+        # ID1 ID2, CM deflate, FLG, MTIME 0 (unknown), XFL 0, OS 255 (unknown)
+        sink.write(GZIP_MAGIC + bytes((8, flags)) + b"\0\0\0\0\0\xff" + extra)
 
     def write(self, data: bytes | memoryview) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.isize += len(data)
         out = self.z.compress(data)
         if out:
             self.sink.write(out)
         return len(data)
 
     def finish(self) -> None:
-        self.sink.write(self.z.flush())
+        self.sink.write(self.z.flush() + struct.pack("<II", self.crc, self.isize & 0xFFFFFFFF))
 
 
 class _ZstdWriter:
     """``threads``: None = one compression thread per core (up to 8); 0 or 1 = compress in the
     calling thread only (a low-priority backup, which must not take a second core)."""
 
-    def __init__(self, sink: Sink, level: int = 1, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        level: int = 1,
+        threads: int | None = None,
+        header: bytes | None = None,
+    ) -> None:
+        if header is not None:
+            # An empty frame first keeps the zstd magic at offset 0 (GNU tar and file(1) sniff
+            # it), then the header in a skippable frame, which every zstd decoder passes over.
+            sink.write(ZSTD_EMPTY_FRAME + struct.pack("<II", ZSTD_HEADER_MAGIC, len(header)))
+            sink.write(header)
         if threads is None:
             threads = min(os.cpu_count() or 1, 8)
         # The content checksum lets a reader without the sidecar still catch a changed byte.
@@ -147,7 +185,10 @@ class Member:
 class ArchiveWriter:
     """Write a tar archive member by member; ``members`` maps name to size and sha256.
     ``threads`` is zstd's (see ``_ZstdWriter``); gzip always compresses in the calling thread.
-    ``chunk``: files are read, hashed and compressed this many bytes at a time."""
+    ``chunk``: files are read, hashed and compressed this many bytes at a time.
+    ``header``: the archive header's fields (``manifest.archive_header``; a whole manifest
+    works too), written at the very start of the archive (docs/FORMAT.md "Archive header");
+    None writes an archive without one, as engram did before headers existed."""
 
     sink: Sink
     compression: str
@@ -155,12 +196,14 @@ class ArchiveWriter:
     threads: int | None = None
     chunk: int = CHUNK  # bytes per read of a file member
     members: dict[str, Member] = field(default_factory=dict)
+    header: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        head = None if self.header is None else encode_archive_header(self.header)
         self.out: _GzipWriter | _ZstdWriter = (
-            _ZstdWriter(self.sink, threads=self.threads)
+            _ZstdWriter(self.sink, threads=self.threads, header=head)
             if self.compression == "zstd"
-            else _GzipWriter(self.sink)
+            else _GzipWriter(self.sink, header=head)
         )
         self._buf = bytearray(self.chunk)
         self.mtime = int(time.time())
@@ -259,6 +302,33 @@ def sniff_compression(path: Path) -> str:
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     raise BadArchive(f"{path} is neither zstd- nor gzip-compressed; it is not an engram backup")
+
+
+def read_archive_header(path: Path) -> dict[str, Any] | None:
+    """The archive header's fields (a few KB read from the start), or None for an archive
+    written without one. BadArchive if a header is there but damaged."""
+    with open(path, "rb") as f:
+        head = f.read(MAX_ARCHIVE_HEADER + 64)
+    name = Path(path).name
+    if head.startswith(ZSTD_EMPTY_FRAME):
+        rest = head[len(ZSTD_EMPTY_FRAME) :]
+        if len(rest) < 8 or struct.unpack_from("<I", rest)[0] != ZSTD_HEADER_MAGIC:
+            return None
+        (n,) = struct.unpack_from("<I", rest, 4)
+        if n > MAX_ARCHIVE_HEADER or len(rest) < 8 + n:
+            raise BadArchive(f"{name}: the archive header is damaged (bad length)")
+        return decode_archive_header(rest[8 : 8 + n], name)
+    if head.startswith(GZIP_MAGIC) and len(head) >= 12 and head[3] & _FEXTRA:
+        (xlen,) = struct.unpack_from("<H", head, 10)
+        extra, pos = head[12 : 12 + xlen], 0
+        while pos + 4 <= len(extra):
+            (n,) = struct.unpack_from("<H", extra, pos + 2)
+            if extra[pos : pos + 2] == GZIP_HEADER_ID:
+                if pos + 4 + n > len(extra):
+                    raise BadArchive(f"{name}: the archive header is damaged (bad length)")
+                return decode_archive_header(extra[pos + 4 : pos + 4 + n], name)
+            pos += 4 + n
+    return None
 
 
 def check_zstd_frames(path: Path) -> None:

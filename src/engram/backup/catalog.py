@@ -1,31 +1,104 @@
 """The backup catalog: one ``NAME.info.json`` beside each backup, saying what it covers.
 
-The info file is a convenience index (kind, database id, LSN and time range, digest, validation
-result); the archive and its sidecar remain the authority. Choosing backups for PITR reads the
-info files, then every chosen file is checked again when it is used.
+The info file is an index (kind, database id, LSN and time range, digest, validation verdict);
+the backup file stays the authority. An entry is created once and never replaced by another
+backup's (``write_info`` refuses an existing one); it carries a checksum of its own content, and
+whenever it is read for a choice its key fields are checked against the file it describes: an
+incremental's log header, a full archive's header (docs/FORMAT.md "Archive header"), both
+covered by the sidecar's hash and by a CRC of their own. An entry that fails either check is
+reported and never trusted: its backup is left out of the choice, and where a range matters (the
+start of the next incremental) the file's own header gives it. Entries written before entries
+had checksums are checked against the file's header when it has one; a legacy full archive
+without a header can only be checked against its sidecar (its sha256 and size): such an entry is
+used, marked "legacy, unverified" (a restore checks the archive in full anyway).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from engram.fsutil import atomic_write
+from engram.backup.archive import read_archive_header
+from engram.errors import EngramError
+from engram.format import record as fmt
+from engram.format.manifest import compression_for, decode_sidecar
+from engram.fsutil import atomic_write, write_new
+from engram.model import ns_to_iso
+
+log = logging.getLogger("engram")
 
 INFO_SUFFIX = ".info.json"
+CHECKSUM = "checksum"
+# Validation states of an entry: "pending" is written before a validation starts, so a
+# validation that dies, or whose verdict cannot be recorded, never leaves a backup looking good.
+NOT_VALIDATED, PENDING, PASSED, FAILED = "not validated", "pending", "passed", "failed"
+
+
+class CatalogError(EngramError):
+    """The backup's catalog entry cannot be used."""
+
+    code = "catalog"
 
 
 def info_path(backup: Path) -> Path:
     return backup.with_name(backup.name + INFO_SUFFIX)
 
 
-def write_info(backup: Path, info: dict[str, Any]) -> None:
-    atomic_write(info_path(backup), (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+# -- writing -----------------------------------------------------------------------------------
+
+
+class EntryWriter(Protocol):
+    """What writes catalog entries (a seam: tests put a failing one in its place)."""
+
+    def create(self, path: Path, data: bytes) -> None:
+        """Create ``path``; FileExistsError if it exists (never replaces)."""
+
+    def replace(self, path: Path, data: bytes) -> None:
+        """Replace ``path`` atomically."""
+
+
+class LocalEntries:
+    def create(self, path: Path, data: bytes) -> None:
+        write_new(path, data)
+
+    def replace(self, path: Path, data: bytes) -> None:
+        atomic_write(path, data)
+
+
+LOCAL = LocalEntries()
+
+
+def entry_checksum(info: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of the entry without its checksum."""
+    rest = {k: v for k, v in info.items() if k != CHECKSUM}
+    return hashlib.sha256(
+        json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    ).hexdigest()
+
+
+def encode_entry(info: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in info.items() if k != CHECKSUM}
+    body[CHECKSUM] = entry_checksum(body)
+    return (json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def write_info(backup: Path, info: dict[str, Any], writer: EntryWriter = LOCAL) -> None:
+    """Create the catalog entry of ``backup``; FileExistsError if it has one (never replaced)."""
+    writer.create(info_path(backup), encode_entry(info))
+
+
+def replace_info(backup: Path, info: dict[str, Any], writer: EntryWriter = LOCAL) -> None:
+    """Replace the entry of ``backup`` as a whole (validation verdicts, a rebuilt entry)."""
+    writer.replace(info_path(backup), encode_entry(info))
 
 
 def read_info(backup: Path) -> dict[str, Any] | None:
+    """The entry as stored (unchecked), or None when it is missing or not a JSON object."""
     try:
         d = json.loads(info_path(backup).read_text())
     except (OSError, ValueError):
@@ -33,10 +106,154 @@ def read_info(backup: Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
-def update_info(backup: Path, **changes: Any) -> None:
-    info = read_info(backup) or {}
+def update_info(backup: Path, writer: EntryWriter = LOCAL, **changes: Any) -> dict[str, Any]:
+    """Change fields of an intact entry (``check_entry`` finds nothing wrong); a damaged one is
+    never written into: CatalogError naming what is wrong."""
+    info = read_info(backup)
+    if info is None:
+        raise CatalogError(
+            f"{info_path(backup).name} is missing or unreadable; run `engram validate-backup "
+            f"{backup}` to rebuild it"
+        )
+    problems = check_entry(backup, info, file_facts(backup))
+    if problems:
+        raise CatalogError(
+            f"{info_path(backup).name} is damaged ({'; '.join(problems)}); run `engram "
+            f"validate-backup {backup}` to rebuild it from the file"
+        )
     info.update(changes)
-    write_info(backup, info)
+    replace_info(backup, info, writer)
+    return info
+
+
+# -- checking against the file -----------------------------------------------------------------
+
+# The entry fields that must equal what the file itself says.
+FULL_KEYS = ("kind", "database_id", "snapshot_lsn", "snapshot_time_ns", "snapshot_time", "digest")
+INCREMENTAL_KEYS = FULL_KEYS + ("from_lsn", "from_time_ns", "parent")
+
+
+def _time_text(ns: int) -> str:
+    return ns_to_iso(ns) if ns else ""
+
+
+def facts_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The entry fields a full archive's header or manifest fixes."""
+    return {
+        "kind": "full",
+        "database_id": manifest["database_id"],
+        "snapshot_lsn": manifest["snapshot_lsn"],
+        "snapshot_time_ns": manifest["snapshot_time_ns"],
+        "snapshot_time": manifest["snapshot_time"],
+        "digest": manifest["digest"],
+        "counts": manifest["counts"],
+    }
+
+
+def facts_from_log_header(h: dict[str, Any]) -> dict[str, Any]:
+    """The entry fields an incremental's log header fixes."""
+    return {
+        "kind": "incremental",
+        "database_id": h["database_id"],
+        "from_lsn": h["from_lsn"],
+        "snapshot_lsn": h["to_lsn"],
+        "from_time_ns": h["from_time_ns"],
+        "snapshot_time_ns": h["to_time_ns"],
+        "snapshot_time": _time_text(h["to_time_ns"]),
+        "digest": h["digest"],
+        "parent": h.get("parent"),
+        "counts": {"records": h["record_count"]},
+    }
+
+
+def file_facts(backup: Path) -> dict[str, Any] | None:
+    """What ``backup`` says about itself, read from its header (a few KB): None for a full
+    archive written before archives had headers. EngramError if the header is damaged."""
+    if compression_for(backup.name):
+        header = read_archive_header(backup)
+        return None if header is None else facts_from_manifest(header)
+    with open(backup, "rb") as f:
+        kind, h, _ = fmt.decode_file_header(f.read(fmt.max_header_size()), backup.name)
+    if kind != fmt.KIND_INCREMENTAL:
+        raise CatalogError(f"{backup.name} is not an incremental backup (log kind {kind})")
+    try:
+        return facts_from_log_header(h)
+    except KeyError as e:
+        raise CatalogError(
+            f"{backup.name}: its header lacks {e}; not an engram incremental"
+        ) from None
+
+
+def check_entry(backup: Path, info: dict[str, Any], facts: dict[str, Any] | None) -> list[str]:
+    """What is wrong with the entry ``info`` of ``backup``: its checksum, its key fields against
+    the file's ``facts``, its sha256 against the sidecar and its size against the file."""
+    problems: list[str] = []
+    stored = info.get(CHECKSUM)
+    if stored is not None and stored != entry_checksum(info):
+        problems.append("its checksum does not match its content")
+    if facts is not None:
+        keys = FULL_KEYS if facts["kind"] == "full" else INCREMENTAL_KEYS
+        for k in (*keys, "counts"):
+            if info.get(k) != facts.get(k):
+                problems.append(f"{k} is {info.get(k)!r}, the file says {facts.get(k)!r}")
+    side = backup.with_name(backup.name + ".sha256")
+    try:
+        expected = decode_sidecar(side.read_bytes(), side.name)
+    except (OSError, EngramError):
+        expected = None
+    if expected is not None and info.get("sha256") != expected:
+        problems.append(f"sha256 is {info.get('sha256')!r}, {side.name} says {expected!r}")
+    try:
+        size = backup.stat().st_size
+    except OSError:
+        size = None
+    if size is not None and info.get("size") != size:
+        problems.append(f"size is {info.get('size')!r}, the file has {size} bytes")
+    return problems
+
+
+def rebuilt_entry(backup: Path, facts: dict[str, Any]) -> dict[str, Any]:
+    """An entry made from the file alone (what ``validate-backup`` writes in place of a damaged
+    one): the file's facts, its size, the sidecar's sha256. What only the backup run knew
+    (duration, priority, restore points up to a full backup's snapshot) is left out: nothing
+    of the damaged entry is carried over."""
+    side = backup.with_name(backup.name + ".sha256")
+    try:
+        sha = decode_sidecar(side.read_bytes(), side.name)
+    except (OSError, EngramError):
+        sha = None
+    info: dict[str, Any] = {
+        "path": str(backup),
+        "from_lsn": 1,
+        "from_time_ns": 0,
+        "size": backup.stat().st_size,
+        "sha256": sha,
+        "sidecar": str(side),
+        "duration_s": None,
+        "stall_ms": None,
+        "priority": None,
+        "cpu_share": None,
+        "paused_s": None,
+        "note": f"rebuilt from the file's header by validate-backup at {ns_to_iso(time.time_ns())}",
+        "validation": None,
+    }
+    info.update(facts)
+    return info
+
+
+# -- reading the catalog -----------------------------------------------------------------------
+
+
+def validation_status(info: dict[str, Any]) -> str:
+    """The validation state: "passed", "failed", "pending" or "not validated" (entries from
+    before "status" existed say only ``ok``)."""
+    v = info.get("validation")
+    if not isinstance(v, dict):
+        return NOT_VALIDATED
+    status = v.get("status")
+    if status in (PENDING, PASSED, FAILED):
+        return str(status)
+    return PASSED if v.get("ok") is True else FAILED
 
 
 @dataclass(frozen=True)
@@ -48,48 +265,105 @@ class Entry:
     to_lsn: int
     from_time_ns: int
     to_time_ns: int
-    validated: bool | None
+    status: str = NOT_VALIDATED  # validation: passed, failed, pending, not validated
+    verified: bool = True  # False: a legacy entry that no header could confirm
 
     @property
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def validated(self) -> bool | None:
+        return {PASSED: True, FAILED: False}.get(self.status)
 
-def scan(directory: Path) -> list[Entry]:
-    """Backups in ``directory`` (and one level of subdirectories) that have an info file."""
-    out: list[Entry] = []
+
+@dataclass(frozen=True)
+class Problem:
+    """A catalog entry that is not trusted, and why."""
+
+    path: Path  # the backup
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"{info_path(self.path).name}: {self.reason}; not trusted — run `engram "
+            f"validate-backup {self.path}` to check the backup and rebuild its entry"
+        )
+
+
+@dataclass
+class Catalog:
+    entries: list[Entry] = field(default_factory=list)  # trusted entries
+    problems: list[Problem] = field(default_factory=list)
+    # Backups whose entry is not trusted but whose file says what it covers (its header).
+    from_files: list[Entry] = field(default_factory=list)
+
+
+def _entry(backup: Path, f: dict[str, Any], status: str, verified: bool) -> Entry:
+    return Entry(
+        path=backup,
+        kind=str(f["kind"]),
+        database_id=str(f["database_id"]),
+        from_lsn=int(f.get("from_lsn", 1)),
+        to_lsn=int(f["snapshot_lsn"]),
+        from_time_ns=int(f.get("from_time_ns", 0)),
+        to_time_ns=int(f.get("snapshot_time_ns", 0)),
+        status=status,
+        verified=verified,
+    )
+
+
+def read_catalog(directory: Path) -> Catalog:
+    """Every backup in ``directory`` (and one level of subdirectories) that has an info file,
+    each entry checked against its file (module docstring)."""
+    cat = Catalog()
     d = Path(directory)
     if not d.is_dir():
-        return out
-    candidates = list(d.glob("*" + INFO_SUFFIX)) + list(d.glob("*/*" + INFO_SUFFIX))
-    for ip in candidates:
+        return cat
+    for ip in sorted(list(d.glob("*" + INFO_SUFFIX)) + list(d.glob("*/*" + INFO_SUFFIX))):
         backup = ip.with_name(ip.name[: -len(INFO_SUFFIX)])
         if not backup.is_file():
             continue
-        info = read_info(backup)
-        if not info:
-            continue
         try:
-            v = info.get("validation")
-            out.append(
-                Entry(
-                    path=backup,
-                    kind=str(info["kind"]),
-                    database_id=str(info["database_id"]),
-                    from_lsn=int(info.get("from_lsn", 1)),
-                    to_lsn=int(info["snapshot_lsn"]),
-                    from_time_ns=int(info.get("from_time_ns", 0)),
-                    to_time_ns=int(info.get("snapshot_time_ns", 0)),
-                    validated=None if not isinstance(v, dict) else bool(v.get("ok")),
-                )
-            )
-        except (KeyError, TypeError, ValueError):
+            facts = file_facts(backup)
+        except (OSError, EngramError) as e:
+            msg = e.message if isinstance(e, EngramError) else (e.strerror or str(e))
+            cat.problems.append(Problem(backup, f"its file's header cannot be read ({msg})"))
             continue
-    out.sort(key=lambda e: (e.to_lsn, e.kind != "full", e.name))
-    return out
+        info = read_info(backup)
+        problems = (
+            ["it is missing or not a JSON object"]
+            if info is None
+            else check_entry(backup, info, facts)
+        )
+        if info is not None and not problems:
+            try:
+                verified = facts is not None
+                cat.entries.append(_entry(backup, facts or info, validation_status(info), verified))
+                continue
+            except (KeyError, TypeError, ValueError):
+                problems = ["it lacks a field a backup entry has"]
+        cat.problems.append(Problem(backup, "; ".join(problems)))
+        if facts is not None:
+            cat.from_files.append(_entry(backup, facts, NOT_VALIDATED, True))
+    order = lambda e: (e.to_lsn, e.kind != "full", e.name)  # noqa: E731
+    cat.entries.sort(key=order)
+    cat.from_files.sort(key=order)
+    return cat
+
+
+def scan(directory: Path) -> list[Entry]:
+    """The trusted entries of ``directory`` (``read_catalog``), oldest end first."""
+    return read_catalog(directory).entries
 
 
 def newest_end(directory: Path, database_id: str) -> Entry | None:
-    """The backup of ``database_id`` in ``directory`` that ends at the highest LSN."""
-    entries = [e for e in scan(directory) if e.database_id == database_id]
-    return max(entries, key=lambda e: e.to_lsn) if entries else None
+    """The backup of ``database_id`` in ``directory`` that ends at the highest LSN, by what the
+    files' own headers say: a backup whose entry is damaged still counts (with a warning), so the
+    next incremental starts right after the true end."""
+    cat = read_catalog(directory)
+    for p in cat.problems:
+        log.warning(p.message)
+    entries = [e for e in cat.entries + cat.from_files if e.database_id == database_id]
+    return max(entries, key=lambda e: (e.to_lsn, e.name)) if entries else None

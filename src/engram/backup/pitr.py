@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.backup.archive import sha256_file
-from engram.backup.catalog import Entry, scan
+from engram.backup.catalog import FAILED, PENDING, Entry, read_catalog
 from engram.backup.restore import (
     check_target,
     extract_backup,
@@ -399,12 +399,17 @@ class PitrResult:
 
 
 def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]:
-    """The newest validated-or-unchecked full backup before the target and the incrementals
-    after it, with a sentence saying which were chosen."""
-    entries = scan(repo)
+    """The newest full backup before the target and the incrementals after it, with a
+    sentence saying which were chosen and which were skipped and why: a backup whose catalog
+    entry is damaged or disagrees with its file, whose validation failed, or whose validation
+    is pending (never finished, or its verdict could not be recorded) is never chosen."""
+    entries, skipped = usable_entries(repo)
     if not entries:
-        raise UsageError(f"no backups with catalog entries (*.info.json) in {repo}")
-    fulls = [e for e in entries if e.kind == "full" and e.validated is not False]
+        raise UsageError(
+            f"no usable backups with catalog entries (*.info.json) in {repo}"
+            + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
+        )
+    fulls = [e for e in entries if e.kind == "full"]
     marker_lsn = None
     if target.name is not None:
         incs = [e for e in entries if e.kind == "incremental"]
@@ -429,7 +434,10 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
 
     candidates = [e for e in fulls if before(e)]
     if not candidates:
-        raise UsageError(f"no full backup in {repo} before {target.describe()}")
+        raise UsageError(
+            f"no full backup in {repo} before {target.describe()}"
+            + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
+        )
     base = max(candidates, key=lambda e: (e.to_lsn, e.name))
 
     def starts_before(e: Entry) -> bool:  # incrementals wholly past the target are not needed
@@ -456,7 +464,27 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
     says += f" + {len(incs)} incremental(s)" + (
         f": {', '.join(e.name for e in incs)}" if incs else ""
     )
+    if skipped:
+        says += f"; skipped: {'; '.join(skipped)}"
     return base.path, [e.path for e in incs], says
+
+
+def usable_entries(repo: Path) -> tuple[list[Entry], list[str]]:
+    """The catalog entries of ``repo`` that a choice may use, and why each other one is not."""
+    cat = read_catalog(repo)
+    skipped = [p.message for p in cat.problems]
+    entries = []
+    for e in cat.entries:
+        if e.status == PENDING:
+            skipped.append(
+                f"{e.name}: its validation is pending (it never finished, or its verdict could "
+                f"not be recorded) — run `engram validate-backup {e.path}`"
+            )
+        elif e.status == FAILED:
+            skipped.append(f"{e.name}: it failed validation")
+        else:
+            entries.append(e)
+    return entries, skipped
 
 
 def restore_pitr(
@@ -475,7 +503,7 @@ def restore_pitr(
     check_target(output, force)
     with staging_for(output, "restore-pitr") as staging:
         manifest, _ = extract_backup(base, staging, durable=durable)
-        engine = open_and_check(staging, manifest, recompute=False, index_repairs=[])
+        engine = open_and_check(staging, manifest, recompute=False)
         try:
             base_lsn = engine.last_lsn
             sources = collect_logs(logs, engine.database_id) if logs else []

@@ -16,22 +16,26 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engram.backup.archive import extract_verified, sha256_file
-from engram.datadir import Layout, read_identity, read_owner
+from engram.backup.archive import extract_verified, read_archive_header, sha256_file
+from engram.datadir import read_identity, read_owner
 from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, UsageError
-from engram.format.manifest import MANIFEST_NAME, decode_manifest, decode_sidecar
-from engram.fsutil import fsync_dir
+from engram.format.manifest import (
+    MANIFEST_NAME,
+    decode_manifest,
+    decode_sidecar,
+    header_disagreements,
+)
+from engram.fsutil import Owned, create_owned_dir, fsync_dir, remove_stale
 from engram.graph import Engine, EngineConfig
-from engram.tiers.warm import WarmTier
 
 log = logging.getLogger("engram")
 
@@ -48,8 +52,6 @@ class RestoreResult:
     moved_aside: str | None
     duration_s: float
     sidecar_checked: bool
-    # What the restore repaired on the way (a full-text index rebuilt from the rows), if any.
-    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,26 +74,42 @@ def check_target(to: Path, force: bool) -> None:
         )
 
 
+def remove_stale_staging(to: Path) -> list[Path]:
+    """Remove the staging dirs beside ``to`` that a killed restore or restore-pitr left (their
+    owner's lock is gone; a live run's are never touched), with a warning naming each."""
+    ours = re.compile(rf"^\.{re.escape(to.name)}\.restore(-pitr)?-\d+-\d+$")
+    removed = remove_stale(to.parent, lambda n: ours.match(n) is not None)
+    for p in removed:
+        log.warning(f"removed {p}, the staging dir of a restore that was killed")
+    return removed
+
+
 def staging_dir(to: Path, what: str = "restore") -> Path:
-    """A fresh private dir beside ``to``. Parents that had to be created are remembered, so
-    that ``discard`` leaves the file system as it found it."""
+    """A fresh private dir beside ``to``, held by this process (``fsutil.create_owned_dir``)
+    until it is placed or discarded, so that if this process is killed the next restore to
+    ``to`` knows it is a leftover and removes it. Parents that had to be created are
+    remembered, so that ``discard`` leaves the file system as it found it."""
     made = []
     for parent in reversed(to.parents):
         if not parent.exists():
             parent.mkdir(mode=0o700)
             made.append(parent)
     p = to.parent / f".{to.name}.{what}-{os.getpid()}-{time.monotonic_ns()}"
-    p.mkdir(mode=0o700)
+    _owners[p] = create_owned_dir(p)
     _made_parents[p] = made
     return p
 
 
 _made_parents: dict[Path, list[Path]] = {}
+_owners: dict[Path, Owned] = {}
 
 
 def discard(staging: Path) -> None:
     """Remove a staging dir after a failure, and the parents made for it if still empty."""
     shutil.rmtree(staging, ignore_errors=True)
+    owner = _owners.pop(staging, None)
+    if owner is not None:
+        owner.release()
     for parent in reversed(_made_parents.pop(staging, [])):
         try:
             parent.rmdir()
@@ -100,14 +118,19 @@ def discard(staging: Path) -> None:
 
 
 def staged(staging: Path) -> None:
-    """The staging dir became the target: forget its bookkeeping."""
+    """The staging dir became the target: forget its bookkeeping and let go of it."""
     _made_parents.pop(staging, None)
+    owner = _owners.pop(staging, None)
+    if owner is not None:
+        owner.release()
 
 
 @contextmanager
 def staging_for(to: Path, what: str) -> Iterator[Path]:
     """A staging dir beside ``to`` for the block, which must end by placing it; on any failure
-    it is discarded (an OSError becomes a RestoreError saying ``to`` was not changed)."""
+    it is discarded (an OSError becomes a RestoreError saying ``to`` was not changed). Stale
+    staging dirs of killed runs for ``to`` are removed first (``remove_stale_staging``)."""
+    remove_stale_staging(to)
     staging = staging_dir(to, what)
     try:
         yield staging
@@ -170,6 +193,12 @@ def extract_backup(
     if manifest_bytes is None:
         raise BadArchive(f"{archive.name} has no {MANIFEST_NAME}; it is not a full engram backup")
     manifest = decode_manifest(manifest_bytes)
+    header = read_archive_header(archive)
+    if header is not None and (differ := header_disagreements(header, manifest)):
+        raise BadArchive(
+            f"{archive.name}: the archive header disagrees with its manifest on "
+            f"{', '.join(differ)}; the archive is damaged — use another backup"
+        )
     files = manifest["files"]
     for name, info in files.items():
         got = members.get(name)
@@ -193,27 +222,9 @@ def extract_backup(
     return manifest, expected is not None
 
 
-def open_and_check(
-    staging: Path,
-    manifest: dict[str, Any],
-    recompute: bool = True,
-    index_repairs: list[str] | None = None,
-) -> Engine:
-    """Open a staged restore (recovery lands on S), check the digest against the manifest and
-    the full-text index against the rows: an engine is never handed back with an index that
-    disagrees with them. A damaged index is an error (the backup is not good as it is), unless
-    ``index_repairs`` is given: the index is then rebuilt from the rows, which the digest
-    proves (here, or with ``recompute=False`` by the caller before the restore is used), and
-    a line saying so is logged and appended to ``index_repairs``."""
-    cfg = EngineConfig(checkpoint_interval=3600)
-    try:
-        eng = Engine.open(staging, cfg, create=False)
-    except (CorruptData, sqlite3.DatabaseError):
-        # Replaying (W, S] onto a damaged index can fail: if the index is the cause, rebuild it
-        # (the rows at W are what the replay starts from) and open again.
-        if not _index_repaired(staging, index_repairs):
-            raise
-        eng = Engine.open(staging, cfg, create=False)
+def open_and_check(staging: Path, manifest: dict[str, Any], recompute: bool = True) -> Engine:
+    """Open a staged restore (recovery lands on S) and check the digest against the manifest."""
+    eng = Engine.open(staging, EngineConfig(checkpoint_interval=3600), create=False)
     try:
         if eng.last_lsn != manifest["snapshot_lsn"]:
             raise CorruptData(
@@ -230,53 +241,10 @@ def open_and_check(
                 "the digest recomputed from the restored graph differs from the manifest's; the "
                 "backup is damaged — use another backup"
             )
-        with eng.lock:
-            problem = eng.warm.index_problem()
-            if problem is not None:
-                _repair(problem, index_repairs)
-                eng.warm.rebuild_index()
-                if (again := eng.warm.index_problem()) is not None:
-                    raise CorruptData(
-                        f"the restored full-text index does not match the rows even after a "
-                        f"rebuild ({again}); the backup is damaged — use another backup"
-                    )
     except BaseException:
         eng.close()
         raise
     return eng
-
-
-def _repair(problem: str, index_repairs: list[str] | None) -> None:
-    """Refuse a damaged index when no repair was asked for, else say it is being rebuilt."""
-    if index_repairs is None:
-        raise CorruptData(
-            f"the backup's full-text index does not match its rows ({problem}); the backup is "
-            "damaged — use another one (`engram restore` of it rebuilds the index from the rows)"
-        )
-    note = (
-        f"the backup's full-text index did not match its rows ({problem}); it was rebuilt "
-        "from the rows"
-    )
-    log.warning("%s", note)
-    index_repairs.append(note)
-
-
-def _index_repaired(staging: Path, index_repairs: list[str] | None) -> bool:
-    """Check the staged warm tier's index before recovery; rebuild it if it is damaged.
-    False when the index is sound (the failure lies elsewhere)."""
-    try:
-        warm = WarmTier(Layout(staging).warm_db)
-    except EngramError:
-        return False
-    try:
-        problem = warm.index_problem()
-        if problem is None:
-            return False
-        _repair(problem, index_repairs)
-        warm.rebuild_index()
-        return True
-    finally:
-        warm.close()
 
 
 def place(staging: Path, to: Path, force: bool) -> str | None:
@@ -322,8 +290,7 @@ def restore(
     check_target(to, force)
     with staging_for(to, "restore") as staging:
         manifest, checked = extract_backup(archive, staging, progress)
-        repairs: list[str] = []
-        eng = open_and_check(staging, manifest, index_repairs=repairs)
+        eng = open_and_check(staging, manifest)
         eng.close()
         fsync_tree(staging)
         aside = place(staging, to, force)
@@ -338,5 +305,4 @@ def restore(
         moved_aside=aside,
         duration_s=round(time.monotonic() - t0, 3),
         sidecar_checked=checked,
-        warnings=repairs,
     )

@@ -3,11 +3,23 @@
 L1 manifest and structure · L2 sidecar and per-file checksums, record CRCs, chain continuity ·
 L3 restore into a temp dir, ``verify --check-all``, digest equality · L4 a short read benchmark.
 A backup that fails any check is reported as FAIL with the first reason; every step's outcome
-is kept. The temp dir is always removed. The result is recorded in the backup's info file.
+is kept. The result is recorded in the backup's catalog entry, which is first checked against
+the file (``catalog.check_entry``): a damaged or disagreeing entry is rebuilt from the file's own
+header (said in the report), never written into. The entry says validation "pending" while the
+checks run, so a validation that is killed, or whose verdict cannot be recorded (a full disk),
+never leaves a backup looking good.
+
+The work dir (a restore test: a full copy of the database) is made in $TMPDIR, held by this
+process (``fsutil.create_owned_dir``) and always removed; those of killed validations are
+removed by the next one, with a warning naming each.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,7 +29,23 @@ from pathlib import Path
 from typing import Any
 
 from engram.backup.archive import sha256_file
-from engram.backup.catalog import read_info, update_info
+from engram.backup.catalog import (
+    FAILED,
+    LOCAL,
+    PASSED,
+    PENDING,
+    CatalogError,
+    EntryWriter,
+    check_entry,
+    facts_from_log_header,
+    facts_from_manifest,
+    file_facts,
+    info_path,
+    read_info,
+    rebuilt_entry,
+    replace_info,
+    validation_status,
+)
 from engram.backup.pitr import Target, choose_from_repo, collect_logs, restore_pitr, scan_logs
 from engram.backup.readbench import run_benchmark
 from engram.backup.restore import extract_backup, open_and_check, sidecar_hash
@@ -25,8 +53,13 @@ from engram.backup.verify import verify_data_dir
 from engram.errors import BadArchive, EngramError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import compression_for, decode_sidecar
+from engram.fsutil import Owned, create_owned_dir, remove_stale
 from engram.model import ns_to_iso
 from engram.recovery import read_header
+
+log = logging.getLogger("engram")
+WORKDIR_PREFIX = "engram-validate-"
+_WORKDIR = re.compile(rf"^{WORKDIR_PREFIX}\d+-\d+$")
 
 
 @dataclass
@@ -48,6 +81,11 @@ class ValidationReport:
     steps: list[Step] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     benchmark: dict[str, Any] | None = None
+    # The catalog entry: None = the backup has none (nothing recorded); True = the verdict is
+    # in it; False = it could not be recorded (``record_error`` says why and what state the
+    # entry was left in).
+    recorded: bool | None = None
+    record_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +103,7 @@ class _Runner:
     def __init__(self, report: ValidationReport, progress: Callable[[str], None] | None) -> None:
         self.report = report
         self.progress = progress
+        self.facts: dict[str, Any] | None = None  # what the file says it holds, once read
 
     def step(self, level: int, name: str, fn: Callable[[], str]) -> None:
         if self.progress:
@@ -113,6 +152,7 @@ def _validate_full(
         # machine a server shares, whose writers fsync their log).
         manifest, _ = extract_backup(path, staging, durable=False)
         holder["manifest"] = manifest
+        run.facts = facts_from_manifest(manifest)
         m = manifest
         return (
             f"manifest ok: database {m['database_id']}, snapshot LSN {m['snapshot_lsn']} at "
@@ -183,6 +223,7 @@ def _validate_incremental(
         if missing:
             raise BadArchive(f"the header lacks {', '.join(missing)}; not an engram incremental")
         holder["h"] = h
+        run.facts = facts_from_log_header(h)
         return (
             f"incremental of database {h['database_id']}, LSN {h['from_lsn']}..{h['to_lsn']}, "
             f"{h['record_count']} records"
@@ -238,7 +279,11 @@ def validate_backup(
     progress: Callable[[str], None] | None = None,
     record: bool = True,
     workdir: Path | None = None,
+    entries: EntryWriter = LOCAL,
 ) -> ValidationReport:
+    """Validate ``path`` to ``level`` and, with ``record``, keep the verdict in its catalog
+    entry (written through ``entries``). CatalogError if the entry cannot be marked "pending"
+    before the checks start (nothing is validated then)."""
     path = Path(path).absolute()
     if level not in (1, 2, 3, 4):
         raise UsageError("--level must be 1, 2, 3 or 4")
@@ -247,7 +292,10 @@ def validate_backup(
     kind = "full" if compression_for(path.name) else _kind_of(path)
     report = ValidationReport(str(path), kind, level)
     run = _Runner(report, progress)
-    work = Path(tempfile.mkdtemp(prefix="engram-validate-", dir=workdir))
+    entry = _begin_entry(path, report, level, entries) if record else None
+    parent = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
+    remove_stale_workdirs(parent)
+    work, owner = _workdir(parent)
     try:
         if kind == "full":
             _validate_full(run, path, level, work, p50_warn_ms, bench_s)
@@ -257,18 +305,134 @@ def validate_backup(
         pass
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if record and read_info(path) is not None:
-        update_info(
-            path,
-            validation={
-                "ok": report.ok,
-                "level": level,
-                "reason": report.reason,
-                "at": ns_to_iso(time.time_ns()),
-                "warnings": report.warnings,
-            },
-        )
+        owner.release()
+    if entry is not None:
+        _record(path, report, run.facts, entry, entries)
     return report
+
+
+def remove_stale_workdirs(parent: Path) -> list[Path]:
+    """Remove the work dirs in ``parent`` of validations that were killed (their owner's lock
+    is gone; a running validation's are never touched), with a warning naming each."""
+    removed = remove_stale(parent, lambda n: _WORKDIR.match(n) is not None)
+    for p in removed:
+        log.warning(f"removed {p}, the work dir of a validation that was killed")
+    return removed
+
+
+def _workdir(parent: Path) -> tuple[Path, Owned]:
+    for _ in range(3):
+        p = parent / f"{WORKDIR_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            return p, create_owned_dir(p)
+        except FileNotFoundError:  # a concurrent cleaner took it before it was locked
+            continue
+    p = parent / f"{WORKDIR_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+    return p, create_owned_dir(p)
+
+
+@dataclass
+class _Entry:
+    info: dict[str, Any]
+    pending: bool  # "pending" is in the entry on disk: the verdict replaces it
+    damaged: str | None = None  # what is wrong with it, when it could not be rebuilt yet
+
+
+def _verdict(report: ValidationReport, status: str) -> dict[str, Any]:
+    return {
+        "status": status,
+        "ok": report.ok,
+        "level": report.level,
+        "reason": report.reason,
+        "at": ns_to_iso(time.time_ns()),
+        "warnings": report.warnings,
+    }
+
+
+def _write_failed(e: OSError, path: Path, what: str, state: str) -> str:
+    cause = "disk full" if e.errno == errno.ENOSPC else f"I/O error ({e.strerror or e})"
+    return (
+        f"{cause} while {what} {info_path(path).name}; {state} — free space (or fix the disk) "
+        f"and run `engram validate-backup {path}`"
+    )
+
+
+def _begin_entry(
+    path: Path, report: ValidationReport, level: int, entries: EntryWriter
+) -> _Entry | None:
+    """Check the catalog entry against the file, rebuild it from the file's header if they
+    disagree, and mark it "pending". None when the backup has no entry."""
+    ip = info_path(path)
+    if not ip.exists():
+        return None
+    info = read_info(path)
+    try:
+        facts = file_facts(path)
+    except (OSError, EngramError):
+        facts = None  # the structure step reports what is wrong with the file
+    problems = ["it is not a JSON object"] if info is None else check_entry(path, info, facts)
+    before = "unreadable" if info is None else validation_status(info)
+    if problems or info is None:
+        if facts is None:
+            # Rebuilt later from the manifest, if the checks get that far; never written into.
+            return _Entry(info or {}, pending=False, damaged="; ".join(problems))
+        report.warnings.append(
+            f"the catalog entry {ip.name} disagreed with the file ({'; '.join(problems)}); "
+            "it was rebuilt from the file's header"
+        )
+        info = rebuilt_entry(path, facts)
+    info["validation"] = {"status": PENDING, "level": level, "at": ns_to_iso(time.time_ns())}
+    try:
+        replace_info(path, info, entries)
+    except OSError as e:
+        state = (
+            f"nothing was validated and the entry is unchanged (validation {before})"
+            if not problems
+            else "nothing was validated and the damaged entry is unchanged (not trusted)"
+        )
+        raise CatalogError(
+            _write_failed(e, path, "marking validation as pending in", state)
+        ) from None
+    return _Entry(info, pending=True)
+
+
+def _record(
+    path: Path,
+    report: ValidationReport,
+    facts: dict[str, Any] | None,
+    entry: _Entry,
+    entries: EntryWriter,
+) -> None:
+    ip = info_path(path)
+    info = entry.info
+    if entry.damaged is not None:
+        if facts is None:
+            report.recorded = False
+            report.record_error = (
+                f"the catalog entry {ip.name} is damaged ({entry.damaged}) and the file could "
+                "not say what it holds, so the verdict was not recorded; the entry stays "
+                "untrusted (never chosen for a restore)"
+            )
+            return
+        report.warnings.append(
+            f"the catalog entry {ip.name} disagreed with the file ({entry.damaged}); it was "
+            "rebuilt from the file's manifest"
+        )
+        info = rebuilt_entry(path, facts)
+    info["validation"] = _verdict(report, PASSED if report.ok else FAILED)
+    try:
+        replace_info(path, info, entries)
+    except OSError as e:
+        report.recorded = False
+        state = (
+            'the entry still says validation "pending", so the backup is not chosen for a '
+            "restore"
+            if entry.pending
+            else "the damaged entry is unchanged (not trusted)"
+        )
+        report.record_error = _write_failed(e, path, "recording the verdict in", state)
+        return
+    report.recorded = True
 
 
 def _kind_of(path: Path) -> str:

@@ -97,6 +97,15 @@ def _render_validation(v: dict[str, Any]) -> None:
     con.print("PASS" if v["ok"] else f"FAIL: {v['reason']}", markup=False)
 
 
+def _check_recorded(v: dict[str, Any] | None) -> None:
+    """After the verdict is shown: a verdict that could not be kept in the catalog entry is an
+    error of its own (exit 1), saying what state the entry was left in."""
+    if v is not None and v.get("record_error"):
+        from engram.backup.catalog import CatalogError
+
+        raise CatalogError(v["record_error"])
+
+
 def backup(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Archive (.tar.zst or .tar.gz) or .log path.")
@@ -214,6 +223,7 @@ def backup(
             con.print(f"  note: {res['note']}", markup=False)
         if res["validation"] is not None:
             _render_validation(res["validation"])
+    _check_recorded(res["validation"])
     if not ok:
         raise typer.Exit(1)
 
@@ -364,6 +374,7 @@ def validate_backup(
         emit_json(v)
     else:
         _render_validation(v)
+    _check_recorded(v)
     if not v["ok"]:
         raise typer.Exit(1)
 

@@ -1,12 +1,14 @@
-"""Backup manifests, sidecars and catalog entries (docs/FORMAT.md). Codecs only, no I/O."""
+"""Backup manifests, archive headers and sidecars (docs/FORMAT.md). Codecs only, no I/O."""
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from typing import Any
 
 from engram.errors import BadArchive
+from engram.format.record import crc32c
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -99,3 +101,76 @@ def decode_sidecar(data: bytes, name: str) -> str:
     if not HEX64.match(first):
         raise BadArchive(f"{name} does not hold a sha256 hex digest; regenerate it or remove it")
     return first
+
+
+# -- the archive header ------------------------------------------------------------------------
+#
+# A few hundred bytes at the start of every full archive (docs/FORMAT.md "Archive header"): the
+# manifest's key fields, so that a reader learns what an archive holds without decompressing it
+# (the manifest is its last member). The sidecar's hash covers it; it carries its own CRC32C so
+# that it can be trusted on its own when read without hashing the whole archive.
+
+ARCHIVE_HEADER_MAGIC = b"ENGRAMAH"
+ARCHIVE_HEADER_VERSION = 1
+# The manifest fields the header repeats; a header that differs from its manifest is damage.
+HEADER_FIELDS = (
+    "kind",
+    "database_id",
+    "snapshot_lsn",
+    "snapshot_time",
+    "snapshot_time_ns",
+    "warm_lsn",
+    "digest",
+    "counts",
+)
+MAX_ARCHIVE_HEADER = 16 << 10
+_HEAD = struct.Struct("<8sHI")
+
+
+def archive_header(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The header fields of ``manifest`` (a manifest, or a header already)."""
+    missing = [k for k in HEADER_FIELDS if k not in manifest]
+    if missing:
+        raise ValueError(f"an archive header needs {', '.join(missing)}")
+    return {k: manifest[k] for k in HEADER_FIELDS}
+
+
+def encode_archive_header(fields: dict[str, Any]) -> bytes:
+    """magic | u16 version | u32 JSON length | JSON (sorted keys) | u32 CRC32C of all before."""
+    body = json.dumps(archive_header(fields), sort_keys=True, separators=(",", ":")).encode()
+    head = _HEAD.pack(ARCHIVE_HEADER_MAGIC, ARCHIVE_HEADER_VERSION, len(body)) + body
+    if len(head) + 4 > MAX_ARCHIVE_HEADER:
+        raise ValueError("the archive header is too large")
+    return head + struct.pack("<I", crc32c(head))
+
+
+def decode_archive_header(data: bytes, name: str) -> dict[str, Any]:
+    """The fields of an encoded archive header; BadArchive naming ``name`` if it is damaged."""
+    damaged = f"{name}: the archive header is damaged"
+    if len(data) < _HEAD.size + 4:
+        raise BadArchive(f"{damaged} (too short); use another backup")
+    magic, version, n = _HEAD.unpack_from(data)
+    if magic != ARCHIVE_HEADER_MAGIC or len(data) != _HEAD.size + n + 4:
+        raise BadArchive(f"{damaged} (bad magic or length); use another backup")
+    (crc,) = struct.unpack_from("<I", data, _HEAD.size + n)
+    if crc != crc32c(data[: _HEAD.size + n]):
+        raise BadArchive(f"{damaged} (CRC mismatch); use another backup")
+    if version != ARCHIVE_HEADER_VERSION:
+        raise BadArchive(
+            f"{name}: archive header version {version} is not supported (this engram reads "
+            f"{ARCHIVE_HEADER_VERSION}); use a matching engram version"
+        )
+    try:
+        fields = json.loads(data[_HEAD.size : _HEAD.size + n])
+        return archive_header(fields)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise BadArchive(f"{damaged} (its JSON is invalid); use another backup") from None
+
+
+def header_disagreements(header: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The header fields whose value differs from the manifest's, as ``field (a vs b)``."""
+    return [
+        f"{k} ({header[k]!r} vs {manifest.get(k)!r})"
+        for k in HEADER_FIELDS
+        if header[k] != manifest.get(k)
+    ]
