@@ -94,6 +94,14 @@ class DataDirLocked(DataDirError):
         self.url = url
 
 
+class DiskFull(DataDirError):
+    """The disk is full; free space and run the command again."""
+
+    # Nothing is damaged and nothing is the client's fault: the server cannot store more.
+    http_status = 507
+    code = "disk_full"
+
+
 class CorruptLog(EngramError):
     """The operation log is damaged."""
 

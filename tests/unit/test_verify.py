@@ -33,7 +33,7 @@ def populate(eng: Engine, n: int = 30, prefix: str = "m") -> None:
         )
     for i in range(n - 1):
         eng.apply([{"op": "create_edge", "src": f"{prefix}{i}", "dst": f"{prefix}{i + 1}"}])
-    eng.apply([{"op": "activate", "id": f"{prefix}0"}, {"op": "mark", "name": "half"}])
+    eng.apply([{"op": "activate", "id": f"{prefix}0"}, {"op": "mark", "name": f"{prefix}half"}])
     eng.apply([{"op": "update_memory", "id": f"{prefix}1", "content": "changed"}])
     eng.apply([{"op": "delete_memory", "id": f"{prefix}{n - 1}"}])
 

@@ -503,7 +503,7 @@ def restore_pitr(
     check_target(output, force)
     with staging_for(output, "restore-pitr") as staging:
         manifest, _ = extract_backup(base, staging, durable=durable)
-        engine = open_and_check(staging, manifest, recompute=False)
+        engine = open_and_check(staging, manifest, recompute=False, index_repairs=[])
         try:
             base_lsn = engine.last_lsn
             sources = collect_logs(logs, engine.database_id) if logs else []

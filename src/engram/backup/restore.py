@@ -18,15 +18,16 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engram.backup.archive import extract_verified, read_archive_header, sha256_file
-from engram.datadir import read_identity, read_owner
+from engram.datadir import Layout, read_identity, read_owner
 from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, UsageError
 from engram.format.manifest import (
     MANIFEST_NAME,
@@ -36,6 +37,7 @@ from engram.format.manifest import (
 )
 from engram.fsutil import Owned, create_owned_dir, fsync_dir, remove_stale
 from engram.graph import Engine, EngineConfig
+from engram.tiers.warm import WarmTier
 
 log = logging.getLogger("engram")
 
@@ -52,6 +54,8 @@ class RestoreResult:
     moved_aside: str | None
     duration_s: float
     sidecar_checked: bool
+    # What the restore repaired on the way (a full-text index rebuilt from the rows), if any.
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,9 +226,27 @@ def extract_backup(
     return manifest, expected is not None
 
 
-def open_and_check(staging: Path, manifest: dict[str, Any], recompute: bool = True) -> Engine:
-    """Open a staged restore (recovery lands on S) and check the digest against the manifest."""
-    eng = Engine.open(staging, EngineConfig(checkpoint_interval=3600), create=False)
+def open_and_check(
+    staging: Path,
+    manifest: dict[str, Any],
+    recompute: bool = True,
+    index_repairs: list[str] | None = None,
+) -> Engine:
+    """Open a staged restore (recovery lands on S), check the digest against the manifest and
+    the full-text index against the rows: an engine is never handed back with an index that
+    disagrees with them. A damaged index is an error (the backup is not good as it is), unless
+    ``index_repairs`` is given: the index is then rebuilt from the rows, which the digest
+    proves (here, or with ``recompute=False`` by the caller before the restore is used), and
+    a line saying so is logged and appended to ``index_repairs``."""
+    cfg = EngineConfig(checkpoint_interval=3600)
+    try:
+        eng = Engine.open(staging, cfg, create=False)
+    except (CorruptData, sqlite3.DatabaseError):
+        # Replaying (W, S] onto a damaged index can fail: if the index is the cause, rebuild it
+        # (the rows at W are what the replay starts from) and open again.
+        if not _index_repaired(staging, index_repairs):
+            raise
+        eng = Engine.open(staging, cfg, create=False)
     try:
         if eng.last_lsn != manifest["snapshot_lsn"]:
             raise CorruptData(
@@ -241,10 +263,53 @@ def open_and_check(staging: Path, manifest: dict[str, Any], recompute: bool = Tr
                 "the digest recomputed from the restored graph differs from the manifest's; the "
                 "backup is damaged — use another backup"
             )
+        with eng.lock:
+            problem = eng.warm.index_problem()
+            if problem is not None:
+                _repair(problem, index_repairs)
+                eng.warm.rebuild_index()
+                if (again := eng.warm.index_problem()) is not None:
+                    raise CorruptData(
+                        f"the restored full-text index does not match the rows even after a "
+                        f"rebuild ({again}); the backup is damaged — use another backup"
+                    )
     except BaseException:
         eng.close()
         raise
     return eng
+
+
+def _repair(problem: str, index_repairs: list[str] | None) -> None:
+    """Refuse a damaged index when no repair was asked for, else say it is being rebuilt."""
+    if index_repairs is None:
+        raise CorruptData(
+            f"the backup's full-text index does not match its rows ({problem}); the backup is "
+            "damaged — use another one (`engram restore` of it rebuilds the index from the rows)"
+        )
+    note = (
+        f"the backup's full-text index did not match its rows ({problem}); it was rebuilt "
+        "from the rows"
+    )
+    log.warning("%s", note)
+    index_repairs.append(note)
+
+
+def _index_repaired(staging: Path, index_repairs: list[str] | None) -> bool:
+    """Check the staged warm tier's index before recovery; rebuild it if it is damaged.
+    False when the index is sound (the failure lies elsewhere)."""
+    try:
+        warm = WarmTier(Layout(staging).warm_db)
+    except EngramError:
+        return False
+    try:
+        problem = warm.index_problem()
+        if problem is None:
+            return False
+        _repair(problem, index_repairs)
+        warm.rebuild_index()
+        return True
+    finally:
+        warm.close()
 
 
 def place(staging: Path, to: Path, force: bool) -> str | None:
@@ -290,7 +355,8 @@ def restore(
     check_target(to, force)
     with staging_for(to, "restore") as staging:
         manifest, checked = extract_backup(archive, staging, progress)
-        eng = open_and_check(staging, manifest)
+        repairs: list[str] = []
+        eng = open_and_check(staging, manifest, index_repairs=repairs)
         eng.close()
         fsync_tree(staging)
         aside = place(staging, to, force)
@@ -305,4 +371,5 @@ def restore(
         moved_aside=aside,
         duration_s=round(time.monotonic() - t0, 3),
         sidecar_checked=checked,
+        warnings=repairs,
     )

@@ -31,17 +31,20 @@ import msgspec
 from engram import digest as dg
 from engram.backup import rowcheck
 from engram.backup.rowcheck import MAX_LISTED, loc_id
-from engram.datadir import Layout, read_identity, read_owner
-from engram.errors import CorruptLog, DataDirError
+from engram.datadir import DirLock, Layout, read_identity, read_owner
+from engram.errors import CorruptData, CorruptLog, DataDirError, EngramError
 from engram.format import record as fmt
 from engram.model import ID_RE, KIND_RE, Edge, OpType
 from engram.oplog.reader import LogFile, list_segments
 from engram.procs import at_idle_priority
 from engram.tiers.rowsum import split_scan
+from engram.tiers.warm import WarmTier, index_damage_message, index_problem
 
 BATCH = 5000
 CHECKS = ("identity", "sqlite", "memories", "edges", "cold", "oplog", "digest")
 REQUIRED_TABLES = ("memories", "edges", "cold_stubs", "meta")
+WARM = "warm/engram.db"
+FTS_LOCATION = "warm/engram.db table memories_fts"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 # Digest-neutral records: markers carry no state; archiving keeps a memory in the logical graph.
 _NO_DIGEST = frozenset({OpType.MARKER, OpType.ARCHIVE_MEMORIES, OpType.RESTORE_MEMORIES})
@@ -151,12 +154,76 @@ def verify_data_dir(root: Path, check_all: bool = False) -> VerifyReport:
     return v.report
 
 
-def _structure_check(conn: sqlite3.Connection, pragma: str) -> list[str]:
-    """The problems SQLite's ``quick_check`` or ``integrity_check`` reports, as messages."""
+@dataclass
+class IndexRebuild:
+    """What ``rebuild_index`` did: ``problem`` is what the check found before (None: the index
+    matched the rows already)."""
+
+    data_dir: str
+    memories: int
+    problem: str | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data_dir": self.data_dir,
+            "memories": self.memories,
+            "problem": self.problem,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+def rebuild_index(root: Path) -> IndexRebuild:
+    """Rebuild the full-text index of the stopped data dir at ``root`` from its memories rows
+    (the way out of the index damage ``verify --check-all`` reports), holding the data dir's
+    lock meanwhile, so a running server is refused. The rows are not changed, so neither is the
+    digest; the index is checked against them afterwards."""
+    t0 = time.perf_counter()
+    root = Path(root)
+    read_identity(root)  # "not an engram data dir" before anything is created
+    lock = DirLock(root)
+    lock.acquire()
     try:
-        return [f"{pragma}: {msg}" for (msg,) in conn.execute(f"PRAGMA {pragma}") if msg != "ok"]
+        warm = WarmTier(Layout(root).warm_db)
+        try:
+            before = warm.index_problem()
+            warm.rebuild_index()
+            after = warm.index_problem()
+            memories = warm.counts()[0]
+        finally:
+            warm.close()
+    finally:
+        lock.release()
+    if after is not None:
+        raise CorruptData(
+            f"{root}: the full-text index still does not match the rows after a rebuild "
+            f"({after}); run `engram verify --check-all`, then restore from a backup"
+        )
+    return IndexRebuild(str(root), memories, before, time.perf_counter() - t0)
+
+
+def _structure_check(
+    conn: sqlite3.Connection, pragma: str, index: tuple[Path, Path] | None
+) -> list[tuple[str, str]]:
+    """The problems SQLite's ``quick_check`` or ``integrity_check`` reports, then (``index`` =
+    (database, data dir), with --check-all) FTS5's check of the full-text index against the
+    rows, which integrity_check does not make: as (location, message)."""
+    try:
+        found = [
+            (WARM, f"{pragma}: {msg}") for (msg,) in conn.execute(f"PRAGMA {pragma}") if msg != "ok"
+        ]
     except sqlite3.DatabaseError as e:
-        return [f"{pragma} failed: {e}"]
+        found = [(WARM, f"{pragma} failed: {e}")]
+    if index is not None:
+        db, root = index
+        try:
+            problem = index_problem(conn, db, readonly=True)
+        except EngramError as e:
+            found.append((FTS_LOCATION, f"the full-text index check could not run: {e.message}"))
+        else:
+            if problem is not None:
+                found.append((FTS_LOCATION, index_damage_message(problem, str(root))))
+    return found
 
 
 class _Verifier:
@@ -169,7 +236,7 @@ class _Verifier:
         self.conn: sqlite3.Connection | None = None
         self.immutable = False
         self.uri = ""
-        self._structure: tuple[threading.Thread, list[str], list[float]] | None = None
+        self._structure: tuple[threading.Thread, list[tuple[str, str]], list[float]] | None = None
         self.tables_ok = False
         self.identity_id: str | None = None
         self.meta: dict[str, str] = {}
@@ -320,13 +387,15 @@ class _Verifier:
         if "meta" in names:
             self._read_meta()
         pragma = self.report.sqlite_check
+        # The full-text index check reads every row and its index entries: --check-all only.
+        index = (db, self.root) if self.report.check_all else None
         if self.report.live or at_idle_priority():  # at idle priority: one core, in turn
-            self._structure_found(_structure_check(self.conn, pragma))
-            res.detail = pragma + (": ok" if not res.problems else "")
+            self._structure_found(_structure_check(self.conn, pragma, index))
+            res.detail = self._sqlite_detail()
             return
         # Nobody can commit: a second connection checks the file's structure in a thread
         # (SQLite releases the GIL) while the row scans run; finish_sqlite collects it.
-        found: list[str] = []
+        found: list[tuple[str, str]] = []
         took = [0.0]
 
         def check() -> None:
@@ -334,11 +403,11 @@ class _Verifier:
             try:
                 conn = sqlite3.connect(self.uri, uri=True, isolation_level=None)
                 try:
-                    found.extend(_structure_check(conn, pragma))
+                    found.extend(_structure_check(conn, pragma, index))
                 finally:
                     conn.close()
             except sqlite3.DatabaseError as e:
-                found.append(f"{pragma} failed: {e}")
+                found.append((WARM, f"{pragma} failed: {e}"))
             took[0] = time.perf_counter() - t
 
         thread = threading.Thread(target=check, name="engram-verify-sqlite")
@@ -355,11 +424,17 @@ class _Verifier:
         self._structure_found(found)
         res = self.report.checks["sqlite"]
         res.seconds += took[0]
-        res.detail = self.report.sqlite_check + (": ok" if not res.problems else "")
+        res.detail = self._sqlite_detail()
 
-    def _structure_found(self, messages: list[str]) -> None:
-        for m in messages:
-            self.problem("sqlite", "warm/engram.db", m)
+    def _sqlite_detail(self) -> str:
+        checked = self.report.sqlite_check
+        if self.report.checks["sqlite"].problems:
+            return checked
+        return f"{checked}: ok" + (", full-text index: ok" if self.report.check_all else "")
+
+    def _structure_found(self, found: list[tuple[str, str]]) -> None:
+        for location, message in found:
+            self.problem("sqlite", location, message)
 
     def _read_meta(self) -> None:
         assert self.conn is not None

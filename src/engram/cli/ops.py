@@ -123,6 +123,22 @@ def verify(
         raise typer.Exit(1)
 
 
+def rebuild_index(data_dir: DataDir = _DD, as_json: Json = False) -> None:
+    """Rebuild the full-text index of a stopped data dir from its rows (what verify names)."""
+    from engram.backup.verify import rebuild_index as do_rebuild
+
+    res = do_rebuild(Path(data_dir))
+    if as_json:
+        emit_json(res.to_dict())
+        return
+    was = f"it did not match them: {res.problem}" if res.problem else "it matched them already"
+    console().print(
+        f"rebuilt the full-text index of {res.data_dir} from {res.memories} memories ({was}); "
+        f"checked against the rows ({res.seconds:.2f}s)",
+        markup=False,
+    )
+
+
 def benchmark(
     data_dir: DataDir = _DD,
     duration: Annotated[str, typer.Option("--duration", help="How long to run (10s, 1m).")] = "10s",
@@ -207,5 +223,6 @@ def register(app: typer.Typer) -> None:
     app.command("resume")(resume)
     app.command("status")(status)
     app.command("verify")(verify)
+    app.command("rebuild-index")(rebuild_index)
     app.command("benchmark")(benchmark)
     app.command("test")(test)

@@ -8,22 +8,29 @@ its uncommitted changes; other connections (backups, verify) see the last checkp
 
 from __future__ import annotations
 
+import errno
+import functools
+import inspect
+import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from engram.digest import MOD, memory_hash, memory_rows_sum
-from engram.errors import CorruptData
+from engram.errors import CorruptData, DiskFull, EngramError, Unavailable
 from engram.format.record import Record
 from engram.model import Edge, Memory, OpType, parse_edge_target
 from engram.tiers import rowsum
 
 SCHEMA_VERSION = 1
 
-SCHEMA = """
+# The full-text index over memories.content (an external-content FTS5 table).
+FTS_ARGS = "content, content='memories', content_rowid='rowid'"
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS memories (
     rowid INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -52,7 +59,7 @@ CREATE TABLE IF NOT EXISTS cold_stubs (
 CREATE INDEX IF NOT EXISTS cold_stubs_by_segment ON cold_stubs (segment);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
-    content, content='memories', content_rowid='rowid'
+    {FTS_ARGS}
 );
 -- The full-text index is kept by WarmTier itself, not by triggers: a trigger makes FTS5 flush
 -- per row (about 10x the cost), and an index update is needed only when content changes.
@@ -160,13 +167,160 @@ def connect(path: Path, readonly: bool = False, cache_mib: int = 64) -> sqlite3.
     return conn
 
 
+# -- SQLite failures as engram errors ----------------------------------------------------------
+
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_NOMEM, _SQLITE_IOERR = 5, 6, 7, 10
+_SQLITE_CORRUPT, _SQLITE_FULL = 11, 13
+# Below this much free space an I/O error while writing is taken for a full disk: SQLite reports
+# a write that hit ENOSPC (the WAL index, a journal) as a bare "disk I/O error".
+LOW_SPACE = 1 << 20
+
+
+def disk_is_full(path: Path) -> bool:
+    """True if the file system holding ``path`` has (almost) no space or no inodes left for
+    this user (root may use the reserved blocks, so its share is counted for root)."""
+    d = path
+    while not d.is_dir() and d != d.parent:
+        d = d.parent
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return False
+    root = os.geteuid() == 0
+    free = (st.f_bfree if root else st.f_bavail) * st.f_frsize
+    inodes = st.f_ffree if root else st.f_favail
+    return free < LOW_SPACE or (st.f_files > 0 and inodes == 0)
+
+
+def disk_full(path: Path) -> DiskFull:
+    where = path if path.is_dir() else path.parent
+    return DiskFull(f"the disk holding {where} is full; free space and run the command again")
+
+
+def sqlite_failure(e: sqlite3.Error, path: Path, doing: str) -> EngramError:
+    """The engram error for SQLite failing while ``doing`` on the database at ``path``: a full
+    disk, a busy database, or else damage (the message names ``engram verify --check-all``)."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == _SQLITE_FULL or (code == _SQLITE_IOERR and disk_is_full(path)):
+        return disk_full(path)
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return Unavailable(f"{path} is busy ({e}); retry shortly", retry_after=1.0)
+    if code == _SQLITE_NOMEM:
+        return EngramError(f"SQLite ran out of memory while {doing} ({path}); free memory")
+    return CorruptData(
+        f"{path}: {doing} failed ({e}); run `engram verify --check-all` on the data dir, "
+        "then restore from a backup (docs/RUNBOOK.md)"
+    )
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _reads(doing: str) -> Callable[[_F], _F]:
+    """A WarmTier read whose SQLite failures (a malformed page, an unreadable file) become
+    engram errors naming the way out, never a raw sqlite3 error (a 500 in the server)."""
+
+    def wrap(fn: _F) -> _F:
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def gen(self: WarmTier, *args: Any, **kw: Any) -> Iterator[Any]:
+                try:
+                    yield from fn(self, *args, **kw)
+                except sqlite3.DatabaseError as e:
+                    raise sqlite_failure(e, self.path, doing) from None
+
+            return gen  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def call(self: WarmTier, *args: Any, **kw: Any) -> Any:
+            try:
+                return fn(self, *args, **kw)
+            except sqlite3.DatabaseError as e:
+                raise sqlite_failure(e, self.path, doing) from None
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+# -- the full-text index against the rows ------------------------------------------------------
+
+_FTS_SHADOWS = ("data", "idx", "docsize", "config")
+# FTS5's own check; rank=1 also compares the index with the content table, row by row.
+_FTS_CHECK = "INSERT INTO {0}.memories_fts(memories_fts, rank) VALUES ('integrity-check', 1)"
+_FTS_REBUILD = "INSERT INTO memories_fts(memories_fts) VALUES ('rebuild')"
+# Failures that say nothing about the index: raised, never reported as damage.
+_NOT_DAMAGE = (_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_NOMEM, _SQLITE_FULL)
+
+
+def index_problem(conn: sqlite3.Connection, path: Path, readonly: bool) -> str | None:
+    """What is wrong with the full-text index compared with the memories rows, as SQLite's
+    FTS5 integrity-check reports it, or None when it matches them exactly.
+
+    The check is an INSERT, refused on a read-only connection even though it writes nothing.
+    With ``readonly`` it runs instead on a copy of the index in the connection's temp schema
+    (the shadow tables' rows, byte for byte, over a temp view of main.memories as the content
+    table), inside a savepoint that is rolled back: the database file is only read, and the
+    temp schema lives in memory or in SQLite's anonymous temp file in the system temp dir. The
+    b-tree pages holding the index are PRAGMA integrity_check's (and quick_check's) part, as
+    are the ordinary indexes: integrity_check compares each with its table, which is all
+    SQLite offers for them; it does not look inside FTS5 (SQLite 3.40)."""
+    try:
+        if not readonly:
+            conn.execute(_FTS_CHECK.format("main"))
+            return None
+        conn.execute("SAVEPOINT engram_index_check")
+        try:
+            conn.execute(
+                "CREATE TEMP VIEW memories AS SELECT rowid AS rowid, content FROM main.memories"
+            )
+            conn.execute(f"CREATE VIRTUAL TABLE temp.memories_fts USING fts5({FTS_ARGS})")
+            for s in _FTS_SHADOWS:
+                conn.execute(f"DELETE FROM temp.memories_fts_{s}")
+                conn.execute(
+                    f"INSERT INTO temp.memories_fts_{s} SELECT * FROM main.memories_fts_{s}"
+                )
+            conn.execute(_FTS_CHECK.format("temp"))
+        finally:
+            conn.execute("ROLLBACK TO engram_index_check")
+            conn.execute("RELEASE engram_index_check")
+    except sqlite3.DatabaseError as e:
+        if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF in _NOT_DAMAGE:
+            raise sqlite_failure(e, path, "checking the full-text index") from None
+        return str(e)
+    return None
+
+
+def _index_damaged(what: str) -> CorruptData:
+    return CorruptData(
+        f"the full-text index is damaged ({what}); run `engram verify --check-all`, then "
+        "rebuild it with `engram rebuild-index` on the stopped data dir, or restore from a "
+        "backup (docs/RUNBOOK.md)"
+    )
+
+
+def index_damage_message(problem: str, root: str = "the data dir") -> str:
+    """The one line naming a full-text index that disagrees with its rows, and the way out."""
+    return (
+        f"the full-text index memories_fts does not match the memories rows ({problem}), so "
+        f"recall can miss matches; the rows themselves are checked by the digest — stop engram "
+        f"and run `engram rebuild-index --data-dir {root}` to rebuild it from them"
+    )
+
+
 class WarmTier:
     def __init__(self, path: Path, readonly: bool = False, cache_mib: int = 64) -> None:
         self.path = path
         self.readonly = readonly
         if not readonly:
             if not path.exists():
-                path.touch(mode=0o600)
+                try:
+                    path.touch(mode=0o600)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise disk_full(path) from None
+                    raise
         elif not path.exists():
             raise CorruptData(f"{path} is missing; the data dir is incomplete")
         try:
@@ -179,9 +333,16 @@ class WarmTier:
                 )
             self.conn.execute("SELECT count(*) FROM meta").fetchone()
         except sqlite3.DatabaseError as e:
-            raise CorruptData(
-                f"{path}: cannot open the warm tier ({e}); restore from a backup (docs/RUNBOOK.md)"
-            ) from None
+            if hasattr(self, "conn"):
+                self.conn.close()
+            # A full disk (the -wal/-shm files cannot be made) is not damage: say which it is.
+            err = sqlite_failure(e, path, "opening the warm tier")
+            if isinstance(err, CorruptData):
+                err = CorruptData(
+                    f"{path}: cannot open the warm tier ({e}); restore from a backup "
+                    "(docs/RUNBOOK.md)"
+                )
+            raise err from None
         self.in_txn = False
 
     # -- transactions --------------------------------------------------------------------
@@ -203,7 +364,9 @@ class WarmTier:
 
     def rollback(self) -> None:
         if self.in_txn:
-            self.conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (a failed COMMIT on a full disk, for one).
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             self.in_txn = False
 
     def close(self) -> None:
@@ -212,6 +375,7 @@ class WarmTier:
 
     # -- meta ----------------------------------------------------------------------------
 
+    @_reads("reading the meta table")
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         r = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return r[0] if r else default
@@ -228,10 +392,12 @@ class WarmTier:
 
     # -- memories and edges --------------------------------------------------------------
 
+    @_reads("reading a memory")
     def get_memory(self, mid: str) -> Memory | None:
         r = self.conn.execute(f"SELECT {_COLS} FROM memories WHERE id=?", (mid,)).fetchone()
         return row_to_memory(r) if r else None
 
+    @_reads("reading memories")
     def get_memories(self, ids: Iterable[str]) -> dict[str, Memory]:
         ids = list(ids)
         out: dict[str, Memory] = {}
@@ -284,6 +450,7 @@ class WarmTier:
         )
         self.conn.execute("DELETE FROM memories WHERE id=?", (mid,))
 
+    @_reads("reading an edge")
     def get_edge(self, src: str, dst: str, kind: str) -> Edge | None:
         r = self.conn.execute(
             "SELECT src, dst, kind, weight, created_at FROM edges WHERE src=? AND dst=? AND kind=?",
@@ -297,12 +464,14 @@ class WarmTier:
     def delete_edge(self, src: str, dst: str, kind: str) -> None:
         self.conn.execute("DELETE FROM edges WHERE src=? AND dst=? AND kind=?", (src, dst, kind))
 
+    @_reads("reading edges")
     def edges_out(self, mid: str) -> list[Edge]:
         rows = self.conn.execute(
             "SELECT src, dst, kind, weight, created_at FROM edges WHERE src=?", (mid,)
         )
         return [row_to_edge(r) for r in rows]
 
+    @_reads("reading edges")
     def edges_in(self, mid: str) -> list[Edge]:
         rows = self.conn.execute(
             "SELECT src, dst, kind, weight, created_at FROM edges WHERE dst=?", (mid,)
@@ -314,26 +483,58 @@ class WarmTier:
         out.extend(e for e in self.edges_in(mid) if e.src != mid)
         return out
 
+    @_reads("reading a memory")
     def has_memory(self, mid: str) -> bool:
         r = self.conn.execute("SELECT 1 FROM memories WHERE id=?", (mid,)).fetchone()
         return r is not None
 
     def search(self, query: str, limit: int) -> list[tuple[str, float]]:
         """Full-text matches as (id, bm25 score, higher is better)."""
-        rows = self.conn.execute(
-            "SELECT m.id, -bm25(memories_fts) FROM memories_fts JOIN memories m "
-            "ON m.rowid = memories_fts.rowid WHERE memories_fts MATCH ? "
-            "ORDER BY bm25(memories_fts) LIMIT ?",
-            (query, limit),
-        )
-        return [(r[0], float(r[1])) for r in rows]
+        try:
+            rows = self.conn.execute(
+                "SELECT m.id, -bm25(memories_fts) FROM memories_fts JOIN memories m "
+                "ON m.rowid = memories_fts.rowid WHERE memories_fts MATCH ? "
+                "ORDER BY bm25(memories_fts) LIMIT ?",
+                (query, limit),
+            )
+            hits = rows.fetchall()
+        except sqlite3.DatabaseError as e:
+            if (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF != _SQLITE_CORRUPT:
+                raise sqlite_failure(e, self.path, "searching the full-text index") from None
+            raise _index_damaged(str(e)) from None
+        # bm25 is NULL only when the index's own statistics are damaged.
+        if any(not isinstance(score, float) for _, score in hits):
+            raise _index_damaged("a match has no bm25 score")
+        return hits
 
+    def index_problem(self) -> str | None:
+        """What is wrong with the full-text index compared with the rows, or None (module
+        ``index_problem``); through this connection, so uncommitted changes are checked too."""
+        return index_problem(self.conn, self.path, self.readonly)
+
+    def rebuild_index(self) -> None:
+        """Rebuild the full-text index from the memories rows. Inside the open transaction if
+        there is one (committed with it at the next checkpoint), else in one of its own."""
+        own = not self.in_txn
+        try:
+            self.begin()
+            self.conn.execute(_FTS_REBUILD)
+            if own:
+                self.conn.execute("COMMIT")
+                self.in_txn = False
+        except sqlite3.DatabaseError as e:
+            if own:
+                self.rollback()
+            raise sqlite_failure(e, self.path, "rebuilding the full-text index") from None
+
+    @_reads("counting rows")
     def counts(self) -> tuple[int, int, int]:
         m = self.conn.execute("SELECT count(*) FROM memories").fetchone()[0]
         e = self.conn.execute("SELECT count(*) FROM edges").fetchone()[0]
         c = self.conn.execute("SELECT count(*) FROM cold_stubs").fetchone()[0]
         return m, e, c
 
+    @_reads("reading memories")
     def iter_memories(self, batch: int = 5000) -> Iterator[Memory]:
         last = ""
         while True:
@@ -346,6 +547,7 @@ class WarmTier:
                 yield row_to_memory(r)
             last = rows[-1][0]
 
+    @_reads("reading memories")
     def digest_sum(self, overrides: dict[str, Memory]) -> int:
         """Sum (mod 2^256) of the memory hashes of every row, in any order, with ``overrides``
         (newer versions held by the fast tier) taking the place of rows. With uncommitted
@@ -361,6 +563,7 @@ class WarmTier:
                 total += memory_hash(m) - memory_rows_sum((r,), _json_dec.decode)
         return total % MOD
 
+    @_reads("reading edges")
     def iter_edges(self, batch: int = 5000) -> Iterator[Edge]:
         last = ("", "", "")
         while True:
