@@ -23,7 +23,7 @@ from typing import Any
 
 from engram import digest as dg
 from engram.datadir import DirLock, Layout, init_data_dir, is_initialized, read_identity
-from engram.errors import LogGap, NotFound, Unavailable, ValidationError
+from engram.errors import CorruptLog, LogGap, NotFound, Unavailable, ValidationError
 from engram.format import record as fmt
 from engram.model import (
     MEMORY_OPS,
@@ -34,7 +34,7 @@ from engram.model import (
     effective_strength,
     ns_to_iso,
 )
-from engram.oplog.reader import read_range
+from engram.oplog.reader import iter_log_files, list_segments, read_range
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
 from engram.recovery import recover
@@ -174,6 +174,8 @@ class Engine:
             segment_bytes=self.config.segment_bytes,
             batch_interval=self.config.batch_interval,
         )
+        if not self.warm.marks_kept:
+            self._fill_marks()
         state = recover(self.warm, self.layout.oplog, self.database_id, self.writer, progress)
         self.digest = state.digest
         self.checkpoint_digest = state.digest.hex
@@ -187,6 +189,33 @@ class Engine:
         )
         self._ckpt_thread.start()
         self.ready = True
+
+    def _fill_marks(self) -> None:
+        """Fill the warm tier's ``marks`` of a data dir written before it was kept, from the
+        markers of the log segments up to ``applied_lsn`` (recovery adds the ones after it, as
+        it replays them). Segments are never deleted, so for a data dir that has run since it
+        was created this is every marker of its history. A data dir restored from a backup
+        taken before marks were kept holds only the records after that backup's warm LSN: the
+        markers before it cannot be known here (PITR still finds them in the logs it replays).
+        Where a name was marked twice (allowed then), the first marker keeps it."""
+        applied = self.warm.applied_lsn
+        segs = list_segments(self.layout.oplog)
+        found: list[tuple[str, int, int]] = []
+        if segs and segs[0][0] <= applied:
+            files = [p for first, p in segs if first <= applied]
+            try:
+                for rec in iter_log_files(files, self.database_id, segs[0][0] - 1, True):
+                    if rec.lsn > applied:
+                        break
+                    if rec.op == OpType.MARKER:
+                        found.append((rec.target, rec.lsn, rec.ts_ns))
+            except (CorruptLog, LogGap) as e:
+                # Recovery does not need these records (the warm tier holds them): damage
+                # there costs the restore points behind it, not the data dir.
+                log.warning("restore points after the damage are not known: %s", e)
+        self.warm.fill_marks(found)
+        if found:
+            log.info("restore points: %d found in the log and recorded", len(found))
 
     def set_url(self, url: str | None) -> None:
         if self.dirlock is not None:
@@ -527,7 +556,7 @@ class Engine:
         self.last_lsn = last
         self.last_ts = ts
         try:
-            self._apply(planned)
+            self._apply(planned, first, ts)
         except Exception as e:  # the log has it, the tiers do not: only a restart can reconcile
             self._fail(f"applying LSN {first}..{last} failed ({e})")
             raise Unavailable(self.failed, retry_after=30) from None
@@ -536,10 +565,11 @@ class Engine:
             self.checkpoint()
         return last
 
-    def _apply(self, planned: list[Planned]) -> None:
+    def _apply(self, planned: list[Planned], first: int, ts: int) -> None:
+        """Apply records ``first``.. (all at ``ts``) to the digest and the tiers."""
         warm, fast = self.warm, self.fast
         warm.begin()
-        for p in planned:
+        for i, p in enumerate(planned):
             if p.op != OpType.MARKER:
                 self.digest.replace(p.before, p.after)  # type: ignore[arg-type]
                 self._count(p.op, p.before is not None, p.after is not None)
@@ -557,6 +587,8 @@ class Engine:
                 e = p.before
                 assert isinstance(e, Edge)
                 warm.delete_edge(e.src, e.dst, e.kind)
+            elif p.op == OpType.MARKER:  # in the same warm transaction as the records (O4)
+                warm.put_mark(p.target, first + i, ts)
 
     def _count(self, op: OpType, had: bool, has: bool) -> None:
         delta = int(has) - int(had)
@@ -595,6 +627,20 @@ class Engine:
     def get_edge(self, src: str, dst: str, kind: str) -> Edge | None:
         with self.lock:
             return self.warm.get_edge(src, dst, kind)
+
+    def get_mark(self, name: str) -> tuple[int, int] | None:
+        """(LSN, time in ns) of the restore point ``name`` in this history, or None."""
+        with self.lock:
+            return self.warm.get_mark(name)
+
+    def marks(self, upto_lsn: int) -> dict[str, dict[str, int]]:
+        """The restore points at or before ``upto_lsn`` as ``{name: {lsn, time_ns}}`` (what a
+        full backup's catalog entry records, so that PITR can find a name without opening it).
+        Marks are only ever added, so reading them after a cut, bounded by its LSN, gives
+        exactly those of the cut."""
+        with self.lock:
+            found = self.warm.marks(upto_lsn)
+        return {n: {"lsn": lsn, "time_ns": ts} for n, (lsn, ts) in found.items()}
 
     def edges_of(self, mid: str) -> list[Edge]:
         with self.lock:

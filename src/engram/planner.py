@@ -30,6 +30,7 @@ from engram.model import (
     edge_target,
     effective_strength,
     new_id,
+    ns_to_iso,
 )
 
 OP_NAMES = (
@@ -70,6 +71,8 @@ class StateView(Protocol):
 
     def edges_of(self, mid: str) -> list[Edge]: ...
 
+    def get_mark(self, name: str) -> tuple[int, int] | None: ...
+
 
 class Planner:
     def __init__(self, state: StateView, ts_ns: int, half_life_s: float) -> None:
@@ -80,6 +83,7 @@ class Planner:
         self.edges: dict[tuple[str, str, str], Edge | None] = {}
         self.out: list[Planned] = []
         self.results: list[dict[str, Any]] = []
+        self.marks: set[str] = set()  # restore point names this batch adds
 
     # -- overlay reads -------------------------------------------------------------------
 
@@ -235,6 +239,21 @@ class Planner:
         return {"op": "delete_edge", "src": s, "dst": d, "kind": k}
 
     def mark(self, name: Any = None) -> dict[str, Any]:
+        """A named restore point. A name is unique within the history, so that it means one
+        moment wherever it is looked up (the LSN of its marker record)."""
         n = check_id(name, "name")
+        if n in self.marks:
+            raise Conflict(
+                f"restore point {n!r} is named twice in this batch; give each one its own name",
+                field="name",
+            )
+        old = self.state.get_mark(n)
+        if old is not None:
+            raise Conflict(
+                f"restore point {n!r} already exists (LSN {old[0]}, {ns_to_iso(old[1])}); "
+                "a name means one moment, so choose another name",
+                field="name",
+            )
+        self.marks.add(n)
         self._emit(OpType.MARKER, n, None, {"name": n})
         return {"op": "mark", "name": n}

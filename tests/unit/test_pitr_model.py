@@ -8,7 +8,11 @@ every field of every memory and edge from the ops and the transaction's timestam
 
 Then ``restore_pitr(base, [dir], target, out)`` for 100 random target LSNs, for target times
 (inclusive: transactions at or before T) and for restore point names must land on the last
-transaction boundary at or before the target with exactly the model's graph and digest.
+transaction boundary at or before the target with exactly the model's graph and digest. A
+restore point name means the LSN of its marker record (the model predicts it) and the replay
+stops right after the transaction holding it, whether the name is found in the logs, in a base
+backup's own records (a mark right before each full backup, as the runbook suggests) or in a
+full backup's catalog entry (``--repo``).
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class Txn:
     ts: int
     ops: list[dict[str, Any]]
     marks: list[str]
+    mark_lsns: dict[str, int] = field(default_factory=dict)  # the model's LSN of each marker
 
 
 @dataclass
@@ -149,6 +154,9 @@ class History:
     def marks(self) -> dict[str, int]:
         return {name: i for i, t in enumerate(self.txns) for name in t.marks}
 
+    def mark_lsn(self, name: str) -> int:
+        return self.txns[self.marks()[name]].mark_lsns[name]
+
 
 def _build(root: Path, seed: int = 7, n_txns: int = 1300) -> History:
     rng = random.Random(seed)
@@ -166,14 +174,20 @@ def _build(root: Path, seed: int = 7, n_txns: int = 1300) -> History:
     eng = Engine.open(root / "src", CFG)
     try:
         for i in range(1, n_txns + 1):
-            ops = gen.batch((1, 1, 2, 3, 5))
+            if i in (120, 800):  # the runbook: `engram mark NAME`, then `backup --full`
+                ops = [{"op": "mark", "name": f"at-full-{1 if i == 120 else 2}"}]
+            else:
+                ops = gen.batch((1, 1, 2, 3, 5))
             res = eng.apply(ops)
             ts = eng.last_ts
-            n = model.apply(ops, ts)
             first = txns[-1].last + 1 if txns else 1
-            assert res.lsn == first + n - 1, "the model predicts every transaction's LSNs"
-            marks = [o["name"] for o in ops if o["op"] == "mark"]
-            txns.append(Txn(first, res.lsn, ts, ops, marks))
+            lsn, mark_lsns = first, {}
+            for op in ops:
+                if op["op"] == "mark":
+                    mark_lsns[op["name"]] = lsn
+                lsn += model.apply([op], ts)
+            assert res.lsn == lsn - 1, "the model predicts every transaction's LSNs"
+            txns.append(Txn(first, res.lsn, ts, ops, list(mark_lsns), mark_lsns))
             if rng.random() < 0.03:
                 eng.checkpoint()
             if i == 120:
@@ -268,22 +282,57 @@ def test_pitr_at_target_times_is_inclusive(hist: History, tmp_path: Path) -> Non
         _check(hist.base, [hist.backups], Target(time_ns=tns), tmp_path / "out", model, boundary)
 
 
+def _name_case(hist: History, name: str) -> tuple[Model, int]:
+    """What restoring to restore point ``name`` must give: everything through the transaction
+    holding its marker record."""
+    idx = hist.marks()[name]
+    model, boundary = hist.model_at(lambda t: t.last <= hist.txns[idx].last)
+    assert boundary == hist.txns[idx].last and hist.txns[idx].first <= hist.mark_lsn(name)
+    return model, boundary
+
+
 def test_pitr_at_restore_point_names(hist: History, tmp_path: Path) -> None:
     marks = {n: i for n, i in hist.marks().items() if hist.txns[i].first > hist.base_lsn}
     names = sorted(marks)
-    chosen = random.Random(5).sample(names, min(8, len(names))) + [names[-1]]
-    for name in chosen:
-        idx = marks[name]
-        model, boundary = hist.model_at(lambda t, idx=idx: t.last <= hist.txns[idx].last)
-        assert boundary == hist.txns[idx].last
+    # Markers in the middle of a batch too: the whole transaction holding one is replayed.
+    inner = sorted(n for n in names if hist.mark_lsn(n) < hist.txns[marks[n]].last)
+    assert inner
+    rng = random.Random(5)
+    chosen = rng.sample(names, min(8, len(names))) + [names[-1], rng.choice(inner)]
+    # The runbook's mark right before the base backup: the base alone is the answer.
+    assert hist.mark_lsn("at-full-1") == hist.base_lsn
+    for name in [*chosen, "at-full-1", "at-full-2"]:
+        model, boundary = _name_case(hist, name)
+        _check(hist.base, [hist.backups], Target(name=name), tmp_path / "out", model, boundary)
+
+
+def test_a_name_means_one_lsn_through_repo_and_base(hist: History, tmp_path: Path) -> None:
+    """``--repo`` resolves a name through the full backups' catalog entries (or the
+    incrementals) and chooses as for that LSN; ``--base-backup`` resolves it through the base's
+    own marks and the logs: both reach the same moment, the model's."""
+    repo = _repo(hist, tmp_path)
+    for full, upto in ((hist.base, hist.base_lsn), (hist.full2, hist.full2_lsn)):
+        want = {
+            n: {"lsn": hist.mark_lsn(n), "time_ns": hist.txns[i].ts}
+            for n, i in hist.marks().items()
+            if hist.mark_lsn(n) <= upto
+        }
+        assert read_info(full)["marks"] == want  # type: ignore[index]
+    names = [n for n in hist.marks() if hist.mark_lsn(n) > hist.base_lsn]
+    rng = random.Random(11)
+    for name in [*rng.sample(names, 6), "at-full-1", "at-full-2"]:
+        model, boundary = _name_case(hist, name)
+        base, logs, says = choose_from_repo(repo, Target(name=name))
+        lsn = hist.mark_lsn(name)
+        want = hist.full2.name if lsn >= hist.full2_lsn else hist.base.name
+        assert base.name == want, (name, says)
+        _check(base, logs, Target(name=name), tmp_path / "out", model, boundary)
+        # The same name from the older base and every log: the same moment.
         _check(hist.base, [hist.backups], Target(name=name), tmp_path / "out", model, boundary)
 
 
 def test_targets_outside_the_covered_range_are_refused(hist: History, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    early_mark = next(
-        (n for n, i in hist.marks().items() if hist.txns[i].last <= hist.base_lsn), None
-    )
     bad = [
         (Target(lsn=hist.base_lsn - 1), "outside the covered range"),
         (Target(lsn=hist.last_lsn + 1), "outside the covered range"),
@@ -291,12 +340,20 @@ def test_targets_outside_the_covered_range_are_refused(hist: History, tmp_path: 
         (Target(time_ns=hist.last_ts + 1), "after the last record"),
         (Target(name="no-such-point"), "no restore point named"),
     ]
-    if early_mark is not None:  # a restore point the base already contains
-        bad.append((Target(name=early_mark), "no restore point named"))
     for target, why in bad:
         with pytest.raises(UsageError, match=why) as ei:
             restore_pitr(hist.base, [hist.backups], target, out)
         assert f"{hist.base_lsn}..{hist.last_lsn}" in ei.value.message
+        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # A restore point inside the base backup (below its snapshot) is refused naming both LSNs.
+    early = [n for n in hist.marks() if hist.mark_lsn(n) < hist.base_lsn]
+    assert early
+    for name in early[:3]:
+        with pytest.raises(UsageError, match="inside the base backup") as ei:
+            restore_pitr(hist.base, [hist.backups], Target(name=name), out)
+        assert f"LSN {hist.mark_lsn(name)} " in ei.value.message
+        assert f"LSN {hist.base_lsn} " in ei.value.message
         assert not out.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == []
 

@@ -29,6 +29,9 @@ class State:
     def edges_of(self, mid: str) -> list[Edge]:
         return [e for k, e in self.edges.items() if mid in (k[0], k[1])]
 
+    def get_mark(self, name: str) -> tuple[int, int] | None:
+        return None
+
 
 def mem(mid: str, strength: float = 0.5, updated_at: int = T0) -> Memory:
     return Memory(mid, f"content {mid}", strength, {"k": mid}, T0, updated_at, 0, 0)

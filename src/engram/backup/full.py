@@ -227,6 +227,7 @@ def take_full(
             catalog={
                 "snapshot_time_ns": cut.snapshot_ts,
                 "from_time_ns": 0,
+                "marks": engine.marks(cut.snapshot_lsn),  # restore points up to the snapshot
             },
         )
     finally:

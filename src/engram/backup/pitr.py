@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.backup.archive import sha256_file
-from engram.backup.catalog import FAILED, PENDING, Entry, read_catalog
+from engram.backup.catalog import FAILED, PENDING, Entry, read_catalog, read_info
 from engram.backup.restore import (
     check_target,
     extract_backup,
@@ -51,27 +51,98 @@ Progress = Callable[[int, int], None]
 # -- targets ---------------------------------------------------------------------------------
 
 
-def parse_time(text: str) -> int:
-    """UTC ns of ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (local time) or ISO 8601 with Z or an offset."""
+# Log timestamps are nanoseconds since the Unix epoch; engram keeps them in a signed 64-bit
+# integer, so a target outside this range cannot be compared with any record.
+TIME_MAX_NS = 2**63 - 1
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_FORMATS = (
+    "use 'YYYY-MM-DD HH:MM:SS' (local time) or ISO 8601 with Z or an offset, "
+    "e.g. 2025-10-24T14:30:00Z"
+)
+
+
+def _offset(local: dt.datetime, instant: dt.datetime) -> str:
+    """The UTC offset that reads the wall time ``local`` as ``instant``, as +HH:MM."""
+    secs = int((local.replace(tzinfo=dt.UTC) - instant).total_seconds())
+    sign, secs = ("-" if secs < 0 else "+"), abs(secs)
+    return f"{sign}{secs // 3600:02d}:{secs % 3600 // 60:02d}"
+
+
+def _from_local(d: dt.datetime) -> tuple[dt.datetime, str | None]:
+    """The instant of the local wall time ``d`` (as ``date`` prints it), and a note when a
+    clock change makes it ambiguous or non-existent. Both are read with the UTC offset in force
+    before the change: a time that occurs twice (clocks going back) is its first occurrence, the
+    earlier instant; a time the clocks skipped (going forward) lands after the gap."""
+    a = d.replace(fold=0).astimezone()
+    b = d.replace(fold=1).astimezone()
+    if a == b:
+        return a, None
+    first, later = sorted((a, b))
+    wall = d.replace(fold=0, microsecond=d.microsecond)
+    real = [x for x in (first, later) if x.astimezone().replace(tzinfo=None) == wall]
+    text = d.isoformat(" ")
+    if len(real) == 2:
+        return first, (
+            f"local time {text} occurs twice (the clocks went back); read as its first "
+            f"occurrence, UTC{_offset(d, first)}: {ns_to_iso(_ns(first))} — give an offset "
+            "to choose the other"
+        )
+    if not real:
+        shown = later.astimezone().replace(tzinfo=None).isoformat(" ")
+        return later, (
+            f"local time {text} does not exist (the clocks went forward); read with the offset "
+            f"before the change, UTC{_offset(d, later)}: {ns_to_iso(_ns(later))}, which is "
+            f"{shown} local time"
+        )
+    return real[0], None
+
+
+def _ns(d: dt.datetime) -> int:
+    delta = d - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+def read_time(text: str) -> tuple[int, str | None]:
+    """UTC ns of ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (local time) or ISO 8601 with Z or an offset,
+    and a note saying how a local time that a clock change makes ambiguous or non-existent was
+    read (``_from_local``). Every time that is not in engram's range is a usage error."""
     s = text.strip()
     try:
         d = dt.datetime.fromisoformat(s.replace(" ", "T", 1) if " " in s else s)
     except ValueError:
-        raise UsageError(
-            f"cannot read the time {text!r}; use 'YYYY-MM-DD HH:MM:SS' (local time) or ISO 8601 "
-            "with Z or an offset, e.g. 2025-10-24T14:30:00Z"
-        ) from None
-    if d.tzinfo is None:
-        d = d.astimezone()  # local time, as `date` prints it
-    delta = d - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        raise UsageError(f"cannot read the time {text!r}; {_FORMATS}") from None
+    note = None
+    out_of_range = UsageError(
+        f"the time {text!r} cannot be represented: engram's times run from "
+        f"{ns_to_iso(0)} to {ns_to_iso(TIME_MAX_NS)} (nanoseconds in a signed 64-bit integer); "
+        "give a time in that range"
+    )
+    try:
+        if d.tzinfo is None:
+            d, note = _from_local(d)
+        ns = _ns(d)
+    except (ValueError, OverflowError, OSError):  # beyond datetime's or the C library's range
+        raise out_of_range from None
+    if not 0 <= ns <= TIME_MAX_NS:
+        raise out_of_range
+    return ns, note
+
+
+def parse_time(text: str) -> int:
+    """UTC ns of a target time (``read_time`` without its note)."""
+    return read_time(text)[0]
 
 
 @dataclass(frozen=True)
 class Target:
+    """Where a replay stops. A restore point ``name`` means the LSN of its marker record, and
+    the replay stops right after the transaction holding it; once that LSN is known (``lsn``
+    set with ``name``) it is found the same way in every base and log that holds it."""
+
     time_ns: int | None = None
     lsn: int | None = None
     name: str | None = None
+    note: str | None = field(default=None, compare=False)  # how a local time was read
 
     @classmethod
     def from_options(
@@ -84,19 +155,40 @@ class Target:
             raise UsageError("give a target: --target-time, --target-lsn or --target-name")
         if lsn is not None and lsn < 0:
             raise UsageError("--target-lsn must be a non-negative LSN")
-        return cls(parse_time(time_text) if time_text is not None else None, lsn, name)
+        if time_text is None:
+            return cls(None, lsn, name)
+        ns, note = read_time(time_text)
+        return cls(ns, None, None, note)
 
     @property
     def given(self) -> bool:
         return self.time_ns is not None or self.lsn is not None or self.name is not None
 
+    @property
+    def through_txn(self) -> bool:
+        """A resolved restore point: the transaction holding ``lsn`` is replayed whole."""
+        return self.name is not None and self.lsn is not None
+
+    def resolved(self, lsn: int) -> Target:
+        return Target(lsn=lsn, name=self.name)
+
+    def past(self, rec: Record) -> bool:
+        """Whether ``rec`` lies beyond the target (an LSN target stops at the last transaction
+        boundary at or before it; a restore point takes the whole transaction holding it)."""
+        if self.time_ns is not None:
+            return rec.ts_ns > self.time_ns
+        if self.lsn is None:
+            return False
+        return rec.txid > self.lsn if self.through_txn else rec.lsn > self.lsn
+
     def describe(self) -> str:
         if self.time_ns is not None:
             return f"time {ns_to_iso(self.time_ns)}"
+        if self.name is not None:
+            at = f" (LSN {self.lsn})" if self.lsn is not None else ""
+            return f"restore point {self.name!r}{at}"
         if self.lsn is not None:
             return f"LSN {self.lsn}"
-        if self.name is not None:
-            return f"restore point {self.name!r}"
         return "the end of the logs"
 
 
@@ -195,10 +287,7 @@ def scan_logs(
             raise _diverged(rec.lsn, rec.ts_ns, after_ts)
 
     for rec in _iter(sources, database_id, after, boundary):
-        if target is not None and (
-            (target.time_ns is not None and rec.ts_ns > target.time_ns)
-            or (target.lsn is not None and rec.lsn > target.lsn)
-        ):
+        if target is not None and target.past(rec):
             cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
             break
         if not cov.records:
@@ -207,14 +296,14 @@ def scan_logs(
                 raise _diverged(rec.lsn, rec.ts_ns, after_ts)
         cov.records += 1
         cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
-        if rec.op == OpType.MARKER:
-            cov.markers[rec.target] = rec.lsn
+        if rec.op == OpType.MARKER:  # a name marked twice (allowed once) means the first
+            cov.markers.setdefault(rec.target, rec.lsn)
         if (
             target is not None
             and rec.txn_end
             and (
                 (target.lsn is not None and rec.lsn >= target.lsn)
-                or (target.name is not None and target.name in cov.markers)
+                or (target.lsn is None and target.name is not None and target.name in cov.markers)
             )
         ):
             break  # reached exactly: nothing after it is needed
@@ -228,6 +317,34 @@ def _scan_stop(target: Target, base_lsn: int, base_ts: int) -> Target | None:
         return None
     if target.time_ns is not None and base_ts and target.time_ns < base_ts:
         return None
+    return target
+
+
+def named(engine: Engine, target: Target, inside: str) -> Target:
+    """A restore point name resolved through the marks of the data dir it will be replayed
+    into (a restored base holds those of every record up to its snapshot): the name's LSN at
+    the data dir's own LSN means replaying nothing; below it the moment is already behind the
+    data dir, which is refused (``inside`` says what to do). A name it does not hold is left
+    for the logs (``in_logs``)."""
+    if target.name is None or target.lsn is not None:
+        return target
+    found = engine.get_mark(target.name)
+    if found is None:
+        return target
+    lsn, ts = found
+    if lsn < engine.last_lsn:
+        raise UsageError(
+            f"restore point {target.name!r} is at LSN {lsn} ({ns_to_iso(ts)}), below LSN "
+            f"{engine.last_lsn} where {inside}"
+        )
+    return target.resolved(lsn)
+
+
+def in_logs(target: Target, cov: Coverage) -> Target:
+    """A restore point name resolved through the markers the scan found (unchanged if absent:
+    ``check_target_range`` then refuses it)."""
+    if target.name is not None and target.lsn is None and target.name in cov.markers:
+        return target.resolved(cov.markers[target.name])
     return target
 
 
@@ -249,12 +366,12 @@ def check_target_range(target: Target, cov: Coverage, base_lsn: int, base_ts: in
             )
     elif target.lsn is not None:
         if target.lsn < base_lsn or target.lsn > cov.last_lsn:
-            raise UsageError(f"target LSN {target.lsn} is outside the covered range; {covered}")
+            raise UsageError(f"target {target.describe()} is outside the covered range; {covered}")
     elif target.name is not None and target.name not in cov.markers:
         known = ", ".join(sorted(cov.markers)) or "none"
         raise UsageError(
-            f"no restore point named {target.name!r} after LSN {base_lsn} in the logs "
-            f"(restore points there: {known}); {covered}"
+            f"no restore point named {target.name!r} up to LSN {base_lsn} nor in the logs after "
+            f"it (restore points there: {known}); {covered}"
         )
 
 
@@ -267,6 +384,7 @@ class ApplyResult:
     target: str
     duration_s: float
     rate: float
+    target_note: str | None = None  # how an ambiguous or skipped local target time was read
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,12 +408,12 @@ def apply_sources(
             txn.append(rec)
             if not rec.txn_end:
                 continue
-            if target.time_ns is not None and rec.ts_ns > target.time_ns:
+            if target.past(rec):
                 return
-            if target.lsn is not None and rec.lsn > target.lsn:
-                return
-            hit = target.name is not None and any(
-                r.op == OpType.MARKER and r.target == target.name for r in txn
+            hit = (
+                target.name is not None
+                and target.lsn is None
+                and any(r.op == OpType.MARKER and r.target == target.name for r in txn)
             )
             yield txn
             txn = []
@@ -324,6 +442,7 @@ def apply_sources(
         target=target.describe(),
         duration_s=round(dur, 3),
         rate=round(n / dur, 1) if dur > 0 else 0.0,
+        target_note=target.note,
     )
 
 
@@ -364,8 +483,10 @@ def apply_log(
         ) from None
     try:
         sources = collect_logs(logs, engine.database_id)
+        target = named(engine, target, "the data dir is already; restore an older backup instead")
         early = _scan_stop(target, engine.last_lsn, engine.last_ts)
         cov = scan_logs(sources, engine.database_id, engine.last_lsn, early, engine.last_ts)
+        target = in_logs(target, cov)
         if target.given:
             check_target_range(target, cov, engine.last_lsn, engine.last_ts)
         result = apply_sources(engine, sources, target, progress, cov.records)
@@ -393,6 +514,7 @@ class PitrResult:
     digest: str
     moved_aside: str | None
     duration_s: float
+    target_note: str | None = None  # how an ambiguous or skipped local target time was read
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -410,26 +532,16 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
             + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
         )
     fulls = [e for e in entries if e.kind == "full"]
-    marker_lsn = None
-    if target.name is not None:
-        incs = [e for e in entries if e.kind == "incremental"]
-        for e in incs:
-            srcs = collect_logs([e.path], e.database_id)
-            cov = scan_logs(srcs, e.database_id, e.from_lsn - 1)
-            if target.name in cov.markers:
-                marker_lsn = cov.markers[target.name]
-        if marker_lsn is None:
-            raise UsageError(
-                f"no restore point named {target.name!r} in the incrementals of {repo}"
-            )
+    if target.name is not None and target.lsn is None:
+        # The name's LSN first, then the same choice as for that LSN: a base at the mark
+        # (replaying nothing) is chosen as readily as for --target-lsn.
+        target = target.resolved(_repo_mark(repo, entries, target.name))
 
     def before(e: Entry) -> bool:
         if target.time_ns is not None:
             return e.to_time_ns <= target.time_ns
         if target.lsn is not None:
             return e.to_lsn <= target.lsn
-        if marker_lsn is not None:
-            return e.to_lsn < marker_lsn
         return True
 
     candidates = [e for e in fulls if before(e)]
@@ -445,8 +557,6 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
             return e.from_time_ns <= target.time_ns
         if target.lsn is not None:
             return e.from_lsn <= target.lsn
-        if marker_lsn is not None:
-            return e.from_lsn <= marker_lsn
         return True
 
     incs = sorted(
@@ -487,6 +597,33 @@ def usable_entries(repo: Path) -> tuple[list[Entry], list[str]]:
     return entries, skipped
 
 
+def _repo_mark(repo: Path, entries: list[Entry], name: str) -> int:
+    """The LSN of restore point ``name`` in a backup directory: from the full backups' catalog
+    entries (``marks``: those up to each one's snapshot), else from scanning the incrementals.
+    A name marked twice (allowed once) means its first marker."""
+    found: list[int] = []
+    for e in entries:
+        if e.kind != "full":
+            continue
+        marks = (read_info(e.path) or {}).get("marks")
+        at = marks.get(name) if isinstance(marks, dict) else None
+        if isinstance(at, dict) and isinstance(at.get("lsn"), int):
+            found.append(at["lsn"])
+    if not found:
+        for e in entries:
+            if e.kind != "incremental":
+                continue
+            cov = scan_logs(collect_logs([e.path], e.database_id), e.database_id, e.from_lsn - 1)
+            if name in cov.markers:
+                found.append(cov.markers[name])
+    if not found:
+        raise UsageError(
+            f"no restore point named {name!r} in the full backups' catalog entries or the "
+            f"incrementals of {repo}"
+        )
+    return min(found)
+
+
 def restore_pitr(
     base: Path,
     logs: list[Path],
@@ -507,6 +644,12 @@ def restore_pitr(
         try:
             base_lsn = engine.last_lsn
             sources = collect_logs(logs, engine.database_id) if logs else []
+            target = named(
+                engine,
+                target,
+                "the base backup's snapshot is: the restore point is inside the base backup; "
+                "use an older base",
+            )
             cov = (
                 scan_logs(
                     sources,
@@ -518,6 +661,7 @@ def restore_pitr(
                 if sources
                 else Coverage(first_lsn=base_lsn + 1, last_lsn=base_lsn)
             )
+            target = in_logs(target, cov)
             check_target_range(target, cov, base_lsn, manifest["snapshot_time_ns"])
             res = apply_sources(engine, sources, target, progress, cov.records)
             check_digest(engine)
@@ -541,4 +685,5 @@ def restore_pitr(
         digest=digest,
         moved_aside=aside,
         duration_s=round(time.monotonic() - t0, 3),
+        target_note=target.note,
     )

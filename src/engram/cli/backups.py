@@ -278,6 +278,8 @@ def apply_log(
     if as_json:
         emit_json(res.to_json())
         return
+    if res.target_note:  # a local time a clock change made ambiguous or skipped
+        console().print(f"note: {res.target_note}", markup=False)
     console().print(
         f"applied {res.records} records (LSN {res.from_lsn}..{res.to_lsn}, up to "
         f"{res.to_time or '-'}) to {data_dir}, {res.rate:.0f} records/s; target: {res.target}",
@@ -319,6 +321,8 @@ def restore_pitr(
     con = console()
     if target.time_ns is not None and not as_json:
         con.print(f"target time {target_time!r} is {ns_to_iso(target.time_ns)} UTC", markup=False)
+        if target.note:  # a local time a clock change made ambiguous or skipped
+            con.print(f"note: {target.note}", markup=False)
     if repo is not None:
         if base_backup is not None or operation_log:
             raise UsageError("give --repo, or --base-backup with --operation-log, not both")

@@ -149,7 +149,8 @@ def mark(
     token_file: TokenFile = None,
     as_json: Json = False,
 ) -> None:
-    """Write a named restore point into the log (a target for point-in-time recovery)."""
+    """Write a named restore point into the log (a target for point-in-time recovery). A name
+    is used once: a name already marked is refused with the LSN and time it stands for."""
     with backend(data_dir, token_file, write=True) as b:
         out = b.mark(name)
     _report(out, as_json, f"marked {out['name']} at lsn {out['lsn']}")

@@ -58,6 +58,13 @@ CREATE TABLE IF NOT EXISTS cold_stubs (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cold_stubs_by_segment ON cold_stubs (segment);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+-- Named restore points: a name means the LSN of its marker record, once and for all (the first
+-- marker of that name in the history; later ones are refused when planned).
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    lsn INTEGER NOT NULL,
+    ts INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
     {FTS_ARGS}
 );
@@ -116,6 +123,12 @@ SELECT m.rowid, m.content FROM temp.stage s JOIN memories m ON m.id = s.id WHERE
 ORDER BY m.rowid
 """
 SMALL_RUN = 8
+
+# OR IGNORE: redo is idempotent (O3), and a name keeps its first marker's LSN.
+_MARK_INSERT = "INSERT OR IGNORE INTO marks (name, lsn, ts) VALUES (?, ?, ?)"
+# The meta key saying every marker up to ``applied_lsn`` is in ``marks``. Without it, the data
+# dir predates the table and the engine fills it from its log once (``Engine._fill_marks``).
+MARKS_KEPT = "marks_kept"
 
 _UPSERT_EDGE = """
 INSERT INTO edges (src, dst, kind, weight, created_at) VALUES (?, ?, ?, ?, ?)
@@ -326,11 +339,14 @@ class WarmTier:
         try:
             self.conn = connect(path, readonly=readonly, cache_mib=cache_mib)
             if not readonly:
+                fresh = not self._has_table("meta")
                 self.conn.executescript(SCHEMA)
                 self.conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+                if fresh:  # nothing applied yet, so no marker is missing from ``marks``
+                    self.conn.execute("INSERT OR IGNORE INTO meta VALUES (?, '1')", (MARKS_KEPT,))
             self.conn.execute("SELECT count(*) FROM meta").fetchone()
         except sqlite3.DatabaseError as e:
             if hasattr(self, "conn"):
@@ -389,6 +405,45 @@ class WarmTier:
     @property
     def applied_lsn(self) -> int:
         return int(self.get_meta("applied_lsn", "0") or 0)
+
+    def _has_table(self, name: str) -> bool:
+        q = "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?"
+        return self.conn.execute(q, (name,)).fetchone() is not None
+
+    # -- restore points ------------------------------------------------------------------
+
+    @property
+    def marks_kept(self) -> bool:
+        """False for a data dir written before restore points were kept in ``marks``."""
+        return self._has_table("marks") and self.get_meta(MARKS_KEPT) is not None
+
+    def put_mark(self, name: str, lsn: int, ts_ns: int) -> None:
+        self.conn.execute(_MARK_INSERT, (name, lsn, ts_ns))
+
+    def fill_marks(self, marks: Iterable[tuple[str, int, int]]) -> None:
+        """Record the (name, LSN, time) of markers already applied, and that ``marks`` is now
+        complete, in one transaction of its own (the data dir's LSN does not move)."""
+        self.begin()
+        self.conn.executemany(_MARK_INSERT, marks)
+        self.set_meta(MARKS_KEPT, "1")
+        self.conn.execute("COMMIT")
+        self.in_txn = False
+
+    def get_mark(self, name: str) -> tuple[int, int] | None:
+        """(LSN, time in ns) of the restore point ``name``, or None."""
+        if self.readonly and not self._has_table("marks"):
+            return None
+        r = self.conn.execute("SELECT lsn, ts FROM marks WHERE name=?", (name,)).fetchone()
+        return (int(r[0]), int(r[1])) if r else None
+
+    def marks(self, upto_lsn: int) -> dict[str, tuple[int, int]]:
+        """Every restore point at or before ``upto_lsn``: name -> (LSN, time in ns)."""
+        if self.readonly and not self._has_table("marks"):
+            return {}
+        rows = self.conn.execute(
+            "SELECT name, lsn, ts FROM marks WHERE lsn <= ? ORDER BY lsn", (upto_lsn,)
+        )
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     # -- memories and edges --------------------------------------------------------------
 
@@ -602,6 +657,8 @@ class WarmTier:
                 self.put_edge(after)
             elif op == OpType.DELETE_EDGE:
                 self.delete_edge(*parse_edge_target(rec.target))
+            elif op == OpType.MARKER:
+                self.put_mark(rec.target, rec.lsn, rec.ts_ns)
         if run:
             self._put_rows(list(run.values()))
 
@@ -616,4 +673,6 @@ class WarmTier:
             self.put_edge(rec.decode_after())
         elif op == OpType.DELETE_EDGE:
             self.delete_edge(*parse_edge_target(rec.target))
-        # Markers carry no state; archive records are handled by the cold tier.
+        elif op == OpType.MARKER:  # no graph state (nor digest): only the name's LSN
+            self.put_mark(rec.target, rec.lsn, rec.ts_ns)
+        # Archive records are handled by the cold tier.
