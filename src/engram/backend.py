@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from engram.client import EngramClient
 from engram.datadir import LOCK, read_owner
-from engram.errors import DataDirError, DataDirLocked, UsageError
+from engram.errors import BackupError, DataDirError, DataDirLocked, UsageError
 from engram.graph import Engine, EngineConfig
 
 Progress = Callable[[int, int], None]
@@ -215,11 +215,49 @@ class RemoteBackend:
         priority: str | None = None,
         cpu_share: float | None = None,
     ) -> dict[str, Any]:
-        # The server writes the file: the path must mean the same to it, so make it absolute.
-        # No priority given: the server's default (low).
-        return self.client.backup(
-            kind, str(Path(output).absolute()), since_s, since_lsn, priority, cpu_share
-        )
+        # The server makes the cut and streams the backup; this process writes the file, with
+        # the rights of whoever runs the command (the server never writes where a client says).
+        from engram.backup.full import full_compression
+        from engram.backup.incremental import chain_of, check_incremental_name, nothing_to_continue
+        from engram.backup.output import BackupOutput
+
+        output = Path(output).absolute()
+        fields: dict[str, Any] = {
+            "since_s": since_s,
+            "since_lsn": since_lsn,
+            "priority": priority,  # None: the server's default (low)
+            "cpu_share": cpu_share,
+        }
+        if kind == "full":
+            fields["compression"] = full_compression(output.name)
+        elif kind == "incremental":
+            check_incremental_name(output)
+        else:
+            raise UsageError(f"backup kind must be full or incremental, got {kind!r}")
+        with BackupOutput(output) as out:
+            if kind == "incremental":
+                # "Never a gap" is about this directory, which only this side can see: the
+                # server is told where the range must start at the latest.
+                after = chain_of(output.parent, str(self.client.status()["database_id"]))
+                if after is not None:
+                    fields["start_by_lsn"] = after.to_lsn + 1
+                    fields["parent"] = after.name
+                elif since_s is None and since_lsn is None:
+                    raise nothing_to_continue(output.parent)
+            sink = out.open()
+            res = self.client.backup(kind, sink=sink, progress=progress, **fields)
+            sink.sync_close()
+            got = (sink.size, sink.sha.hexdigest())
+            if (res.get("size"), res.get("sha256")) != got:
+                raise BackupError(
+                    f"the backup received from {self.client.url} ({got[0]} bytes, sha256 "
+                    f"{got[1][:12]}…) is not what the server sent ({res.get('size')} bytes, "
+                    f"sha256 {str(res.get('sha256'))[:12]}…); nothing was written at {output}"
+                )
+            catalog = res.pop("catalog", None) or {}
+            res |= {"path": str(output), "sidecar": str(out.sidecar)}
+            out.publish(got[1], res | catalog)
+        return res
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         return self.client.quiesce(timeout_s)

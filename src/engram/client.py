@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -26,6 +26,10 @@ from engram.errors import (
     UsageError,
     ValidationError,
 )
+from engram.format import stream as bstream
+
+if TYPE_CHECKING:
+    from engram.backup.archive import Sink
 
 _BY_STATUS: dict[int, type[EngramError]] = {
     400: ValidationError,
@@ -307,12 +311,23 @@ class EngramClient:
     def backup(
         self,
         kind: str,
-        output: str,
+        output: str | None = None,
         since_s: float | None = None,
         since_lsn: int | None = None,
         priority: str | None = None,
         cpu_share: float | None = None,
+        *,
+        compression: str | None = None,
+        start_by_lsn: int | None = None,
+        parent: str | None = None,
+        sink: Sink | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
+        """``POST /v1/admin/backup``. Without ``output`` the server streams the backup
+        (docs/FORMAT.md "Backup stream"): its bytes go into ``sink``, its progress to
+        ``progress(done, total)``, and its RESULT is returned (the caller checks the sink's size
+        and sha256 against it). With ``output`` the server writes the file itself, inside one
+        of its --backup-dir directories, and answers with the result as JSON."""
         body = _drop_none(
             {
                 "kind": kind,
@@ -321,9 +336,57 @@ class EngramClient:
                 "since_lsn": since_lsn,
                 "priority": priority,
                 "cpu_share": cpu_share,
+                "compression": compression,
+                "start_by_lsn": start_by_lsn,
+                "parent": parent,
             }
         )
-        return dict(self.request("POST", "/v1/admin/backup", json=body, timeout=None))
+        if output is not None:
+            return dict(self.request("POST", "/v1/admin/backup", json=body, timeout=None))
+        if sink is None:
+            raise ValueError("a streamed backup needs a sink")
+        return self._backup_stream(body, sink, progress)
+
+    def _backup_stream(
+        self, body: dict[str, Any], sink: Sink, progress: Callable[[int, int], None] | None
+    ) -> dict[str, Any]:
+        """Read a backup stream into ``sink``: its RESULT, or the error it ends with. A stream
+        that is cut off, malformed or not a backup stream at all is a RemoteError."""
+        dec = bstream.Decoder()
+        result: dict[str, Any] | None = None
+        broke = f"the backup stream from {self.url}"
+        try:
+            # No read timeout: a low-priority backup may wait long for idle CPU between bytes.
+            with self._http.stream(
+                "POST", "/v1/admin/backup", json=body, timeout=httpx.Timeout(None, connect=5.0)
+            ) as resp:
+                self._raise_for(resp)
+                ctype = resp.headers.get("content-type", "").encode()
+                if not ctype.startswith(bstream.CONTENT_TYPE):
+                    raise RemoteError(
+                        f"{self.url} did not answer with a backup stream; upgrade the server"
+                    )
+                for chunk in resp.iter_bytes():
+                    for kind, payload in dec.feed(chunk):
+                        if kind == bstream.DATA:
+                            sink.write(payload)
+                        elif kind == bstream.PROGRESS:
+                            p = bstream.decode_json(payload, "progress")
+                            if progress is not None:
+                                progress(int(p.get("done", 0)), int(p.get("total", 0)))
+                        elif kind == bstream.RESULT:
+                            result = bstream.decode_json(payload, "result")
+                        else:
+                            raise error_from_response(500, payload, resp.headers, self.url)
+                dec.finish()
+        except httpx.HTTPError as e:
+            raise RemoteError(
+                f"{broke} broke ({e or type(e).__name__}); run the backup again"
+            ) from None
+        except (bstream.StreamError, ValueError, TypeError) as e:
+            raise RemoteError(f"{broke} is invalid ({e}); run the backup again") from None
+        assert result is not None  # dec.finish() saw the last frame, and it was not an error
+        return result
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         return dict(self.request("POST", "/v1/admin/quiesce", json={"timeout_s": timeout_s}))

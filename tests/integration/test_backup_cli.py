@@ -523,8 +523,10 @@ def test_verify_json_parses(flow: Flow, tmp_path: Path) -> None:
     assert json.loads(p.stdout)["ok"] is True
 
 
-def test_backup_through_the_server_is_written_by_it(flow: Flow, tmp_path: Path) -> None:
-    """A second server on a copy: the CLI's relative --output becomes the server's absolute."""
+def test_backup_through_the_server_is_written_by_the_cli(flow: Flow, tmp_path: Path) -> None:
+    """A second server on a copy: the server streams the backup and the CLI writes it, at its
+    relative --output (resolved in the CLI's directory, never sent to the server), as the user
+    who ran the command."""
     data = tmp_path / "copy"
     shutil.copytree(flow.data, data)
     srv = ServerProcess(data).start()
@@ -541,8 +543,11 @@ def test_backup_through_the_server_is_written_by_it(flow: Flow, tmp_path: Path) 
         j = json.loads(out)
         path = Path(j["path"])
         assert path.parent == tmp_path and path.is_file()
+        assert path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o777 == 0o600
         _sha_pipeline(flow, path)
         with httpx.Client(base_url=srv.url or "", timeout=10) as c:
             assert j["snapshot_lsn"] == c.get("/v1/stats").json()["lsn"]
+        info = read_info(path)
+        assert info is not None and info["path"] == str(path) and info["sha256"] == j["sha256"]
     finally:
         srv.stop()

@@ -3,7 +3,9 @@
 CPU; or "normal": in the server's process on every core), validated like the other fields, and
 `engram backup --priority` passes it on; on a data dir no server holds the CLI's default is
 "normal". A low-priority backup's ``cpu_share`` (`--cpu-share`) caps its worker while the log
-grows; it is checked the same way, and implies priority low."""
+grows; it is checked the same way, and implies priority low. (The route's ``output``, used here,
+is a file the server writes inside its --backup-dir; tests/integration/test_backup_stream.py
+covers the streamed backup and the refusals of ``output``.)"""
 
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ def _error(r: httpx.Response, field: str) -> dict[str, Any]:
 def test_admin_backup_priority_field(
     start_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
-    srv = start_server(tmp_path / "data")
     bk = tmp_path / "bk"
     bk.mkdir()
+    srv = start_server(tmp_path / "data", extra_args=("--backup-dir", str(bk)))
     with srv.client() as c:
         for i in range(20):
             assert c.post("/v1/memories", json={"id": f"m{i}", "content": f"text {i}"}).is_success

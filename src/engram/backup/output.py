@@ -38,7 +38,7 @@ log = logging.getLogger("engram.backup")
 # created with an owner lock, so only these are ever removed as a killed run's leftovers
 # (other temp files, e.g. of a catalog entry being written, hold no lock and are never touched).
 TEMP_NAME = re.compile(
-    r"^\.(?P<name>.+\.(?:tar\.zst|tar\.gz|tgz|log)(?:\.sha256)?)\.tmp-(?P<pid>\d+)-\d+$"
+    r"^\.(?P<name>.+\.(?:tar\.zst|tar\.gz|tgz|log)(?:\.sha256)?)\.tmp-(?P<pid>\d+)-[0-9a-f]+$"
 )
 
 # How a sink is made over the temp file: (path, open write descriptor) -> sink that owns it.

@@ -94,6 +94,15 @@ def serve(
             "pieces of its body; slower connections are closed.",
         ),
     ] = 30.0,
+    backup_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--backup-dir",
+            help="A directory the server may write backups into itself (repeatable). Without "
+            "one it writes no backup files: `engram backup` streams the backup to the CLI, "
+            "which writes it.",
+        ),
+    ] = None,
     durability: Annotated[
         Durability, typer.Option("--durability", help=DURABILITY_HELP)
     ] = Durability.sync,
@@ -149,6 +158,7 @@ def serve(
         admin_token=admin_token,
         tls=TLS.from_options(tls_cert, tls_key),
         read_timeout=read_timeout,
+        backup_dirs=backup_dir or [],
     )
 
 

@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="allow a non-loopback bind without a token or without TLS",
     )
+    p.add_argument(
+        "--backup-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="a directory the server may write backups into itself (repeatable)",
+    )
     p.add_argument("--durability", choices=DURABILITY_MODES, default="sync")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="body limit in bytes")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             tls=TLS.from_options(args.tls_cert, args.tls_key),
             read_timeout=args.read_timeout,
+            backup_dirs=args.backup_dir,
             log_level=args.log_level,
             access_log=args.access_log,
         )

@@ -24,6 +24,7 @@ import socket
 import ssl
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +117,14 @@ def serve(
     admin_token: str | None = None,
     tls: TLS | None = None,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    backup_dirs: Sequence[Path] = (),
     log_level: str = "warning",
     access_log: bool = False,
 ) -> None:
     """Serve ``data_dir`` on ``host:port`` until SIGTERM/SIGINT (blocking).
+
+    ``backup_dirs``: the only directories the server writes backups into itself (the
+    ``output`` of ``POST /v1/admin/backup``); without them it only streams backups.
 
     ``token`` guards the data routes, ``admin_token`` (when given) the ``/v1/admin`` routes,
     which otherwise take ``token``; ``tls`` serves HTTPS.
@@ -138,6 +143,7 @@ def serve(
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1], https=tls is not None)
     app = create_app(None, token, max_body, admin_token=admin_token)
+    app.backup_dirs = _backup_dirs(backup_dirs)
     config = uvicorn.Config(
         app,
         loop="uvloop" if _has("uvloop") else "asyncio",
@@ -174,6 +180,17 @@ def serve(
     if opener.error is not None:
         raise opener.error
 
+
+
+def _backup_dirs(dirs: Sequence[Path]) -> tuple[Path, ...]:
+    """The --backup-dir directories, resolved; each must exist."""
+    out = []
+    for d in dirs:
+        real = Path(os.path.realpath(d))
+        if not real.is_dir():
+            raise UsageError(f"--backup-dir {d} is not a directory; create it first")
+        out.append(real)
+    return tuple(out)
 
 class _Stopped(BaseException):
     """Raised inside recovery (via its progress callback) when the server is asked to stop."""

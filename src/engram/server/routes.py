@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from engram.datadir import read_owner
@@ -43,7 +44,7 @@ from engram.server.durable import DurableWaiter
 log = logging.getLogger("engram.server")
 
 Result = tuple[int, Any]
-Handler = Callable[..., Awaitable["Result | Stream"]]
+Handler = Callable[..., Awaitable["Result | Stream | admin.BackupStream"]]
 
 # Batches larger than this are planned in a worker thread: planning 100k ops takes long enough
 # to stall every other request if done on the loop.
@@ -84,6 +85,7 @@ class EngramApp:
     ) -> None:
         self.engine = engine
         self.max_body = max_body
+        self.backup_dirs: tuple[Path, ...] = ()  # where the server may write backups itself
         # Compared in constant time with the whole Authorization header. Admin routes take
         # the admin token when there is one (and then only it), else the data token; data
         # routes never take the admin token.
@@ -125,6 +127,9 @@ class EngramApp:
         headers: Headers = []
         try:
             out = await self._dispatch(req)
+            if isinstance(out, admin.BackupStream):  # a backup streamed to its client
+                await out.respond(send, receive)
+                return
             if isinstance(out, Stream):
                 await _stream(send, out, req)
                 return
@@ -141,7 +146,7 @@ class EngramApp:
             status, body = 500, _INTERNAL
         await send_json(send, status, body, headers)
 
-    async def _dispatch(self, req: Request) -> Result | Stream:
+    async def _dispatch(self, req: Request) -> Result | Stream | admin.BackupStream:
         seg = req.segments
         if len(seg) == 2 and seg[0] == "health":
             if seg[1] == "live":
@@ -320,8 +325,9 @@ class EngramApp:
 
     # -- operations ----------------------------------------------------------------------
 
-    async def _admin_backup(self, req: Request, eng: Engine) -> Result:
-        return await admin.backup(eng, await req.json_object(self.max_body))
+    async def _admin_backup(self, req: Request, eng: Engine) -> Result | admin.BackupStream:
+        body = await req.json_object(self.max_body)
+        return await admin.backup(eng, body, self.backup_dirs)
 
     async def _admin_quiesce(self, req: Request, eng: Engine) -> Result:
         return await admin.quiesce(eng, await req.json_object(self.max_body))
