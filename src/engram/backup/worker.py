@@ -209,7 +209,14 @@ class Done(msgspec.Struct):
 def write_plan(plan: Plan, sink: Sink, progress: Progress | None = None) -> dict[str, Member]:
     """Write the archive of ``plan`` to ``sink``, then sync_close it (fsync of a file).
     Returns the members (name -> size, sha256), manifest included."""
-    aw = ArchiveWriter(sink, plan.compression, progress, threads=plan.threads, chunk=plan.chunk)
+    aw = ArchiveWriter(
+        sink,
+        plan.compression,
+        progress,
+        threads=plan.threads,
+        chunk=plan.chunk,
+        header=plan.manifest,
+    )
     for m in plan.members:
         if m.path is not None:
             aw.add_file(m.name, Path(m.path), m.size)
