@@ -18,6 +18,7 @@ from engram.client import EngramClient
 from engram.datadir import LOCK, read_owner
 from engram.errors import BackupError, DataDirError, DataDirLocked, UsageError
 from engram.graph import Engine, EngineConfig
+from engram.model import ExportStream
 
 Progress = Callable[[int, int], None]
 
@@ -49,7 +50,7 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
-    def export(self) -> Iterator[dict[str, Any]]: ...
+    def export(self) -> ExportStream: ...
 
     def mark(self, name: str) -> dict[str, Any]: ...
 
@@ -167,7 +168,7 @@ class LocalBackend:
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
-    def export(self) -> Iterator[dict[str, Any]]:
+    def export(self) -> ExportStream:
         return self.engine.export_ops()
 
     def mark(self, name: str) -> dict[str, Any]:
@@ -197,7 +198,7 @@ class RemoteBackend:
     def stats(self) -> dict[str, Any]:
         return self.client.stats()
 
-    def export(self) -> Iterator[dict[str, Any]]:
+    def export(self) -> ExportStream:
         return self.client.export()
 
     def mark(self, name: str) -> dict[str, Any]:

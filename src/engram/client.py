@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -27,6 +27,7 @@ from engram.errors import (
     ValidationError,
 )
 from engram.format import stream as bstream
+from engram.model import ExportStream
 
 if TYPE_CHECKING:
     from engram.backup.archive import Sink
@@ -397,26 +398,66 @@ class EngramClient:
     def status(self) -> dict[str, Any]:
         return dict(self.request("GET", "/v1/admin/status"))
 
-    def export(self) -> Iterator[dict[str, Any]]:
-        """The ops of ``GET /v1/export``, streamed; a cut-off stream raises, never ends early."""
+    def export(self) -> ExportStream:
+        """The ops of ``GET /v1/export``, streamed, with the LSN of the state they describe; a
+        cut-off stream raises, never ends early.
+
+        Lines end at b"\\n" only: a string may hold U+2028, U+2029 or U+0085, which text-mode
+        line splitting (httpx ``iter_lines``) would also break on.
+        """
         try:
-            with self._http.stream("GET", "/v1/export", timeout=None) as resp:
-                self._raise_for(resp)
-                for n, line in enumerate(resp.iter_lines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        op = json.loads(line)
-                    except ValueError:
-                        raise RemoteError(
-                            f"{self.url} sent a malformed export line {n}; retry the export"
-                        ) from None
-                    yield op
+            resp = self._http.send(
+                self._http.build_request("GET", "/v1/export", timeout=None), stream=True
+            )
         except httpx.HTTPError as e:
+            raise self._unreachable(e) from None
+        try:
+            self._raise_for(resp)
+            lsn = int(resp.headers["x-engram-lsn"])
+            digest = resp.headers.get("x-engram-digest", "")
+        except (KeyError, ValueError):
+            resp.close()
             raise RemoteError(
-                f"the export stream from {self.url} broke ({e or type(e).__name__}); "
-                "retry the export"
+                f"{self.url} did not name the LSN of its export; upgrade the server"
             ) from None
+        except BaseException:
+            resp.close()
+            raise
+
+        def ops() -> Generator[dict[str, Any], None, None]:
+            n = 0
+            pending: list[bytes] = []
+            try:
+                for chunk in resp.iter_bytes():
+                    pending.append(chunk)
+                    if b"\n" not in chunk:
+                        continue
+                    *lines, rest = b"".join(pending).split(b"\n")
+                    pending = [rest]
+                    for line in lines:
+                        n += 1
+                        if not line.strip():
+                            continue
+                        try:
+                            yield json.loads(line)
+                        except ValueError:
+                            raise RemoteError(
+                                f"{self.url} sent a malformed export line {n}; retry the export"
+                            ) from None
+                if b"".join(pending).strip():
+                    raise RemoteError(
+                        f"the export stream from {self.url} ended inside line {n + 1}; "
+                        "retry the export"
+                    )
+            except httpx.HTTPError as e:
+                raise RemoteError(
+                    f"the export stream from {self.url} broke ({e or type(e).__name__}); "
+                    "retry the export"
+                ) from None
+            finally:
+                resp.close()
+
+        return ExportStream(lsn, digest, ops())
 
 
 def _is_certificate_error(e: BaseException) -> bool:

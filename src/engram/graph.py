@@ -16,7 +16,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,13 @@ from engram.format import record as fmt
 from engram.model import (
     MEMORY_OPS,
     Edge,
+    ExportStream,
     Memory,
     OpType,
     check_id,
+    edge_op,
     effective_strength,
+    memory_op,
     ns_to_iso,
 )
 from engram.oplog.reader import iter_log_files, list_segments, read_range
@@ -45,6 +48,10 @@ from engram.tiers.warm import WarmTier
 log = logging.getLogger("engram")
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+# How many of the best text matches a recall ranks (with their out-neighbours), whatever its
+# limit: as many as the largest limit, so any limit is a prefix of one ranking, and strength
+# reorders all the matches a recall can return.
+RECALL_POOL = 1000
 
 
 @dataclass(frozen=True)
@@ -687,8 +694,14 @@ class Engine:
             return out
 
     def recall(self, query: Any, limit: int = 10) -> list[dict[str, Any]]:
-        """Full-text match, ranked by text score x strength, plus one step of spreading
-        activation: each match passes half its score, scaled by edge weight, to its out-neighbors.
+        """Full-text match, ranked by text score x (0.5 + strength), plus one step of spreading
+        activation: each match passes half its own score (as matched, before any spreading),
+        scaled by edge weight, to its out-neighbours; negative weights pass nothing.
+
+        The ranking does not depend on ``limit``: it covers the ``RECALL_POOL`` best text
+        matches (bm25, then id) and their out-neighbours, and ties go by id, so the results of
+        any limit are the first ``limit`` of the same list. Addition runs in id order, so the
+        scores are the same in every process.
         """
         if not isinstance(query, str) or not query.strip():
             raise ValidationError("query must be a non-empty string", field="query")
@@ -701,23 +714,23 @@ class Engine:
         now = time.time_ns()
         hl = self.config.half_life_s
         with self.lock:
-            hits = self.warm.search(fts, limit * 4)
-            scores: dict[str, float] = {}
-            matched: set[str] = set()
+            hits = self.warm.search(fts, RECALL_POOL)
+            found = self._peek_memories([mid for mid, _ in hits])
+            matched: dict[str, float] = {}
             for mid, text_score in hits:
-                m = self.get_memory(mid)
-                if m is None:
-                    continue
-                s = max(text_score, 1e-6) * (0.5 + effective_strength(m, now, hl))
+                m = found.get(mid)
+                if m is not None:
+                    matched[mid] = max(text_score, 1e-6) * (0.5 + effective_strength(m, now, hl))
+            spread: dict[str, float] = {}
+            for e in self._edges_out_of(sorted(matched)):
+                if e.weight > 0:
+                    spread[e.dst] = spread.get(e.dst, 0.0) + 0.5 * matched[e.src] * e.weight
+            scores = dict(matched)
+            for mid, s in spread.items():
                 scores[mid] = scores.get(mid, 0.0) + s
-                matched.add(mid)
-            for mid in list(matched):
-                base = scores[mid]
-                for e in self.warm.edges_out(mid):
-                    scores[e.dst] = scores.get(e.dst, 0.0) + 0.5 * base * max(e.weight, 0.0)
-            ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+            ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
             out = []
-            for mid, score in ranked:
+            for mid, score in ranked[:limit]:
                 m = self.get_memory(mid)
                 if m is None:
                     continue
@@ -725,9 +738,35 @@ class Engine:
                 j["score"] = round(score, 6)
                 j["matched"] = mid in matched
                 out.append(j)
-                if len(out) >= limit:
-                    break
             return out
+
+    def _edges_out_of(self, ids: list[str]) -> list[Edge]:
+        """The out-edges of ``ids``, in (src, dst, kind) order. Under the lock."""
+        out: list[Edge] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            rows = self.warm.conn.execute(
+                "SELECT src, dst, kind, weight, created_at FROM edges "
+                f"WHERE src IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            out.extend(Edge(*r) for r in rows)
+        out.sort(key=Edge.key)
+        return out
+
+    def _peek_memories(self, ids: list[str]) -> dict[str, Memory]:
+        """The current version of each of ``ids`` that exists, without caching the warm ones
+        in the fast tier (a recall's candidates are not a working set). Under the lock."""
+        out: dict[str, Memory] = {}
+        missing: list[str] = []
+        for mid in ids:
+            m = self.fast.get(mid)
+            if m is None:
+                missing.append(mid)
+            else:
+                out[mid] = m
+        out.update(self.warm.get_memories(missing))
+        return out
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -764,7 +803,8 @@ class Engine:
             return dg.Digest(total)
 
     def iter_memories(self) -> Iterator[Memory]:
-        """All memories (export). Holds the lock per batch, not for the whole scan."""
+        """All memories. Holds the lock per batch, not for the whole scan: a write between two
+        batches shows in the rest of the scan (``export_ops`` reads one state instead)."""
         last = ""
         while True:
             with self.lock:
@@ -777,26 +817,30 @@ class Engine:
             yield from (m for m in batch if m is not None)
             last = rows[-1][0]
 
-    def export_ops(self) -> Iterator[dict[str, Any]]:
-        """The graph as ops that rebuild it: every memory, then every edge (so edges find both
-        ends). ``strength`` is the stored value, so an export of an import of an export is
-        byte-identical (the decay clock restarts at the import)."""
-        for m in self.iter_memories():
-            yield {
-                "op": "create_memory",
-                "id": m.id,
-                "content": m.content,
-                "strength": m.strength,
-                "metadata": m.metadata,
-            }
-        for e in self.iter_edges():
-            yield {
-                "op": "create_edge",
-                "src": e.src,
-                "dst": e.dst,
-                "kind": e.kind,
-                "weight": e.weight,
-            }
+    def export_ops(self) -> ExportStream:
+        """The graph as ops that rebuild it exactly: every memory, then every edge (so edges
+        find both ends), with every field, times included (``model.memory_op``).
+
+        The ops describe one state the log passed through, the one after ``lsn``: under the
+        lock a checkpoint commits everything applied, and a read transaction is started on a
+        connection of its own, which pins that committed state. The scan then runs outside the
+        lock; SQLite's WAL lets writers and checkpoints go on meanwhile (the WAL cannot restart
+        while the snapshot is held, so it grows until the export ends). The connection closes
+        when the stream is exhausted or closed.
+        """
+        with self.lock:
+            if not self.readonly:
+                self.checkpoint()
+            reader = WarmTier(self.layout.warm_db, readonly=True, cache_mib=8)
+            try:
+                reader.conn.execute("BEGIN")
+                lsn = reader.applied_lsn  # the first read: from here on the snapshot is fixed
+                digest = reader.get_meta("digest", dg.EMPTY) or dg.EMPTY
+            except BaseException:
+                reader.close()
+                raise
+            assert self.readonly or lsn == self.last_lsn, (lsn, self.last_lsn)
+        return ExportStream(lsn, digest, _snapshot_ops(reader))
 
     def iter_edges(self) -> Iterator[Edge]:
         last = ("", "", "")
@@ -811,6 +855,17 @@ class Engine:
                 return
             yield from (Edge(*r) for r in rows)
             last = (rows[-1][0], rows[-1][1], rows[-1][2])
+
+
+def _snapshot_ops(reader: WarmTier) -> Generator[dict[str, Any], None, None]:
+    """Every memory, then every edge, as ops, from ``reader``'s read transaction; closes it."""
+    try:
+        for m in reader.iter_memories():
+            yield memory_op(m)
+        for e in reader.iter_edges():
+            yield edge_op(e)
+    finally:
+        reader.close()
 
 
 def _wal_state(wal: Path) -> tuple[int, bytes]:

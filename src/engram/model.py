@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid
+from collections.abc import Generator
 from typing import Any
 
 import msgspec
@@ -25,6 +26,12 @@ DEFAULT_STRENGTH = 0.5
 DEFAULT_BOOST = 0.1
 MAX_CONTENT_BYTES = 1 << 20
 MAX_METADATA_BYTES = 1 << 20
+# Edge weights lie in [-MAX_WEIGHT, MAX_WEIGHT]. The bound keeps every recall score a finite
+# number: a score is a bounded text score times at most 1.5, plus at most one contribution of
+# 0.5 x score x weight per matched memory of a bounded candidate pool (graph.RECALL_POOL).
+MAX_WEIGHT = 1e6
+# Times are UTC nanoseconds stored as SQLite INTEGER and msgpack ints: signed 64 bits.
+MAX_TIME_NS = (1 << 63) - 1
 
 
 class OpType(enum.IntEnum):
@@ -98,6 +105,54 @@ class Edge(msgspec.Struct, array_like=True, gc=False):
         }
 
 
+def memory_op(m: Memory) -> dict[str, Any]:
+    """The ``create_memory`` op that recreates ``m`` exactly: ``strength`` is the stored value,
+    exact as of ``updated_at``, and times are ints of UTC ns, so decay continues where it was."""
+    return {
+        "op": "create_memory",
+        "id": m.id,
+        "content": m.content,
+        "strength": m.strength,
+        "metadata": m.metadata,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "last_activated_at": m.last_activated_at,
+        "activation_count": m.activation_count,
+    }
+
+
+def edge_op(e: Edge) -> dict[str, Any]:
+    """The ``create_edge`` op that recreates ``e`` exactly."""
+    return {
+        "op": "create_edge",
+        "src": e.src,
+        "dst": e.dst,
+        "kind": e.kind,
+        "weight": e.weight,
+        "created_at": e.created_at,
+    }
+
+
+class ExportStream:
+    """The ops of one export, describing the graph exactly as it was after ``lsn`` (whose
+    logical digest is ``digest``): every memory, then every edge. An iterator; ``close()``
+    releases what it holds (a read snapshot, a connection) when it is not read to the end."""
+
+    def __init__(self, lsn: int, digest: str, ops: Generator[dict[str, Any], None, None]) -> None:
+        self.lsn = lsn
+        self.digest = digest
+        self._ops = ops
+
+    def __iter__(self) -> ExportStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._ops)
+
+    def close(self) -> None:
+        self._ops.close()
+
+
 def edge_target(src: str, dst: str, kind: str) -> str:
     # '|' is outside the id and kind alphabets, so the target string is unambiguous.
     return f"{src}|{dst}|{kind}"
@@ -146,14 +201,32 @@ def check_strength(value: Any, field: str = "strength") -> float:
 
 def check_weight(value: Any, field: str = "weight") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(f"{field} must be a finite number", field=field)
+        raise ValidationError(f"{field} must be a number in [-1e6, 1e6]", field=field)
     try:
         v = float(value)
     except OverflowError:
-        raise ValidationError(f"{field} must be a finite number", field=field) from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise ValidationError(f"{field} must be a finite number", field=field)
+        msg = f"{field} must be in [-1e6, 1e6], got a larger number"
+        raise ValidationError(msg, field=field) from None
+    if not -MAX_WEIGHT <= v <= MAX_WEIGHT:  # also refuses NaN
+        raise ValidationError(f"{field} must be in [-1e6, 1e6], got {value}", field=field)
     return v + 0.0  # -0.0 becomes 0.0, as in check_strength
+
+
+def check_time(value: Any, field: str) -> int:
+    """A time given by a client (``import`` of an export): an int of UTC nanoseconds."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(
+            f"{field} must be an integer of nanoseconds since 1970-01-01 UTC", field=field
+        )
+    if not 0 <= value <= MAX_TIME_NS:
+        raise ValidationError(f"{field} must be in [0, 2^63), got {value}", field=field)
+    return value
+
+
+def check_count(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIME_NS:
+        raise ValidationError(f"{field} must be a non-negative integer", field=field)
+    return value
 
 
 def check_content(value: Any, field: str = "content") -> str:

@@ -22,10 +22,12 @@ from engram.model import (
     OpType,
     activated,
     check_content,
+    check_count,
     check_id,
     check_kind,
     check_metadata,
     check_strength,
+    check_time,
     check_weight,
     edge_target,
     effective_strength,
@@ -43,12 +45,16 @@ OP_NAMES = (
     "mark",
 )
 
+# What an export carries beyond a client's usual fields, so that an import recreates every
+# memory exactly (``model.memory_op``); absent, they are those of a memory created now.
+MEMORY_TIMES = ("created_at", "updated_at", "last_activated_at", "activation_count")
+
 _ALLOWED_FIELDS = {
-    "create_memory": {"op", "id", "content", "strength", "metadata"},
+    "create_memory": {"op", "id", "content", "strength", "metadata", *MEMORY_TIMES},
     "update_memory": {"op", "id", "content", "strength", "metadata"},
     "activate": {"op", "id", "boost"},
     "delete_memory": {"op", "id"},
-    "create_edge": {"op", "src", "dst", "kind", "weight"},
+    "create_edge": {"op", "src", "dst", "kind", "weight", "created_at"},
     "delete_edge": {"op", "src", "dst", "kind"},
     "mark": {"op", "name"},
 }
@@ -152,6 +158,10 @@ class Planner:
         id: Any = None,
         strength: Any = None,
         metadata: Any = None,
+        created_at: Any = None,
+        updated_at: Any = None,
+        last_activated_at: Any = None,
+        activation_count: Any = None,
     ) -> dict[str, Any]:
         mid = new_id() if id is None else check_id(id)
         if content is None:
@@ -159,11 +169,38 @@ class Planner:
         content = check_content(content)
         s = DEFAULT_STRENGTH if strength is None else check_strength(strength)
         md = {} if metadata is None else check_metadata(metadata)
+        created = self.ts if created_at is None else self._past(created_at, "created_at")
+        updated = self.ts if updated_at is None else self._past(updated_at, "updated_at")
+        if updated < created:
+            raise ValidationError(
+                "updated_at must not be earlier than created_at", field="updated_at"
+            )
+        activated_at = 0
+        if last_activated_at is not None:
+            activated_at = check_time(last_activated_at, "last_activated_at")
+        if activated_at and not created <= activated_at <= updated:
+            raise ValidationError(
+                "last_activated_at must be 0 (never) or between created_at and updated_at",
+                field="last_activated_at",
+            )
+        count = 0 if activation_count is None else check_count(activation_count, "activation_count")
         if self.memory(mid) is not None:
             raise Conflict(f"memory {mid} already exists; update it with PATCH", field="id")
-        m = Memory(mid, content, s, md, self.ts, self.ts, 0, 0)
+        m = Memory(mid, content, s, md, created, updated, activated_at, count)
         self._emit(OpType.CREATE_MEMORY, mid, None, m)
         return {"op": "create_memory", "id": mid}
+
+    def _past(self, value: Any, field: str) -> int:
+        """A time given by the client: an int of UTC ns, not later than this op's timestamp
+        (so a memory's times never run ahead of the log record that wrote it)."""
+        t = check_time(value, field)
+        if t > self.ts:
+            raise ValidationError(
+                f"{field} {ns_to_iso(t)} is later than now ({ns_to_iso(self.ts)}); "
+                "check the clocks of the machines involved",
+                field=field,
+            )
+        return t
 
     def _existing(self, mid: Any, field: str = "id") -> Memory:
         mid = check_id(mid, field)
@@ -213,7 +250,12 @@ class Planner:
         return {"op": "delete_memory", "id": m.id, "edges_deleted": len(edges)}
 
     def create_edge(
-        self, src: Any = None, dst: Any = None, kind: Any = None, weight: Any = None
+        self,
+        src: Any = None,
+        dst: Any = None,
+        kind: Any = None,
+        weight: Any = None,
+        created_at: Any = None,
     ) -> dict[str, Any]:
         if src is None:
             raise ValidationError("src is required", field="src")
@@ -224,7 +266,11 @@ class Planner:
         k = DEFAULT_KIND if kind is None else check_kind(kind)
         w = 1.0 if weight is None else check_weight(weight)
         old = self.edge(s, d, k)
-        e = Edge(s, d, k, w, old.created_at if old else self.ts)
+        if created_at is not None:
+            created = self._past(created_at, "created_at")
+        else:
+            created = old.created_at if old else self.ts
+        e = Edge(s, d, k, w, created)
         self._emit(OpType.CREATE_EDGE, edge_target(s, d, k), old, e)
         return {"op": "create_edge", "src": s, "dst": d, "kind": k}
 

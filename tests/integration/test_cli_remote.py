@@ -159,13 +159,19 @@ def test_cli_goes_through_the_server(start: Callable[..., Server], tmp_path: Pat
     okj("put", "--data-dir", dd, "--id", "i0", "--content", "imported 0")
     okj("link", "--data-dir", dd, "--src", "i0", "--dst", "i4")
     final_stats = okj("stats", "--data-dir", dd)
+    # The export names the state it holds; the recreated i0 is a new memory (new times).
+    remote_final = tmp_path / "remote-final.jsonl"
+    exported = okj("export", "--data-dir", dd, "--output", str(remote_final))
+    assert (exported["lsn"], exported["digest"]) == (final_stats["lsn"], final_stats["digest"])
+    assert remote_final.read_bytes() != remote.read_bytes()
 
     srv.stop()
     assert read_owner(srv.data_dir) is None
     local = tmp_path / "local.jsonl"
     okj("export", "--data-dir", dd, "--output", str(local))
     assert (
-        hashlib.sha256(local.read_bytes()).digest() == hashlib.sha256(remote.read_bytes()).digest()
+        hashlib.sha256(local.read_bytes()).digest()
+        == hashlib.sha256(remote_final.read_bytes()).digest()
     )
     after = okj("stats", "--data-dir", dd)
     assert (after["lsn"], after["digest"]) == (final_stats["lsn"], final_stats["digest"])

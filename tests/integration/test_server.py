@@ -251,9 +251,16 @@ def test_export(start_server: Any) -> None:
         b = create(c, "beta", id="b")
         c.post("/v1/edges", json={"src": a, "dst": b, "weight": 2.0})
         r = c.get("/v1/export")
+        stats = c.get("/v1/stats").json()
     assert r.status_code == 200
     assert r.headers["content-type"] == "application/x-ndjson"
+    assert r.headers["x-engram-lsn"] == str(stats["lsn"])
+    assert r.headers["x-engram-digest"] == stats["digest"]
     lines = [json.loads(x) for x in r.text.splitlines()]
+    # Times (UTC ns) and activation counts come along, so an import recreates every field.
+    times = ("created_at", "updated_at", "last_activated_at", "activation_count")
+    assert all(isinstance(o.pop(k), int) for o in lines[:2] for k in times)
+    assert isinstance(lines[2].pop("created_at"), int)
     assert lines == [
         {
             "op": "create_memory",

@@ -183,6 +183,40 @@ BAD: list[tuple[dict, type[EngramError], str | None]] = [
     ({"op": "create_edge", "src": "e", "dst": "e", "weight": float("inf")}, ValidationError,
      "weight"),
     ({"op": "create_edge", "src": "e", "dst": "e", "weight": 10**400}, ValidationError, "weight"),
+    # Weights are bounded so that recall scores stay finite numbers.
+    ({"op": "create_edge", "src": "e", "dst": "e", "weight": 1.79e308}, ValidationError, "weight"),
+    ({"op": "create_edge", "src": "e", "dst": "e", "weight": 1_000_001}, ValidationError,
+     "weight"),
+    ({"op": "create_edge", "src": "e", "dst": "e", "weight": -1e6 - 1}, ValidationError,
+     "weight"),
+    ({"op": "create_edge", "src": "e", "dst": "e", "weight": float("nan")}, ValidationError,
+     "weight"),
+    # Times an import carries: ints of UTC ns, ordered, never later than the op itself.
+    ({"op": "create_memory", "content": "x", "created_at": "2024-01-01T00:00:00Z"},
+     ValidationError, "created_at"),
+    ({"op": "create_memory", "content": "x", "created_at": 1.5}, ValidationError, "created_at"),
+    ({"op": "create_memory", "content": "x", "created_at": True}, ValidationError, "created_at"),
+    ({"op": "create_memory", "content": "x", "created_at": -1}, ValidationError, "created_at"),
+    ({"op": "create_memory", "content": "x", "created_at": 2**63}, ValidationError, "created_at"),
+    ({"op": "create_memory", "content": "x", "created_at": T0 + 11}, ValidationError,
+     "created_at"),
+    ({"op": "create_memory", "content": "x", "updated_at": T0 + 11}, ValidationError,
+     "updated_at"),
+    ({"op": "create_memory", "content": "x", "created_at": T0 + 5, "updated_at": T0 + 4},
+     ValidationError, "updated_at"),
+    ({"op": "create_memory", "content": "x", "created_at": T0, "updated_at": T0 + 5,
+      "last_activated_at": T0 + 6}, ValidationError, "last_activated_at"),
+    ({"op": "create_memory", "content": "x", "created_at": T0, "last_activated_at": T0 - 1},
+     ValidationError, "last_activated_at"),
+    ({"op": "create_memory", "content": "x", "activation_count": -1}, ValidationError,
+     "activation_count"),
+    ({"op": "create_memory", "content": "x", "activation_count": "3"}, ValidationError,
+     "activation_count"),
+    ({"op": "create_edge", "src": "e", "dst": "e", "created_at": T0 + 11}, ValidationError,
+     "created_at"),
+    ({"op": "create_edge", "src": "e", "dst": "e", "created_at": None, "updated_at": T0},
+     ValidationError, "updated_at"),
+    ({"op": "update_memory", "id": "e", "created_at": T0}, ValidationError, "created_at"),
     ({"op": "delete_edge", "src": "e", "dst": "e"}, NotFound, "src"),
     ({"op": "delete_edge", "src": None, "dst": "e"}, ValidationError, "src"),
     ({"op": "mark", "name": "not ok"}, ValidationError, "name"),
@@ -231,3 +265,31 @@ def test_metadata_size_is_bounded() -> None:
     with pytest.raises(ValidationError) as ei:
         plan([{"op": "create_memory", "content": "x", "metadata": {"a": "x" * (1 << 20)}}])
     assert ei.value.field == "metadata" and "larger" in ei.value.message
+
+
+def test_weights_at_the_bounds_are_accepted() -> None:
+    p = plan([
+        {"op": "create_edge", "src": "e", "dst": "f", "weight": 1e6},
+        {"op": "create_edge", "src": "f", "dst": "e", "weight": -1_000_000},
+    ], State([mem("e"), mem("f")]))
+    assert [o.after.weight for o in p.out] == [1e6, -1e6]  # type: ignore[union-attr]
+
+
+def test_create_memory_and_edge_keep_the_times_they_are_given() -> None:
+    """What an import of an export relies on: every field comes back as it was."""
+    p = plan([
+        {"op": "create_memory", "id": "a", "content": "x", "strength": 0.04,
+         "created_at": T0 - 30, "updated_at": T0 - 10, "last_activated_at": T0 - 20,
+         "activation_count": 7},
+        {"op": "create_memory", "id": "b", "content": "y", "created_at": 0, "updated_at": 0},
+        {"op": "create_edge", "src": "a", "dst": "b", "weight": 2.5, "created_at": T0 - 5},
+    ])
+    a, b, e = (o.after for o in p.out)
+    assert a == Memory("a", "x", 0.04, {}, T0 - 30, T0 - 10, T0 - 20, 7)
+    assert b == Memory("b", "y", 0.5, {}, 0, 0, 0, 0)
+    assert e == Edge("a", "b", "related", 2.5, T0 - 5)
+
+
+def test_a_given_created_at_only_leaves_updated_at_now() -> None:
+    (out,) = plan([{"op": "create_memory", "id": "a", "content": "x", "created_at": T0}]).out
+    assert out.after == Memory("a", "x", 0.5, {}, T0, T0 + 10, 0, 0)

@@ -1,7 +1,9 @@
 """``engram import`` and ``engram export``: the graph as JSON lines, one op per line.
 
 The ops are exactly those of ``POST /v1/batch``; ``export`` writes every memory as a
-``create_memory`` op and then every edge as ``create_edge``, so its output imports as is.
+``create_memory`` op and then every edge as ``create_edge``, with every field (times and
+activation count included), so its output imports as is into the same graph: same logical
+digest. An export is one state of the graph, the one after the LSN it reports.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from engram.cli.common import (
 )
 from engram.errors import EngramError, RemoteError, ValidationError
 from engram.fsutil import fsync_dir, rename_noreplace
+from engram.model import ExportStream
 
 # A batch is also capped in bytes so that it stays well under the server's body limit.
 MAX_BATCH_BYTES = 4 << 20
@@ -288,20 +291,24 @@ def _output(path: Path, kind: str) -> Iterator[IO[bytes]]:
     fsync_dir(target.parent)
 
 
-def _write(ops: Iterator[dict[str, Any]], fh: IO[bytes]) -> dict[str, Any]:
+def _write(ops: ExportStream, fh: IO[bytes]) -> dict[str, Any]:
+    """Write the export's lines; says which state (LSN, digest) they hold."""
     h = hashlib.sha256()
     counts = {"memories": 0, "edges": 0, "ops": 0, "bytes": 0}
-    for op in ops:
-        line = _encode(op)
-        fh.write(line)
-        h.update(line)
-        counts["ops"] += 1
-        counts["bytes"] += len(line)
-        if op.get("op") == "create_memory":
-            counts["memories"] += 1
-        elif op.get("op") == "create_edge":
-            counts["edges"] += 1
-    return {**counts, "sha256": h.hexdigest()}
+    try:
+        for op in ops:
+            line = _encode(op)
+            fh.write(line)
+            h.update(line)
+            counts["ops"] += 1
+            counts["bytes"] += len(line)
+            if op.get("op") == "create_memory":
+                counts["memories"] += 1
+            elif op.get("op") == "create_edge":
+                counts["edges"] += 1
+    finally:
+        ops.close()  # a failed write must not leave the snapshot (or the stream) open
+    return {**counts, "lsn": ops.lsn, "digest": ops.digest, "sha256": h.hexdigest()}
 
 
 def export(
@@ -336,8 +343,8 @@ def export(
         emit_json(out)
         return
     text = (
-        f"exported {out['memories']} memories and {out['edges']} edges to {output} "
-        f"({out['bytes']} bytes, sha256 {out['sha256']})"
+        f"exported {out['memories']} memories and {out['edges']} edges as of LSN {out['lsn']} "
+        f"to {output} ({out['bytes']} bytes, sha256 {out['sha256']})"
     )
     if to_stdout:  # stdout carries the data; the report goes beside it
         err_console().print(json.dumps(out) if as_json else text, markup=False)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
 from engram.datadir import read_owner
 from engram.errors import EngramError, Unavailable, ValidationError
 from engram.graph import Engine, WriteResult
+from engram.model import ExportStream
 from engram.server import admin
 from engram.server.asgi import (
     CT_NDJSON,
@@ -58,19 +59,50 @@ _PATCH_FIELDS = frozenset({"content", "strength", "metadata"})
 
 
 class Stream:
-    """A streamed 200 response (export); chunks are produced in a worker thread."""
+    """A streamed 200 response (export); chunks are produced in a worker thread.
 
-    def __init__(self, chunks: Iterator[bytes], content_type: tuple[bytes, bytes]) -> None:
+    The producer is closed, in a worker thread too, as soon as the stream ends, fails or the
+    client goes away (``receive`` answers http.disconnect), so what it holds (an export's read
+    snapshot) is released then, not when the last chunk would have been sent.
+    """
+
+    def __init__(
+        self,
+        chunks: Generator[bytes, None, None],
+        content_type: tuple[bytes, bytes],
+        headers: Headers | None = None,
+        receive: Receive | None = None,
+    ) -> None:
         self.chunks = chunks
         self.content_type = content_type
+        self.headers: Headers = [content_type, *(headers or [])]
+        self.receive = receive
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        while True:
-            chunk = await loop.run_in_executor(None, next, self.chunks, None)
-            if chunk is None:
-                return
-            yield chunk
+        gone = asyncio.Event()
+        watcher = None
+        if self.receive is not None:
+            watcher = asyncio.ensure_future(_watch_disconnect(self.receive, gone))
+        try:
+            while not gone.is_set():
+                chunk = await loop.run_in_executor(None, next, self.chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            try:
+                await loop.run_in_executor(None, self.chunks.close)
+            except ValueError:  # still running in a cancelled executor call: closed by GC
+                pass
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
 
 
 class EngramApp:
@@ -362,7 +394,12 @@ class EngramApp:
         return 200, await _in_thread(eng.stats)
 
     async def _export(self, req: Request, eng: Engine) -> Stream:
-        return Stream(_export_chunks(eng), CT_NDJSON)
+        snap = await _in_thread(eng.export_ops)
+        headers = [
+            (b"x-engram-lsn", str(snap.lsn).encode()),
+            (b"x-engram-digest", snap.digest.encode()),
+        ]
+        return Stream(_export_chunks(snap), CT_NDJSON, headers, req.receive)
 
 
 def create_app(
@@ -383,20 +420,24 @@ def _bearer(token: str | None) -> bytes | None:
     return b"Bearer " + token.encode() if token else None
 
 
-def _export_chunks(eng: Engine) -> Iterator[bytes]:
-    """``Engine.export_ops`` as NDJSON, in chunks of EXPORT_CHUNK lines."""
-    buf: list[bytes] = []
-    for op in eng.export_ops():
-        buf.append(encode(op))
-        if len(buf) >= EXPORT_CHUNK:
+def _export_chunks(snap: ExportStream) -> Generator[bytes, None, None]:
+    """An export's ops as NDJSON, in chunks of EXPORT_CHUNK lines; closes ``snap`` when done
+    or closed itself."""
+    try:
+        buf: list[bytes] = []
+        for op in snap:
+            buf.append(encode(op))
+            if len(buf) >= EXPORT_CHUNK:
+                yield b"\n".join(buf) + b"\n"
+                buf = []
+        if buf:
             yield b"\n".join(buf) + b"\n"
-            buf = []
-    if buf:
-        yield b"\n".join(buf) + b"\n"
+    finally:
+        snap.close()
 
 
 async def _stream(send: Send, out: Stream, req: Request) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [out.content_type]})
+    await send({"type": "http.response.start", "status": 200, "headers": out.headers})
     try:
         async for chunk in out:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

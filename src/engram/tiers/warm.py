@@ -544,12 +544,12 @@ class WarmTier:
         return r is not None
 
     def search(self, query: str, limit: int) -> list[tuple[str, float]]:
-        """Full-text matches as (id, bm25 score, higher is better)."""
+        """Full-text matches as (id, bm25 score, higher is better), best first, ties by id."""
         try:
             rows = self.conn.execute(
                 "SELECT m.id, -bm25(memories_fts) FROM memories_fts JOIN memories m "
                 "ON m.rowid = memories_fts.rowid WHERE memories_fts MATCH ? "
-                "ORDER BY bm25(memories_fts) LIMIT ?",
+                "ORDER BY bm25(memories_fts), m.id LIMIT ?",
                 (query, limit),
             )
             hits = rows.fetchall()
