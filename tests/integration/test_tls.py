@@ -92,11 +92,17 @@ def test_cli_verifies_the_certificate(tls_server: ServerProcess, pki: Pki, tmp_p
     res = cli("status", *base, "--cacert", str(pki.ca), "--json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["server"]["url"] == tls_server.url
-    # ENGRAM_CACERT serves every command, including those without the option.
+    # ENGRAM_CACERT, or --cacert, serves every command that may talk to a server.
     res = cli("put", *base, "--content", "via env", "--json", env={"ENGRAM_CACERT": str(pki.ca)})
     assert res.exit_code == 0, res.stderr
-    res = cli("stats", *base, "--json", env={"ENGRAM_CACERT": str(pki.ca)})
-    assert res.exit_code == 0 and json.loads(res.stdout)["memories"] == 1, res.stderr
+    res = cli("put", *base, "--content", "via option", "--cacert", str(pki.ca))
+    assert res.exit_code == 0, res.stderr
+    res = cli("stats", *base, "--json", "--cacert", str(pki.ca))
+    assert res.exit_code == 0 and json.loads(res.stdout)["memories"] == 2, res.stderr
+    res = cli("export", *base, "--output", "-", "--cacert", str(pki.ca))
+    assert res.exit_code == 0 and res.stdout.count("create_memory") == 2, res.stderr
+    res = cli("stats", *base)
+    assert res.exit_code == 1 and "--cacert" in res.stderr, res.stderr
     # Without the CA: a one-line error naming the way out, never a silent downgrade.
     res = cli("status", *base)
     assert res.exit_code == 1

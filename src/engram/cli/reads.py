@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engram.cli.common import DEFAULT_DATA_DIR as _DD
-from engram.cli.common import DataDir, Json, TokenFile, backend, console, emit_json
+from engram.cli.common import CaCert, DataDir, Json, TokenFile, backend, console, emit_json
 
 
 class Direction(StrEnum):
@@ -38,10 +38,11 @@ def query(
     id: Annotated[str, typer.Option("--id", help="Memory id.")],
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Print one memory (exit 1 when it does not exist)."""
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, cacert=cacert) as b:
         m = b.memory(id)
     if as_json:
         emit_json(m)
@@ -72,10 +73,11 @@ def neighbors(
     depth: Annotated[int, typer.Option("--depth", min=1, max=3, help="Hops, 1 to 3.")] = 1,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """List the memories reachable from a memory within DEPTH hops."""
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, cacert=cacert) as b:
         found = b.neighbors(id, direction.value, depth)
     if as_json:
         emit_json({"id": id, "neighbors": found})
@@ -106,10 +108,11 @@ def recall(
     ] = 10,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Full-text recall ranked by strength, with one step of spreading activation."""
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, cacert=cacert) as b:
         results = b.recall(query, limit)
     if as_json:
         emit_json({"query": query, "results": results})
@@ -132,10 +135,11 @@ def recall(
 def stats(
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Counts, the last LSN, the logical digest and the tiers."""
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, cacert=cacert) as b:
         s = b.stats()
         where = b.where
     if as_json:

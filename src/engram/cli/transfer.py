@@ -32,6 +32,7 @@ from rich.progress import (
 from engram.backend import Backend
 from engram.cli.common import DEFAULT_DATA_DIR as _DD
 from engram.cli.common import (
+    CaCert,
     DataDir,
     Json,
     TokenFile,
@@ -167,10 +168,11 @@ def import_(
     ] = 1000,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Apply ops from a JSON-lines file (as written by `export`), in atomic batches."""
-    with _input(file) as (fh, total), backend(data_dir, token_file, write=True) as b:
+    with _input(file) as (fh, total), backend(data_dir, token_file, write=True, cacert=cacert) as b:
         imp = _Importer(b, batch_size)
         with _progress(total, sys.stderr.isatty()) as advance:
             for lineno, raw in enumerate(fh, 1):
@@ -326,12 +328,13 @@ def export(
     ] = False,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Write the whole graph as JSON-lines ops that `import` turns back into the same graph."""
     to_stdout = str(output) in _STDOUT_NAMES
     kind = "stdout" if to_stdout else _output_kind(output, force)  # refused before any work
-    with backend(data_dir, token_file) as b:
+    with backend(data_dir, token_file, cacert=cacert) as b:
         if to_stdout:
             out = _write(b.export(), sys.stdout.buffer)
             sys.stdout.flush()

@@ -12,6 +12,7 @@ import typer
 
 from engram.cli.common import DEFAULT_DATA_DIR as _DD
 from engram.cli.common import (
+    CaCert,
     DataDir,
     Json,
     TokenFile,
@@ -27,8 +28,8 @@ Dst = Annotated[str, typer.Option("--dst", help="Id of the edge's target memory.
 Kind = Annotated[str | None, typer.Option("--kind", help="Edge kind.", show_default="related")]
 
 
-def _one(data_dir: Any, token_file: Any, op: dict[str, Any]) -> dict[str, Any]:
-    with backend(data_dir, token_file, write=True) as b:
+def _one(data_dir: Any, token_file: Any, cacert: Any, op: dict[str, Any]) -> dict[str, Any]:
+    with backend(data_dir, token_file, write=True, cacert=cacert) as b:
         res = b.apply([op])
     out = {k: v for k, v in res["results"][0].items() if k != "op"}
     out["lsn"] = res["lsn"]
@@ -56,6 +57,7 @@ def put(
     ] = None,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Create a memory; prints its id and the LSN of the write."""
@@ -67,7 +69,7 @@ def put(
     md = parse_json_object(metadata, "metadata")
     if md is not None:
         op["metadata"] = md
-    out = _one(data_dir, token_file, op)
+    out = _one(data_dir, token_file, cacert, op)
     _report(out, as_json, f"created memory {out['id']} (lsn {out['lsn']})")
 
 
@@ -80,6 +82,7 @@ def link(
     ] = None,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Create (or re-weight) the edge SRC -> DST of a kind; both memories must exist."""
@@ -88,7 +91,7 @@ def link(
         op["kind"] = kind
     if weight is not None:
         op["weight"] = weight
-    out = _one(data_dir, token_file, op)
+    out = _one(data_dir, token_file, cacert, op)
     _report(out, as_json, f"linked {out['src']} -> {out['dst']} ({out['kind']}) (lsn {out['lsn']})")
 
 
@@ -98,13 +101,14 @@ def unlink(
     kind: Kind = None,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Delete the edge SRC -> DST of a kind."""
     op: dict[str, Any] = {"op": "delete_edge", "src": src, "dst": dst}
     if kind is not None:
         op["kind"] = kind
-    out = _one(data_dir, token_file, op)
+    out = _one(data_dir, token_file, cacert, op)
     _report(
         out, as_json, f"unlinked {out['src']} -> {out['dst']} ({out['kind']}) (lsn {out['lsn']})"
     )
@@ -114,10 +118,11 @@ def delete(
     id: Id,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Delete a memory and, in the same transaction, every edge to or from it."""
-    out = _one(data_dir, token_file, {"op": "delete_memory", "id": id})
+    out = _one(data_dir, token_file, cacert, {"op": "delete_memory", "id": id})
     n = out["edges_deleted"]
     text = f"deleted memory {out['id']} and {n} edge{'s' if n != 1 else ''} (lsn {out['lsn']})"
     _report(out, as_json, text)
@@ -131,13 +136,14 @@ def activate(
     ] = None,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Activate a memory: decay its strength to now, then raise it by BOOST (capped at 1)."""
     op: dict[str, Any] = {"op": "activate", "id": id}
     if boost is not None:
         op["boost"] = boost
-    out = _one(data_dir, token_file, op)
+    out = _one(data_dir, token_file, cacert, op)
     _report(
         out, as_json, f"activated {out['id']}: strength {out['strength']:.4f} (lsn {out['lsn']})"
     )
@@ -147,11 +153,12 @@ def mark(
     name: Annotated[str, typer.Argument(help="Name of the restore point.")],
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
+    cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
     """Write a named restore point into the log (a target for point-in-time recovery). A name
     is used once: a name already marked is refused with the LSN and time it stands for."""
-    with backend(data_dir, token_file, write=True) as b:
+    with backend(data_dir, token_file, write=True, cacert=cacert) as b:
         out = b.mark(name)
     _report(out, as_json, f"marked {out['name']} at lsn {out['lsn']}")
 
