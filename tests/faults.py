@@ -1,14 +1,9 @@
-"""Fault injection for backup and restore tests: sinks and files that fail on cue.
+"""Fault injection for backup and restore tests.
 
-- ``CountingSink`` / ``counting_factory``: how many writes (and bytes) a clean backup makes.
-- ``FailingSink`` / ``failing_factory``: the archive sink fails at its k-th write, after N bytes
-  (writing the bytes before N first, as a filling disk does), or at its fsync, with ENOSPC, EIO
-  or a KeyboardInterrupt (Ctrl-C).
-- ``FailingFile`` / ``failing_open``: a raw output file for extraction that fails the same way.
-- ``OsFaults``: fail ``os.write`` / ``os.fsync`` / ``os.rename`` / ``os.replace`` (and the
-  no-replace rename a backup publishes with) only for files whose path matches a predicate
-  (found through /proc/self/fd), so that the engine's own log writes and fsyncs go on working
-  while a backup's sidecar, rename or info file fails.
+- A backup's own writes fail through ``engram.storage.faults.FaultyStore``, a store wrapper
+  (its faults ``enospc``, ``eio`` and ``ctrl_c`` are re-exported here).
+- ``FailingFile`` / ``FailingOpen``: a raw output file for extraction that fails at the k-th
+  write or after N bytes (the bytes before N are written first, as a filling disk does).
 - ``trace_fsyncs``: the paths ``os.fsync`` is called on.
 
 Loaded by the tests through importlib (tests/ is not a package).
@@ -17,7 +12,6 @@ Loaded by the tests through importlib (tests/ is not a package).
 from __future__ import annotations
 
 import builtins
-import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,113 +19,10 @@ from typing import Any
 
 import pytest
 
-import engram.backup.output as output_mod
-from engram.backup.archive import FileSink
+from engram.storage.faults import Fault, eio, enospc
+from engram.storage.faults import interrupt as ctrl_c
 
-Fault = Callable[[], BaseException]
-
-
-def enospc() -> BaseException:
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def eio() -> BaseException:
-    return OSError(errno.EIO, os.strerror(errno.EIO))
-
-
-def ctrl_c() -> BaseException:
-    return KeyboardInterrupt()
-
-
-class CountingSink(FileSink):
-    """A real sink that records how it was used (class-level, reset with ``reset``)."""
-
-    writes = 0
-    bytes = 0
-    paths: list[Path] = []
-
-    def __init__(self, path: Path, fd: int | None = None) -> None:
-        super().__init__(path, fd)
-        type(self).paths.append(Path(path))
-
-    @classmethod
-    def reset(cls) -> None:
-        cls.writes = 0
-        cls.bytes = 0
-        cls.paths = []
-
-    def write(self, data: bytes | memoryview) -> int:
-        type(self).writes += 1
-        type(self).bytes += len(data)
-        return super().write(data)
-
-
-def counting_factory() -> tuple[Callable[[Path, int], FileSink], type[CountingSink]]:
-    """A fresh counting sink class (so parallel uses do not share counters) and its factory."""
-
-    class Counter(CountingSink):
-        writes = 0
-        bytes = 0
-        paths: list[Path] = []
-
-    return Counter, Counter
-
-
-class FailingSink(FileSink):
-    """Fails at write number ``at_write`` (1-based), or once ``after_bytes`` bytes were written
-    (the bytes before the limit really reach the file), or in ``sync_close`` (the fsync)."""
-
-    def __init__(
-        self,
-        path: Path,
-        fd: int | None = None,
-        at_write: int | None = None,
-        after_bytes: int | None = None,
-        at_fsync: bool = False,
-        fault: Fault = enospc,
-    ) -> None:
-        super().__init__(path, fd)
-        self.path = Path(path)
-        self.at_write = at_write
-        self.after_bytes = after_bytes
-        self.at_fsync = at_fsync
-        self.fault = fault
-        self.writes = 0
-        self.fired = False
-
-    def write(self, data: bytes | memoryview) -> int:
-        self.writes += 1
-        if self.at_write is not None and self.writes == self.at_write:
-            self.fired = True
-            raise self.fault()
-        if self.after_bytes is not None and self.size + len(data) > self.after_bytes:
-            room = max(0, self.after_bytes - self.size)
-            if room:
-                super().write(memoryview(data)[:room])
-            self.fired = True
-            raise self.fault()
-        return super().write(data)
-
-    def sync_close(self) -> None:
-        if self.at_fsync and self.fd >= 0:
-            self.fired = True
-            os.close(self.fd)
-            self.fd = -1
-            raise self.fault()
-        super().sync_close()
-
-
-def failing_factory(**kw: Any) -> tuple[Callable[[Path, int], FileSink], list[FailingSink]]:
-    """A sink factory for ``full_backup``/``incremental_backup`` (``factory(temp path, fd)``)
-    and the sinks it made."""
-    made: list[FailingSink] = []
-
-    def make(path: Path, fd: int) -> FileSink:
-        s = FailingSink(path, fd, **kw)
-        made.append(s)
-        return s
-
-    return make, made
+__all__ = ["FailingFile", "FailingOpen", "Fault", "ctrl_c", "eio", "enospc", "trace_fsyncs"]
 
 
 class FailingFile:
@@ -219,66 +110,3 @@ def trace_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(os, "fsync", tracing)
     return paths
-
-
-class OsFaults:
-    """Fail selected os-level calls for matching paths only (see the module doc).
-
-    ``fail_write(pred)``: os.write to an fd whose path satisfies ``pred`` raises ENOSPC;
-    ``fail_fsync(pred)``: os.fsync likewise (EIO by default); ``fail_rename(pred)``: os.rename,
-    os.replace and the backup's no-replace rename whose *source* satisfies ``pred``. ``hits``
-    counts the injected failures.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.mp = monkeypatch
-        self.hits: list[tuple[str, str]] = []
-        self._real = {n: getattr(os, n) for n in ("write", "fsync", "rename", "replace")}
-
-    def fail_write(self, pred: Callable[[str], bool], fault: Fault = enospc) -> None:
-        real = self._real["write"]
-
-        def write(fd: int, data: Any) -> int:
-            p = fd_path(fd)
-            if pred(p):
-                self.hits.append(("write", p))
-                raise fault()
-            return real(fd, data)
-
-        self.mp.setattr(os, "write", write)
-
-    def fail_fsync(self, pred: Callable[[str], bool], fault: Fault = eio) -> None:
-        real = self._real["fsync"]
-
-        def fsync(fd: Any) -> None:
-            num = fd if isinstance(fd, int) else fd.fileno()
-            p = fd_path(num)
-            if pred(p):
-                self.hits.append(("fsync", p))
-                raise fault()
-            real(fd)
-
-        self.mp.setattr(os, "fsync", fsync)
-
-    def fail_rename(self, pred: Callable[[str], bool], fault: Fault = eio) -> None:
-        for name in ("rename", "replace"):
-            real = self._real[name]
-
-            def ren(
-                src: Any, dst: Any, *a: Any, _real: Any = real, _n: str = name, **k: Any
-            ) -> None:
-                if pred(os.fspath(src)):
-                    self.hits.append((_n, os.fspath(src)))
-                    raise fault()
-                _real(src, dst, *a, **k)
-
-            self.mp.setattr(os, name, ren)
-        real_noreplace = output_mod.rename_noreplace
-
-        def noreplace(src: Any, dst: Any) -> None:
-            if pred(os.fspath(src)):
-                self.hits.append(("rename_noreplace", os.fspath(src)))
-                raise fault()
-            real_noreplace(src, dst)
-
-        self.mp.setattr(output_mod, "rename_noreplace", noreplace)

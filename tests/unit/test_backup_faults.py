@@ -1,6 +1,8 @@
 """A backup that fails part-way leaves nothing behind and harms nothing (issue 3, item 1; docs/
-FORMAT.md "Write order"): disk full (ENOSPC) at every write the archive sink makes and after any
-number of bytes, EIO, Ctrl-C, a failing fsync, a failing sidecar, rename or directory fsync.
+FORMAT.md "Write order"): disk full (ENOSPC) at every write the archive's temp object takes and
+after any number of bytes, EIO, Ctrl-C, a failing fsync, a failing publication of the archive,
+its sidecar or its catalog entry (before the step, or after it took effect). The faults come
+from a store wrapper (``engram.storage.faults.FaultyStore``) around the real local store.
 
 Each time: a BackupError whose message names the cause and the path; nothing at PATH,
 PATH.sha256 or PATH.info.json; no temp file left in the directory; the earlier good backups there
@@ -15,7 +17,7 @@ import hashlib
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from engram.backup.restore import restore
 from engram.cli.main import app
 from engram.errors import BackupError, RestoreError
 from engram.graph import Engine, EngineConfig
+from engram.storage import BackupStore, LocalBackupStore, Ref
+from engram.storage.faults import FaultyStore
 
 KINDS = ["full-zst", "full-gz", "incremental"]
 NEW = {"full-zst": "new.tar.zst", "full-gz": "new.tar.gz", "incremental": "new.log"}
@@ -57,10 +61,14 @@ class Rig:
     def new(self) -> Path:
         return self.bk / NEW[self.kind]
 
-    def backup(self, sink_factory: Callable[[Path, int], FileSink] = FileSink) -> BackupResult:
+    def backup(self, store: BackupStore | None = None) -> BackupResult:
+        out = Ref(store or LocalBackupStore(self.bk), NEW[self.kind])
         if self.kind == "incremental":
-            return incremental_backup(self.engine, self.new, sink_factory=sink_factory)
-        return full_backup(self.engine, self.new, sink_factory=sink_factory)
+            return incremental_backup(self.engine, out)
+        return full_backup(self.engine, out)
+
+    def faulty(self, **kw: Any) -> FaultyStore:
+        return FaultyStore(LocalBackupStore(self.bk), **kw)
 
     def snapshot(self) -> None:
         self.files = _hashes(self.bk)
@@ -163,23 +171,24 @@ def clean_write_count(rig: Rig) -> tuple[int, int]:
     runs, since multi-threaded zstd hands over its output in a number of writes that varies."""
     counts = []
     for attempt in range(3):
-        counter, factory = F.counting_factory()
         scratch = rig.root / f"count-{attempt}"
         scratch.mkdir()
         for name in os.listdir(rig.bk):
             (scratch / name).write_bytes((rig.bk / name).read_bytes())
+        counter = FaultyStore(LocalBackupStore(scratch))
+        out = Ref(counter, NEW[rig.kind])
         if rig.kind == "incremental":
-            incremental_backup(rig.engine, scratch / NEW[rig.kind], sink_factory=factory)
+            incremental_backup(rig.engine, out)
         else:
-            full_backup(rig.engine, scratch / NEW[rig.kind], sink_factory=factory)
-        assert counter.writes >= 2, counter.writes
+            full_backup(rig.engine, out)
+        assert counter.writes >= 2 and not counter.fired, counter.writes
         counts.append((counter.writes, counter.bytes))
     return min(counts)
 
 
-def fails(rig: Rig, factory: Callable[[Path, int], FileSink], *needles: str) -> BackupError:
+def fails(rig: Rig, store: FaultyStore, *needles: str) -> BackupError:
     with pytest.raises(BackupError) as ei:
-        rig.backup(factory)
+        rig.backup(store)
     for n in needles:
         assert n in ei.value.message, (n, ei.value.message)
     rig.check_nothing_left(ei.value)
@@ -187,36 +196,36 @@ def fails(rig: Rig, factory: Callable[[Path, int], FileSink], *needles: str) -> 
     return ei.value
 
 
-def fails_at(rig: Rig, needles: tuple[str, ...], **kw: Any) -> tuple[BackupError, list[Any]]:
-    """``fails`` with a sink that fails as ``kw`` says. Multi-threaded zstd hands its output
-    over in a number of writes (and bytes) that varies a little from run to run: a run that
-    ended before the fault's write or byte was reached succeeded, so it is removed (it is this
-    test's own) and the fault tried again."""
+def fails_at(rig: Rig, needles: tuple[str, ...], **kw: Any) -> tuple[BackupError, FaultyStore]:
+    """``fails`` with a store whose temp object fails as ``kw`` says. Multi-threaded zstd hands
+    its output over in a number of writes (and bytes) that varies a little from run to run: a
+    run that ended before the fault's write or byte was reached succeeded, so it is removed (it
+    is this test's own) and the fault tried again."""
     for _ in range(5):
-        factory, made = F.failing_factory(**kw)
+        store = rig.faulty(**kw)
         try:
-            rig.backup(factory)
+            rig.backup(store)
         except BackupError as e:
             for n in needles:
                 assert n in e.message, (n, e.message)
             rig.check_nothing_left(e)
             rig.check_engine_works()
-            return e, made
-        assert made and not made[-1].fired
+            return e, store
+        assert not store.fired
         p = rig.new
         for q in (p, p.with_name(p.name + ".sha256"), p.with_name(p.name + ".info.json")):
             q.unlink()
     pytest.fail(f"the backup never reached the fault {kw}")
 
 
-# -- the archive sink fails ------------------------------------------------------------------------
+# -- the archive's temp object fails --------------------------------------------------------------
 
 
 def test_disk_full_at_every_write(rig: Rig) -> None:
     n, _ = clean_write_count(rig)
     for k in range(1, n + 1):
-        _, made = fails_at(rig, ("disk full",), at_write=k, fault=F.enospc)
-        assert made and made[-1].fired, f"write {k} of {n} was never made"
+        _, store = fails_at(rig, ("disk full",), at_write=k, fault=F.enospc)
+        assert store.fired, f"write {k} of {n} was never made"
     rig.check_later_backup_and_restores()
 
 
@@ -227,116 +236,65 @@ def test_disk_full_after_any_number_of_bytes(rig: Rig) -> None:
               total - 1}
     limits = sorted(x for x in points if 0 <= x < total)
     for limit in limits:
-        _, made = fails_at(rig, ("disk full",), after_bytes=limit, fault=F.enospc)
-        assert made[-1].fired, f"the limit {limit} of {total} bytes was never reached"
+        _, store = fails_at(rig, ("disk full",), after_bytes=limit, fault=F.enospc)
+        assert store.fired, f"the limit {limit} of {total} bytes was never reached"
     rig.check_later_backup_and_restores()
 
 
 def test_io_error_at_every_write(rig: Rig) -> None:
     n, _ = clean_write_count(rig)
     for k in range(1, n + 1):
-        err, made = fails_at(rig, ("I/O error",), at_write=k, fault=F.eio)
+        err, store = fails_at(rig, ("I/O error",), at_write=k, fault=F.eio)
         assert os.strerror(errno.EIO) in err.message
-        assert made[-1].fired
+        assert store.fired
     rig.check_later_backup_and_restores(restores=False)
 
 
 def test_ctrl_c_at_every_write(rig: Rig) -> None:
     n, _ = clean_write_count(rig)
     for k in range(1, n + 1):
-        _, made = fails_at(rig, ("interrupted",), at_write=k, fault=F.ctrl_c)
-        assert made[-1].fired
+        _, store = fails_at(rig, ("interrupted",), at_write=k, fault=F.ctrl_c)
+        assert store.fired
     rig.check_later_backup_and_restores(restores=False)
 
 
 @pytest.mark.parametrize("fault", ["enospc", "eio"])
-def test_sink_fsync_fails(rig: Rig, fault: str) -> None:
-    factory, made = F.failing_factory(at_fsync=True, fault=getattr(F, fault))
-    fails(rig, factory, "disk full" if fault == "enospc" else "I/O error")
-    assert made[-1].fired
+def test_temp_fsync_fails(rig: Rig, fault: str) -> None:
+    store = rig.faulty(at_sync=True, fault=getattr(F, fault))
+    fails(rig, store, "disk full" if fault == "enospc" else "I/O error")
+    assert store.fired
     rig.check_later_backup_and_restores(restores=False)
 
 
-def test_sink_cannot_be_created(rig: Rig) -> None:
-    def factory(path: Path, fd: int) -> FileSink:
-        raise F.enospc()
-
-    fails(rig, factory, "disk full")
+def test_temp_cannot_be_created(rig: Rig) -> None:
+    store = rig.faulty(at_create_temp=True, fault=F.enospc)
+    fails(rig, store, "disk full")
+    assert store.fired
     rig.check_later_backup_and_restores(restores=False)
 
 
-# -- the sidecar, the renames, the directory fsync, the info file ------------------------------
+# -- the publication: the archive, its sidecar, its catalog entry -------------------------------
 
 
-def _is_tmp_sidecar(p: str) -> bool:
-    return ".sha256.tmp-" in os.path.basename(p)
-
-
-def _is_tmp_archive(rig: Rig) -> Callable[[str], bool]:
-    prefix = f".{NEW[rig.kind]}.tmp-"
-    return lambda p: os.path.basename(p).startswith(prefix)
-
-
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("step", ["archive", "sidecar", "info"])
 @pytest.mark.parametrize("fault", ["enospc", "eio"])
-def test_sidecar_write_fails(rig: Rig, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
-    of = F.OsFaults(monkeypatch)
-    of.fail_write(_is_tmp_sidecar, getattr(F, fault))
-    fails(rig, FileSink, "disk full" if fault == "enospc" else "I/O error")
-    assert of.hits
-    monkeypatch.undo()
+def test_publication_step_fails(rig: Rig, step: str, when: str, fault: str) -> None:
+    """Before the step: a rename or a write that fails. After it: the step took effect (the
+    object is there) and what made it durable fails, as a directory fsync does; the objects
+    published so far are removed all the same."""
+    store = rig.faulty(at_step=step, when=when, fault=getattr(F, fault))
+    fails(rig, store, "disk full" if fault == "enospc" else "I/O error")
+    assert store.fired
     rig.check_later_backup_and_restores(restores=False)
 
 
-def test_sidecar_fsync_fails(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    of = F.OsFaults(monkeypatch)
-    of.fail_fsync(_is_tmp_sidecar)
-    fails(rig, FileSink, "I/O error")
-    assert of.hits
-    monkeypatch.undo()
+@pytest.mark.parametrize("step", ["archive", "sidecar", "info"])
+def test_ctrl_c_while_publishing(rig: Rig, step: str) -> None:
+    store = rig.faulty(at_step=step, when="after", fault=F.ctrl_c)
+    fails(rig, store, "interrupted")
+    assert store.fired
     rig.check_later_backup_and_restores(restores=False)
-
-
-@pytest.mark.parametrize("which", ["archive", "sidecar"])
-def test_rename_into_place_fails(rig: Rig, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
-    of = F.OsFaults(monkeypatch)
-    of.fail_rename(_is_tmp_archive(rig) if which == "archive" else _is_tmp_sidecar)
-    fails(rig, FileSink, "I/O error")
-    assert of.hits
-    monkeypatch.undo()
-    rig.check_later_backup_and_restores(restores=False)
-
-
-def test_ctrl_c_while_publishing(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    of = F.OsFaults(monkeypatch)
-    of.fail_rename(_is_tmp_sidecar, F.ctrl_c)
-    fails(rig, FileSink, "interrupted")
-    assert of.hits
-    monkeypatch.undo()
-    rig.check_later_backup_and_restores(restores=False)
-
-
-def test_directory_fsync_after_renames_fails(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    of = F.OsFaults(monkeypatch)
-    bk = str(rig.bk)
-    of.fail_fsync(lambda p: p == bk)
-    with pytest.raises(BackupError) as ei:
-        rig.backup()
-    assert "I/O error" in ei.value.message
-    assert of.hits
-    monkeypatch.undo()
-    rig.check_nothing_left(ei.value)
-
-
-def test_disk_full_writing_info_file(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    of = F.OsFaults(monkeypatch)
-    of.fail_write(lambda p: ".info.json" in os.path.basename(p))
-    try:
-        with pytest.raises(BackupError) as ei:
-            rig.backup()
-    finally:
-        monkeypatch.undo()
-    assert "disk full" in ei.value.message
-    rig.check_nothing_left(ei.value)
 
 
 # -- through the CLI -----------------------------------------------------------------------------

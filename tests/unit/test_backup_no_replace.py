@@ -27,12 +27,13 @@ from typing import Any
 
 import pytest
 
-from engram.backup.archive import FileSink
 from engram.backup.full import BackupResult, full_backup
 from engram.backup.incremental import incremental_backup
 from engram.backup.validate import validate_backup
 from engram.errors import EngramError, UsageError
 from engram.graph import Engine, EngineConfig
+from engram.storage import BackupStore, LocalBackupStore, Ref
+from engram.storage.faults import FaultyStore
 
 ENGRAM = str(Path(sys.executable).with_name("engram"))
 
@@ -46,30 +47,27 @@ def _engine(root: Path, n: int = 60) -> Engine:
     return e
 
 
-def _barrier_factory(barrier: threading.Barrier) -> Callable[[Path, int], FileSink]:
-    """Sinks that wait at ``barrier`` at their first write: both backups are then writing
-    their temp files, so both got past the early check."""
+def _held_store(directory: Path, barrier: threading.Barrier) -> BackupStore:
+    """The local store of ``directory``, whose temp objects wait at ``barrier`` at their first
+    write: both backups are then writing their temp files, so both got past the early check."""
+    waited: list[bool] = []
 
-    class Held(FileSink):
-        waited = False
+    def hold() -> None:
+        if not waited:
+            waited.append(True)
+            barrier.wait(timeout=30)
 
-        def write(self, data: bytes | memoryview) -> int:
-            if not self.waited:
-                self.waited = True
-                barrier.wait(timeout=30)
-            return super().write(data)
-
-    return Held
+    return FaultyStore(LocalBackupStore(directory), on_write=hold)
 
 
-def _race(run: Callable[[Callable[[Path, int], FileSink]], BackupResult]) -> list[Any]:
-    """Run two backups at once; their results or errors."""
+def _race(directory: Path, run: Callable[[BackupStore], BackupResult]) -> list[Any]:
+    """Run two backups into ``directory`` at once; their results or errors."""
     barrier = threading.Barrier(2)
     out: list[Any] = [None, None]
 
     def one(k: int) -> None:
         try:
-            out[k] = run(_barrier_factory(barrier))
+            out[k] = run(_held_store(directory, barrier))
         except EngramError as e:
             out[k] = e
 
@@ -115,7 +113,7 @@ def test_two_full_backups_to_one_name(tmp_path: Path, ext: str) -> None:
         bk = tmp_path / "bk"
         bk.mkdir()
         path = bk / f"full{ext}"
-        results = _race(lambda f: full_backup(e, path, sink_factory=f))
+        results = _race(bk, lambda s: full_backup(e, Ref(s, path.name)))
         win = _one_winner(results, path)
         assert getattr(e, "_cuts", 0) == 0
     finally:
@@ -129,7 +127,7 @@ def test_two_incrementals_to_one_name(tmp_path: Path) -> None:
         bk = tmp_path / "bk"
         bk.mkdir()
         path = bk / "inc.log"
-        results = _race(lambda f: incremental_backup(e, path, since_lsn=1, sink_factory=f))
+        results = _race(bk, lambda s: incremental_backup(e, Ref(s, path.name), since_lsn=1))
         win = _one_winner(results, path)
     finally:
         e.close()

@@ -308,8 +308,16 @@ def read_archive_header(path: Path) -> dict[str, Any] | None:
     """The archive header's fields (a few KB read from the start), or None for an archive
     written without one. BadArchive if a header is there but damaged."""
     with open(path, "rb") as f:
-        head = f.read(MAX_ARCHIVE_HEADER + 64)
-    name = Path(path).name
+        head = f.read(ARCHIVE_HEAD_BYTES)
+    return parse_archive_header(head, Path(path).name)
+
+
+# What ``parse_archive_header`` needs of an archive's start.
+ARCHIVE_HEAD_BYTES = MAX_ARCHIVE_HEADER + 64
+
+
+def parse_archive_header(head: bytes, name: str) -> dict[str, Any] | None:
+    """``read_archive_header`` of the first ``ARCHIVE_HEAD_BYTES`` of the archive ``name``."""
     if head.startswith(ZSTD_EMPTY_FRAME):
         rest = head[len(ZSTD_EMPTY_FRAME) :]
         if len(rest) < 8 or struct.unpack_from("<I", rest)[0] != ZSTD_HEADER_MAGIC:

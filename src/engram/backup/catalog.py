@@ -1,5 +1,9 @@
 """The backup catalog: one ``NAME.info.json`` beside each backup, saying what it covers.
 
+Entries are objects of the backup's store (``storage.BackupStore``), named relative to it, and
+read and written only through it: a path given here means the file of that name in its
+directory (``storage.LocalBackupStore``).
+
 The info file is an index (kind, database id, LSN and time range, digest, validation verdict);
 the backup file stays the authority. An entry is created once and never replaced by another
 backup's (``write_info`` refuses an existing one); it carries a checksum of its own content, and
@@ -23,16 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from engram.backup.archive import read_archive_header
+from engram.backup.archive import ARCHIVE_HEAD_BYTES, parse_archive_header
 from engram.errors import EngramError
 from engram.format import record as fmt
 from engram.format.manifest import compression_for, decode_sidecar
-from engram.fsutil import atomic_write, write_new
 from engram.model import ns_to_iso
+from engram.storage import BackupStore, LocalBackupStore, Ref, as_ref, as_store, sidecar_name
+from engram.storage.base import INFO_SUFFIX
 
 log = logging.getLogger("engram")
 
-INFO_SUFFIX = ".info.json"
 CHECKSUM = "checksum"
 # Validation states of an entry: "pending" is written before a validation starts, so a
 # validation that dies, or whose verdict cannot be recorded, never leaves a backup looking good.
@@ -49,11 +53,16 @@ def info_path(backup: Path) -> Path:
     return backup.with_name(backup.name + INFO_SUFFIX)
 
 
+def _info(ref: Ref) -> str:
+    return ref.name + INFO_SUFFIX
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 
 class EntryWriter(Protocol):
-    """What writes catalog entries (a seam: tests put a failing one in its place)."""
+    """What writes catalog entries of local backups, by path (a seam: tests put a failing one in
+    its place). ``LOCAL`` writes through the backup's store."""
 
     def create(self, path: Path, data: bytes) -> None:
         """Create ``path``; FileExistsError if it exists (never replaces)."""
@@ -64,10 +73,10 @@ class EntryWriter(Protocol):
 
 class LocalEntries:
     def create(self, path: Path, data: bytes) -> None:
-        write_new(path, data)
+        LocalBackupStore(path.parent).create(path.name, data)
 
     def replace(self, path: Path, data: bytes) -> None:
-        atomic_write(path, data)
+        LocalBackupStore(path.parent).replace(path.name, data)
 
 
 LOCAL = LocalEntries()
@@ -87,39 +96,51 @@ def encode_entry(info: dict[str, Any]) -> bytes:
     return (json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def write_info(backup: Path, info: dict[str, Any], writer: EntryWriter = LOCAL) -> None:
+def write_info(backup: Path | Ref, info: dict[str, Any], writer: EntryWriter = LOCAL) -> None:
     """Create the catalog entry of ``backup``; FileExistsError if it has one (never replaced)."""
-    writer.create(info_path(backup), encode_entry(info))
+    ref = as_ref(backup)
+    if isinstance(writer, LocalEntries):
+        ref.store.create(_info(ref), encode_entry(info))
+    else:
+        writer.create(Path(ref.store.describe(_info(ref))), encode_entry(info))
 
 
-def replace_info(backup: Path, info: dict[str, Any], writer: EntryWriter = LOCAL) -> None:
+def replace_info(backup: Path | Ref, info: dict[str, Any], writer: EntryWriter = LOCAL) -> None:
     """Replace the entry of ``backup`` as a whole (validation verdicts, a rebuilt entry)."""
-    writer.replace(info_path(backup), encode_entry(info))
+    ref = as_ref(backup)
+    if isinstance(writer, LocalEntries):
+        ref.store.replace(_info(ref), encode_entry(info))
+    else:
+        writer.replace(Path(ref.store.describe(_info(ref))), encode_entry(info))
 
 
-def read_info(backup: Path) -> dict[str, Any] | None:
+def read_info(backup: Path | Ref) -> dict[str, Any] | None:
     """The entry as stored (unchecked), or None when it is missing or not a JSON object."""
+    ref = as_ref(backup)
     try:
-        d = json.loads(info_path(backup).read_text())
+        d = json.loads(ref.store.read(_info(ref)))
     except (OSError, ValueError):
         return None
     return d if isinstance(d, dict) else None
 
 
-def update_info(backup: Path, writer: EntryWriter = LOCAL, **changes: Any) -> dict[str, Any]:
+def update_info(
+    backup: Path | Ref, writer: EntryWriter = LOCAL, **changes: Any
+) -> dict[str, Any]:
     """Change fields of an intact entry (``check_entry`` finds nothing wrong); a damaged one is
     never written into: CatalogError naming what is wrong."""
-    info = read_info(backup)
+    ref = as_ref(backup)
+    info = read_info(ref)
+    ip, where = Path(_info(ref)).name, ref.describe()
     if info is None:
         raise CatalogError(
-            f"{info_path(backup).name} is missing or unreadable; run `engram validate-backup "
-            f"{backup}` to rebuild it"
+            f"{ip} is missing or unreadable; run `engram validate-backup {where}` to rebuild it"
         )
-    problems = check_entry(backup, info, file_facts(backup))
+    problems = check_entry(ref, info, file_facts(ref))
     if problems:
         raise CatalogError(
-            f"{info_path(backup).name} is damaged ({'; '.join(problems)}); run `engram "
-            f"validate-backup {backup}` to rebuild it from the file"
+            f"{ip} is damaged ({'; '.join(problems)}); run `engram validate-backup {where}` to "
+            "rebuild it from the file"
         )
     info.update(changes)
     replace_info(backup, info, writer)
@@ -166,27 +187,39 @@ def facts_from_log_header(h: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def file_facts(backup: Path) -> dict[str, Any] | None:
+def file_facts(backup: Path | Ref) -> dict[str, Any] | None:
     """What ``backup`` says about itself, read from its header (a few KB): None for a full
     archive written before archives had headers. EngramError if the header is damaged."""
-    if compression_for(backup.name):
-        header = read_archive_header(backup)
+    ref = as_ref(backup)
+    name = Path(ref.name).name
+    if compression_for(name):
+        with ref.store.open(ref.name) as f:
+            header = parse_archive_header(f.read(ARCHIVE_HEAD_BYTES), name)
         return None if header is None else facts_from_manifest(header)
-    with open(backup, "rb") as f:
-        kind, h, _ = fmt.decode_file_header(f.read(fmt.max_header_size()), backup.name)
+    with ref.store.open(ref.name) as f:
+        kind, h, _ = fmt.decode_file_header(f.read(fmt.max_header_size()), name)
     if kind != fmt.KIND_INCREMENTAL:
-        raise CatalogError(f"{backup.name} is not an incremental backup (log kind {kind})")
+        raise CatalogError(f"{name} is not an incremental backup (log kind {kind})")
     try:
         return facts_from_log_header(h)
     except KeyError as e:
-        raise CatalogError(
-            f"{backup.name}: its header lacks {e}; not an engram incremental"
-        ) from None
+        raise CatalogError(f"{name}: its header lacks {e}; not an engram incremental") from None
 
 
-def check_entry(backup: Path, info: dict[str, Any], facts: dict[str, Any] | None) -> list[str]:
+def _sidecar_hash(ref: Ref) -> str | None:
+    side = sidecar_name(ref.name)
+    try:
+        return decode_sidecar(ref.store.read(side), Path(side).name)
+    except (OSError, EngramError):
+        return None
+
+
+def check_entry(
+    backup: Path | Ref, info: dict[str, Any], facts: dict[str, Any] | None
+) -> list[str]:
     """What is wrong with the entry ``info`` of ``backup``: its checksum, its key fields against
     the file's ``facts``, its sha256 against the sidecar and its size against the file."""
+    ref = as_ref(backup)
     problems: list[str] = []
     stored = info.get(CHECKSUM)
     if stored is not None and stored != entry_checksum(info):
@@ -196,15 +229,12 @@ def check_entry(backup: Path, info: dict[str, Any], facts: dict[str, Any] | None
         for k in (*keys, "counts"):
             if info.get(k) != facts.get(k):
                 problems.append(f"{k} is {info.get(k)!r}, the file says {facts.get(k)!r}")
-    side = backup.with_name(backup.name + ".sha256")
-    try:
-        expected = decode_sidecar(side.read_bytes(), side.name)
-    except (OSError, EngramError):
-        expected = None
+    expected = _sidecar_hash(ref)
     if expected is not None and info.get("sha256") != expected:
-        problems.append(f"sha256 is {info.get('sha256')!r}, {side.name} says {expected!r}")
+        side = Path(sidecar_name(ref.name)).name
+        problems.append(f"sha256 is {info.get('sha256')!r}, {side} says {expected!r}")
     try:
-        size = backup.stat().st_size
+        size: int | None = ref.store.size(ref.name)
     except OSError:
         size = None
     if size is not None and info.get("size") != size:
@@ -212,23 +242,19 @@ def check_entry(backup: Path, info: dict[str, Any], facts: dict[str, Any] | None
     return problems
 
 
-def rebuilt_entry(backup: Path, facts: dict[str, Any]) -> dict[str, Any]:
+def rebuilt_entry(backup: Path | Ref, facts: dict[str, Any]) -> dict[str, Any]:
     """An entry made from the file alone (what ``validate-backup`` writes in place of a damaged
     one): the file's facts, its size, the sidecar's sha256. What only the backup run knew
     (duration, priority, restore points up to a full backup's snapshot) is left out: nothing
     of the damaged entry is carried over."""
-    side = backup.with_name(backup.name + ".sha256")
-    try:
-        sha = decode_sidecar(side.read_bytes(), side.name)
-    except (OSError, EngramError):
-        sha = None
+    ref = as_ref(backup)
     info: dict[str, Any] = {
-        "path": str(backup),
+        "path": ref.describe(),
         "from_lsn": 1,
         "from_time_ns": 0,
-        "size": backup.stat().st_size,
-        "sha256": sha,
-        "sidecar": str(side),
+        "size": ref.store.size(ref.name),
+        "sha256": _sidecar_hash(ref),
+        "sidecar": ref.store.describe(sidecar_name(ref.name)),
         "duration_s": None,
         "stall_ms": None,
         "priority": None,
@@ -258,7 +284,7 @@ def validation_status(info: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    path: Path
+    path: Path  # how messages name the backup (its file, for a local store)
     kind: str  # "full" or "incremental"
     database_id: str
     from_lsn: int
@@ -267,6 +293,7 @@ class Entry:
     to_time_ns: int
     status: str = NOT_VALIDATED  # validation: passed, failed, pending, not validated
     verified: bool = True  # False: a legacy entry that no header could confirm
+    ref: Ref | None = field(default=None, compare=False)  # the backup in its store
 
     @property
     def name(self) -> str:
@@ -300,9 +327,9 @@ class Catalog:
     from_files: list[Entry] = field(default_factory=list)
 
 
-def _entry(backup: Path, f: dict[str, Any], status: str, verified: bool) -> Entry:
+def _entry(ref: Ref, f: dict[str, Any], status: str, verified: bool) -> Entry:
     return Entry(
-        path=backup,
+        path=Path(ref.describe()),
         kind=str(f["kind"]),
         database_id=str(f["database_id"]),
         from_lsn=int(f.get("from_lsn", 1)),
@@ -311,25 +338,27 @@ def _entry(backup: Path, f: dict[str, Any], status: str, verified: bool) -> Entr
         to_time_ns=int(f.get("snapshot_time_ns", 0)),
         status=status,
         verified=verified,
+        ref=ref,
     )
 
 
-def read_catalog(directory: Path) -> Catalog:
-    """Every backup in ``directory`` (and one level of subdirectories) that has an info file,
-    each entry checked against its file (module docstring)."""
+def read_catalog(where: Path | BackupStore) -> Catalog:
+    """Every backup in ``where`` (a store, or a directory and one level of subdirectories) that
+    has an entry, each entry checked against its file (module docstring)."""
     cat = Catalog()
-    d = Path(directory)
-    if not d.is_dir():
-        return cat
-    for ip in sorted(list(d.glob("*" + INFO_SUFFIX)) + list(d.glob("*/*" + INFO_SUFFIX))):
-        backup = ip.with_name(ip.name[: -len(INFO_SUFFIX)])
-        if not backup.is_file():
+    store = as_store(where)
+    names = store.list()
+    present = set(names)
+    for ip in names:
+        if not ip.endswith(INFO_SUFFIX) or ip[: -len(INFO_SUFFIX)] not in present:
             continue
+        backup = Ref(store, ip[: -len(INFO_SUFFIX)])
+        where_ = Path(backup.describe())
         try:
             facts = file_facts(backup)
         except (OSError, EngramError) as e:
             msg = e.message if isinstance(e, EngramError) else (e.strerror or str(e))
-            cat.problems.append(Problem(backup, f"its file's header cannot be read ({msg})"))
+            cat.problems.append(Problem(where_, f"its file's header cannot be read ({msg})"))
             continue
         info = read_info(backup)
         problems = (
@@ -344,7 +373,7 @@ def read_catalog(directory: Path) -> Catalog:
                 continue
             except (KeyError, TypeError, ValueError):
                 problems = ["it lacks a field a backup entry has"]
-        cat.problems.append(Problem(backup, "; ".join(problems)))
+        cat.problems.append(Problem(where_, "; ".join(problems)))
         if facts is not None:
             cat.from_files.append(_entry(backup, facts, NOT_VALIDATED, True))
     order = lambda e: (e.to_lsn, e.kind != "full", e.name)  # noqa: E731
@@ -353,16 +382,16 @@ def read_catalog(directory: Path) -> Catalog:
     return cat
 
 
-def scan(directory: Path) -> list[Entry]:
-    """The trusted entries of ``directory`` (``read_catalog``), oldest end first."""
-    return read_catalog(directory).entries
+def scan(where: Path | BackupStore) -> list[Entry]:
+    """The trusted entries of ``where`` (``read_catalog``), oldest end first."""
+    return read_catalog(where).entries
 
 
-def newest_end(directory: Path, database_id: str) -> Entry | None:
-    """The backup of ``database_id`` in ``directory`` that ends at the highest LSN, by what the
+def newest_end(where: Path | BackupStore, database_id: str) -> Entry | None:
+    """The backup of ``database_id`` in ``where`` that ends at the highest LSN, by what the
     files' own headers say: a backup whose entry is damaged still counts (with a warning), so the
     next incremental starts right after the true end."""
-    cat = read_catalog(directory)
+    cat = read_catalog(where)
     for p in cat.problems:
         log.warning(p.message)
     entries = [e for e in cat.entries + cat.from_files if e.database_id == database_id]

@@ -5,9 +5,9 @@ can read consistently, the files to stream, the manifest); the archive is then w
 plan by ``worker.write_plan`` into a sink (``archive.Sink``), here (priority "normal") or in a
 low-priority worker process (priority "low", what the server uses).
 
-``take_full`` writes the archive into any sink: a temp file (``full_backup``, which publishes
-it through ``output.BackupOutput``: never replacing, nothing left on failure) or the server's
-backup stream to the client that writes the file (``engram backup`` through a server).
+``take_full`` writes the archive into any sink: a store's temp object (``full_backup``, which
+publishes it through ``output.BackupOutput``: never replacing, nothing left on failure) or the
+server's backup stream to the client that writes the file (``engram backup`` through a server).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from engram import __version__
 from engram.backup.archive import FileSink, Sink
-from engram.backup.output import BackupOutput, SinkFactory, describe_os_error
+from engram.backup.output import BackupOutput, describe_os_error
 from engram.backup.worker import (
     DEFAULT_CPU_SHARE,
     LOW_CHUNK,
@@ -39,11 +39,11 @@ from engram.format import record as fmt
 from engram.format.manifest import MANIFEST_VERSION, compression_for
 from engram.graph import Cut, Engine
 from engram.model import ns_to_iso
+from engram.storage import Ref, as_ref
 
 __all__ = [
     "PRIORITIES",
     "BackupResult",
-    "SinkFactory",
     "check_full_request",
     "describe_os_error",
     "full_backup",
@@ -116,35 +116,33 @@ def check_full_request(priority: str, cpu_share: float | None) -> float:
 
 def full_backup(
     engine: Engine,
-    output: Path,
+    output: Path | Ref,
     progress: Callable[[int, int], None] | None = None,
-    sink_factory: SinkFactory | None = None,
     priority: str = "normal",
     on_worker: Callable[[int], None] | None = None,
     cpu_share: float | None = None,
 ) -> BackupResult:
-    """Take a full backup of ``engine`` to the new file ``output`` (.tar.zst or .tar.gz).
+    """Take a full backup of ``engine`` to the new object ``output`` (.tar.zst or .tar.gz): a
+    path (a file in its directory) or an object of any ``storage.BackupStore``.
 
     ``priority="normal"`` writes the archive in this process with zstd on every core (fastest;
     for a data dir nobody writes to). ``"low"`` writes it in a worker process that runs only on
     CPU the engine leaves idle, compressing on one thread and using at most ``cpu_share`` of one
     core (default ``DEFAULT_CPU_SHARE``; slower, what the server uses, so that writers keep their
-    latency). ``sink_factory(path, fd)`` makes the temp file's sink (priority "normal" only);
-    ``on_worker(pid)`` applies to "low" only (``worker.run_worker``). Published without
-    replacing anything: an existing name is a UsageError ("already exists"), at the start or
-    when another backup took the name meanwhile.
+    latency). ``on_worker(pid)`` applies to "low" only (``worker.run_worker``). Published
+    without replacing anything: an existing name is a UsageError ("already exists"), at the
+    start or when another backup took the name meanwhile.
     """
-    output = Path(output).absolute()
-    compression = full_compression(output.name)
-    if priority == "low" and sink_factory not in (None, FileSink):
-        raise ValueError("sink_factory applies to priority='normal' only (in-process writing)")
+    ref = as_ref(output)
+    compression = full_compression(ref.name)
     share = check_full_request(priority, cpu_share)
-    with BackupOutput(output) as out:
-        sink = out.open(sink_factory)
+    with BackupOutput(ref) as out:
+        sink = out.open()
+        where = Path(out.path)
         result = take_full(
-            engine, compression, sink, progress, priority, share, on_worker, output=output
+            engine, compression, sink, progress, priority, share, on_worker, output=where
         )
-        result.path, result.sidecar = str(output), str(out.sidecar)
+        result.path, result.sidecar = out.path, out.sidecar
         out.publish(result.sha256, result.info())
     return result
 

@@ -1,9 +1,10 @@
 """Incremental backups: the log records of a range, in the op-log format (docs/FORMAT.md).
 
-A chain never has a gap: when the newest backup in the output directory ends before the
-requested start, the range starts right after it instead, and the result says so. The output
-directory is the writer's: ``incremental_backup`` reads it itself; a client writing a streamed
-incremental reads its own and sends the LSN the range must start at or before (``After``).
+A chain never has a gap: when the newest backup in the output's store (its directory) ends
+before the requested start, the range starts right after it instead, and the result says so.
+The output's store is the writer's: ``incremental_backup`` reads it itself; a client writing a
+streamed incremental reads its own and sends the LSN the range must start at or before
+(``After``).
 Ranges always begin on a transaction boundary (a transaction's id is its first LSN), so every
 file can be replayed on its own terms.
 """
@@ -19,13 +20,14 @@ from pathlib import Path
 from engram.backup.archive import Sink
 from engram.backup.catalog import newest_end
 from engram.backup.full import BackupResult
-from engram.backup.output import BackupOutput, SinkFactory
+from engram.backup.output import BackupOutput
 from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
 from engram.format.manifest import compression_for
 from engram.graph import Engine
 from engram.model import ns_to_iso
 from engram.oplog.reader import LogFile, list_segments
+from engram.storage import BackupStore, Ref, as_ref, as_store
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,13 @@ class After:
     where: str
 
 
-def chain_of(directory: Path, database_id: str) -> After | None:
-    """The newest backup of ``database_id`` in ``directory``, if any."""
-    newest = newest_end(directory, database_id)
+def chain_of(where: Path | BackupStore, database_id: str) -> After | None:
+    """The newest backup of ``database_id`` in ``where`` (a directory or a store), if any."""
+    store = as_store(where)
+    newest = newest_end(store, database_id)
     if newest is None:
         return None
-    return After(newest.name, newest.to_lsn, str(directory))
+    return After(newest.name, newest.to_lsn, store.describe())
 
 
 def check_incremental_name(output: Path) -> None:
@@ -86,23 +89,23 @@ def _first_lsn_since(engine: Engine, since_ns: int, end: int) -> int:
 
 def incremental_backup(
     engine: Engine,
-    output: Path,
+    output: Path | Ref,
     since_s: float | None = None,
     since_lsn: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    sink_factory: SinkFactory | None = None,
 ) -> BackupResult:
-    """Write the records of a range to the new file ``output`` (a .log), published without
-    replacing anything; the range continues the newest backup in its directory."""
-    output = Path(output).absolute()
-    check_incremental_name(output)
-    with BackupOutput(output) as out:
-        after = chain_of(output.parent, engine.database_id)
+    """Write the records of a range to the new object ``output`` (a .log: a path, or an object
+    of any ``storage.BackupStore``), published without replacing anything; the range continues
+    the newest backup in its store."""
+    ref = as_ref(output)
+    check_incremental_name(Path(ref.name))
+    with BackupOutput(ref) as out:
+        after = chain_of(ref.store, engine.database_id)
         if after is None and since_s is None and since_lsn is None:
-            raise nothing_to_continue(output.parent)
-        sink = out.open(sink_factory)
+            raise nothing_to_continue(ref.store.describe())
+        sink = out.open()
         result = take_incremental(engine, sink, since_s, since_lsn, after, progress)
-        result.path, result.sidecar = str(output), str(out.sidecar)
+        result.path, result.sidecar = out.path, out.sidecar
         out.publish(result.sha256, result.info())
     return result
 

@@ -44,6 +44,7 @@ from engram.oplog.reader import iter_log_files
 from engram.recovery import read_header
 from engram.replay import ReplayBatch
 from engram.replay import batches as replay_batches
+from engram.storage import BackupStore, as_store
 
 Progress = Callable[[int, int], None]
 
@@ -520,22 +521,27 @@ class PitrResult:
         return asdict(self)
 
 
-def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]:
-    """The newest full backup before the target and the incrementals after it, with a
-    sentence saying which were chosen and which were skipped and why: a backup whose catalog
-    entry is damaged or disagrees with its file, whose validation failed, or whose validation
-    is pending (never finished, or its verdict could not be recorded) is never chosen."""
-    entries, skipped = usable_entries(repo)
+def choose_from_repo(
+    repo: Path | BackupStore, target: Target
+) -> tuple[Path, list[Path], str]:
+    """The newest full backup before the target and the incrementals after it in ``repo`` (a
+    directory or a store, read through its catalog only), with a sentence saying which were
+    chosen and which were skipped and why: a backup whose catalog entry is damaged or disagrees
+    with its file, whose validation failed, or whose validation is pending (never finished, or
+    its verdict could not be recorded) is never chosen."""
+    store = as_store(repo)
+    repo_name = store.describe()
+    entries, skipped = usable_entries(store)
     if not entries:
         raise UsageError(
-            f"no usable backups with catalog entries (*.info.json) in {repo}"
+            f"no usable backups with catalog entries (*.info.json) in {repo_name}"
             + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
         )
     fulls = [e for e in entries if e.kind == "full"]
     if target.name is not None and target.lsn is None:
         # The name's LSN first, then the same choice as for that LSN: a base at the mark
         # (replaying nothing) is chosen as readily as for --target-lsn.
-        target = target.resolved(_repo_mark(repo, entries, target.name))
+        target = target.resolved(_repo_mark(repo_name, entries, target.name))
 
     def before(e: Entry) -> bool:
         if target.time_ns is not None:
@@ -547,7 +553,7 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
     candidates = [e for e in fulls if before(e)]
     if not candidates:
         raise UsageError(
-            f"no full backup in {repo} before {target.describe()}"
+            f"no full backup in {repo_name} before {target.describe()}"
             + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
         )
     base = max(candidates, key=lambda e: (e.to_lsn, e.name))
@@ -579,7 +585,7 @@ def choose_from_repo(repo: Path, target: Target) -> tuple[Path, list[Path], str]
     return base.path, [e.path for e in incs], says
 
 
-def usable_entries(repo: Path) -> tuple[list[Entry], list[str]]:
+def usable_entries(repo: Path | BackupStore) -> tuple[list[Entry], list[str]]:
     """The catalog entries of ``repo`` that a choice may use, and why each other one is not."""
     cat = read_catalog(repo)
     skipped = [p.message for p in cat.problems]
@@ -597,7 +603,7 @@ def usable_entries(repo: Path) -> tuple[list[Entry], list[str]]:
     return entries, skipped
 
 
-def _repo_mark(repo: Path, entries: list[Entry], name: str) -> int:
+def _repo_mark(repo: str, entries: list[Entry], name: str) -> int:
     """The LSN of restore point ``name`` in a backup directory: from the full backups' catalog
     entries (``marks``: those up to each one's snapshot), else from scanning the incrementals.
     A name marked twice (allowed once) means its first marker."""
@@ -605,7 +611,7 @@ def _repo_mark(repo: Path, entries: list[Entry], name: str) -> int:
     for e in entries:
         if e.kind != "full":
             continue
-        marks = (read_info(e.path) or {}).get("marks")
+        marks = (read_info(e.ref or e.path) or {}).get("marks")
         at = marks.get(name) if isinstance(marks, dict) else None
         if isinstance(at, dict) and isinstance(at.get("lsn"), int):
             found.append(at["lsn"])
