@@ -38,6 +38,7 @@ test-slow: dev
 lint: dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
+	$(BIN)/lint-imports --no-cache
 
 bench: install
 	$(BIN)/python bench/run_all.py

@@ -1,4 +1,4 @@
-"""The data directory: layout, identity and ownership (DESIGN "Storage").
+"""The data directory: layout, identity and ownership (docs/DESIGN.md "Storage").
 
 ``engram.lock`` is held with ``flock`` for as long as a process owns the directory; its content
 names the owner (pid, URL when serving) so that the CLI can find a running server. A lock file

@@ -1,4 +1,4 @@
-"""The logical digest (DESIGN O7).
+"""The logical digest (docs/DESIGN.md O7).
 
 An order-independent digest of the logical graph: the sum mod 2^256 of sha256 over a canonical
 encoding of each memory and each edge. Adding an item adds its hash, removing subtracts it, so the

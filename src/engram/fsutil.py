@@ -67,9 +67,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` to disk, without
-    waiting, so that the fsync that must follow has only the tail left to wait for (restore:
-    extraction ~0.19 -> ~0.14 s on 150 MB). Not for a process whose neighbours fsync small
-    appends (a server's log): their fsyncs then queue behind this write-back all along.
+    waiting, so that the fsync that must follow has only the tail left to wait for. Not for a
+    process whose neighbours fsync small appends (a server's log): their fsyncs would queue
+    behind this write-back all along.
 
     A hint: it does nothing where sync_file_range is missing, and ignores its errors; the
     caller's fsync is what makes the data durable and reports an I/O error."""

@@ -54,7 +54,7 @@ EDGE_OPS = frozenset({OpType.CREATE_EDGE, OpType.DELETE_EDGE})
 
 # gc=False: memories and edges hold only strings, numbers and JSON metadata, so they can never
 # be part of a reference cycle; untracked, a fast tier of a million memories adds nothing to a
-# full garbage collection (~0.15 s per 700,000 tracked memories, with every thread stopped).
+# full garbage collection, which stops every thread while it runs.
 class Memory(msgspec.Struct, array_like=True, gc=False):
     """A memory. Encoded as a msgpack array (field order is part of the format)."""
 

@@ -1,4 +1,5 @@
-"""Recovery on open (DESIGN O5): warm tier at ``applied_lsn``, then replay the log after it.
+"""Recovery on open (docs/DESIGN.md O5): warm tier at ``applied_lsn``, then replay the log
+after it.
 
 Only the segments that hold records past ``applied_lsn`` are read; every segment's header is
 checked (database id, first LSN). A torn tail of the last segment is cut with a warning; any

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,21 +19,16 @@ from typer.testing import CliRunner
 
 from engram.cli.main import app
 from engram.datadir import read_owner
+from netutil import free_port
 
 runner = CliRunner()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Server:
     def __init__(self, data_dir: Path, token: str | None, log: Path) -> None:
         self.data_dir = data_dir
         self.token = token
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "engram.server", "--data-dir", str(data_dir)]
         args += ["--port", str(self.port)]

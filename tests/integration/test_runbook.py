@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from netutil import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 BIN = Path(sys.executable).parent
@@ -26,12 +27,6 @@ WAIT_READY = (
     'for i in $(seq 1 100); do curl -fsS "$ENGRAM_URL/health/ready" >/dev/null && exit 0; '
     "sleep 0.1; done; exit 1"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _sections() -> dict[str, list[str]]:
@@ -67,7 +62,7 @@ stop_engram() {
 class Runbook:
     def __init__(self, work: Path) -> None:
         self.work = work
-        self.port = _free_port()
+        self.port = free_port()
         self.env = dict(os.environ)
         self.env.update(
             PATH=f"{BIN}:{self.env.get('PATH', '')}",

@@ -35,6 +35,7 @@ from typer.testing import CliRunner
 
 from engram.backup.full import full_backup
 from engram.backup.restore import restore
+from engram.backup.validate import validate_backup
 from engram.cli.main import app
 from engram.errors import BadArchive, CorruptData, EngramError
 from engram.graph import Engine, EngineConfig
@@ -923,21 +924,12 @@ def test_refused_restore_creates_no_parent_dirs(tmp_path: Path) -> None:
 # -- validate-backup names the reason too ------------------------------------------------------
 
 
-def _validate() -> Callable[..., Any]:
-    try:
-        from engram.backup.validate import validate_backup
-    except ImportError as e:  # verify.py is written by another helper
-        pytest.skip(f"engram.backup.validate cannot be imported yet ({e})")
-    return validate_backup
-
-
 @pytest.mark.parametrize(
     "case",
     ["traversal_two_up", "absolute", "symlink_replaces_db", "hardlink", "chardev",
      "missing_manifest", "member_not_in_manifest"],
 )
 def test_validate_level2_fails_structural(source: Source, tmp_path: Path, case: str) -> None:
-    validate_backup = _validate()
     build, _, needles = _structural_cases(tmp_path)[case]
     a = write_archive(tmp_path / "in", f"{case}.tar.zst", pack(build(source.members["zst"]), "zst"))
     scene = Scene.make(tmp_path, outside=[tmp_path / "evil", tmp_path / "abs-evil"])
@@ -951,7 +943,6 @@ def test_validate_level2_fails_structural(source: Source, tmp_path: Path, case: 
 @pytest.mark.parametrize("case", ["not_json", "format_version_2", "wrong_sha256",
                                   "lists_absent_file"])
 def test_validate_level2_fails_manifest(source: Source, tmp_path: Path, case: str) -> None:
-    validate_backup = _validate()
     mutate, _, needles = _manifest_cases()[case]
     members = source.members["gz"]
     a = write_archive(tmp_path / "in", f"{case}.tar.gz",
@@ -967,7 +958,6 @@ def test_validate_level2_fails_manifest(source: Source, tmp_path: Path, case: st
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "wrong-sidecar", "no-sidecar",
                                     "garbage"])
 def test_validate_level2_fails_damaged(source: Source, tmp_path: Path, damage: str) -> None:
-    validate_backup = _validate()
     data = source.archives["zst"].read_bytes()
     side: bool | bytes = True
     words: tuple[str, ...] = DAMAGE_WORDS
@@ -997,11 +987,50 @@ def test_validate_level2_fails_damaged(source: Source, tmp_path: Path, damage: s
 
 
 def test_validate_level2_passes_clean(source: Source, tmp_path: Path) -> None:
-    validate_backup = _validate()
     a = write_archive(tmp_path / "in", "a.tar.zst", source.archives["zst"].read_bytes())
     rep = validate_backup(a, level=2, record=False, workdir=tmp_path / "in")
     assert rep.ok, rep.reason
     shutil.rmtree(tmp_path / "in")
+
+
+def test_validate_checksums_step_says_what_the_extraction_checked(
+    source: Source, tmp_path: Path
+) -> None:
+    a = write_archive(tmp_path / "in", "a.tar.zst", source.archives["zst"].read_bytes())
+    rep = validate_backup(a, level=2, record=False, workdir=tmp_path / "in")
+    assert rep.ok, rep.reason
+    assert [s.name for s in rep.steps] == ["structure", "checksums"]
+    detail = rep.steps[1].detail
+    m = manifest_of(source.members["zst"])
+    w, s = m["warm_lsn"], m["snapshot_lsn"]
+    assert w < s  # the source holds records (W, S], so there is something to check
+    assert "equal to a.tar.zst.sha256" in detail, detail
+    assert f"{len(m['files'])} members' size and sha256 equal to the manifest" in detail, detail
+    assert "archive header equal to the manifest" in detail, detail
+    assert f"{s - w} log record CRCs and LSN continuity {w + 1}..{s} ok" in detail, detail
+
+
+def test_validate_checksums_step_fails_without_a_sidecar(source: Source, tmp_path: Path) -> None:
+    a = write_archive(tmp_path / "in", "a.tar.zst", source.archives["zst"].read_bytes(),
+                      sidecar=False)
+    rep = validate_backup(a, level=1, record=False, workdir=tmp_path / "in")
+    assert [(s.name, s.ok) for s in rep.steps] == [("structure", True), ("checksums", False)]
+    assert rep.reason is not None
+    assert rep.reason.startswith("checksums: a.tar.zst.sha256 is missing"), rep.reason
+
+
+def test_validate_checksums_step_checks_the_log_records(source: Source, tmp_path: Path) -> None:
+    """A log segment emptied of its records (W, S], with every member hash matching the
+    manifest, fails level 2: the records are checked without a restore."""
+    build, _, _ = _structural_cases(tmp_path)["log_member_emptied_of_records"]
+    a = write_archive(tmp_path / "in", "a.tar.zst", pack(build(source.members["zst"]), "zst"))
+    rep = validate_backup(a, level=2, record=False, workdir=tmp_path / "in")
+    assert [(s.name, s.ok) for s in rep.steps] == [("structure", True), ("checksums", False)]
+    m = manifest_of(source.members["zst"])
+    assert rep.reason == (
+        f"checksums: the archive's log records end at LSN {m['warm_lsn']}, its manifest's "
+        f"snapshot LSN is {m['snapshot_lsn']}; the archive is inconsistent — use another backup"
+    )
 
 
 # -- the archive header (docs/FORMAT.md "Archive header") ----------------------------------------

@@ -26,6 +26,7 @@ from engram.errors import (
     ValidationError,
 )
 from engram.graph import EngineConfig
+from netutil import free_port
 
 runner = CliRunner()
 
@@ -507,12 +508,6 @@ def test_import_bad_op_names_its_line(dd: str, tmp_path: Path) -> None:
 # -- ownership: another CLI, a server ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_busy_data_dir_names_the_pid(dd: str) -> None:
     ok("init", "--data-dir", dd)
     lock = DirLock(Path(dd))
@@ -527,7 +522,7 @@ def test_busy_data_dir_names_the_pid(dd: str) -> None:
 
 def test_owned_by_a_server_goes_over_http(dd: str) -> None:
     ok("init", "--data-dir", dd)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     lock = DirLock(Path(dd))
     lock.acquire(url)  # a "server" that is not listening
     try:
@@ -674,6 +669,6 @@ def test_client_sends_the_token_and_quotes_ids() -> None:
 
 
 def test_client_connection_refused_names_the_url() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with EngramClient(url) as c, pytest.raises(RemoteError, match=f"cannot reach .* at {url}"):
         c.stats()

@@ -1,4 +1,4 @@
-"""Full backups: one archive of a consistent cut (DESIGN "Backups").
+"""Full backups: one archive of a consistent cut (docs/DESIGN.md "The backup cut").
 
 Under the cut, this process gathers a plan (``worker.Plan``: the bytes only the engine's process
 can read consistently, the files to stream, the manifest); the archive is then written from the

@@ -1,4 +1,4 @@
-"""Applying logs and point-in-time recovery (DESIGN "Apply / PITR").
+"""Applying logs and point-in-time recovery (docs/DESIGN.md "What a backup proves").
 
 Every log is scanned completely before anything is applied — CRCs, database id, continuity from
 the target's LSN, the covered range, restore points — so a damaged, foreign or gapped log, or a

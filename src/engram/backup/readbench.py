@@ -108,7 +108,8 @@ def run_benchmark(data_dir: Path, duration_s: float = 10.0, seed: int = 1) -> Be
 
 
 def render_lines(r: BenchResult) -> str:
-    """The lines the seed's script parses: `p50: <ms>` etc., each value a bare number."""
+    """One `name: value` line per figure (`p50: <ms>` etc.), each value a bare number, for
+    scripts to parse."""
     return (
         f"p50: {r.p50_ms}\np95: {r.p95_ms}\np99: {r.p99_ms}\nops/s: {r.ops_per_s}\n"
         f"ops: {r.ops}\nmemories: {r.memories}\n"

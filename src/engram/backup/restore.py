@@ -1,4 +1,5 @@
-"""Restoring a full backup (DESIGN "Backups", promise 3: restore never destroys data).
+"""Restoring a full backup (docs/DESIGN.md "What a backup proves", promise 3: restore never
+destroys data).
 
 1. Refuse a target held by a running server (even with --force), and a non-empty target
    without --force.

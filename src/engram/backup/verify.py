@@ -1,4 +1,5 @@
-"""Checking a data dir without changing it (DESIGN "Validation levels", `engram verify`).
+"""Checking a data dir without changing it (`engram verify`; docs/DESIGN.md "Validation
+levels").
 
 Every check runs and every problem is collected with its location (restic's checker), capped per
 check so that a badly damaged store still gives a readable report. Nothing is written: SQLite is

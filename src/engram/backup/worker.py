@@ -60,16 +60,14 @@ EXIT_FAILED = 3
 EXIT_ORPHANED = 4
 MODULE = "engram.backup.worker"
 # A low-priority backup reads in small chunks: with its buffer and the compressor's state in the
-# core's own cache it evicts less of the engine's working set from the shared one (measured on
-# 2 cores: write p99 during back-to-back backups ~1.4x with 256 KiB vs ~1.55x with 4 MiB).
+# core's own cache it evicts less of the engine's working set from the cache the cores share.
 LOW_CHUNK = 256 << 10
 REPORT_EVERY = 4 << 20  # bytes between progress lines (each one wakes the parent)
 # The share of one core a low-priority worker may use, by default, while the engine writes.
 # SCHED_IDLE keeps it off a core a writer wants, but not out of the cache, the memory bus and
-# the disk the writers share: measured on 2 cores (bench_backup.py --only during), write p99
-# during back-to-back backups was 1.5-2.2x without a cap, 1.4-1.5x at 0.5, 1.2-1.4x at 0.25.
+# the disk the writers share; the cap bounds what it takes of those while anyone writes.
 # While the log does not grow the worker runs uncapped (LogActivity); ``cpu_share=1`` lifts
-# the cap altogether.
+# the cap altogether. What the default costs writers and the backup: bench/README.md.
 DEFAULT_CPU_SHARE = 0.25
 MIN_CPU_SHARE = 0.05
 
@@ -117,8 +115,8 @@ def check_cpu_share(share: float, name: str = "cpu share") -> float:
 class LogActivity:
     """Whether the engine is writing: its op log grew, or got a new segment, within the last
     ``hold`` seconds. Looks (a stat or two) at most every ``every`` seconds. Every write is
-    appended to the log before it is applied (DESIGN O1), so this sees every writer, in this
-    process or any other, without asking the engine anything."""
+    appended to the log before it is applied (docs/DESIGN.md O1), so this sees every writer,
+    in this process or any other, without asking the engine anything."""
 
     def __init__(
         self,

@@ -66,8 +66,8 @@ def _validate(
 ) -> dict[str, Any]:
     """validate-backup, at idle CPU priority when ``priority`` is "low" (this thread and the
     threads and helper processes it starts): a restore test, verify and a read benchmark on a
-    machine a server shares would otherwise take both cores from its writers (write p99 ~9x
-    during one, measured; ~1.2x at idle priority)."""
+    machine a server shares would otherwise take both cores from its writers, and their
+    latency with them."""
     from engram.procs import idle_priority
 
     with idle_priority(priority == "low"):
@@ -368,7 +368,7 @@ def validate_backup(
     ] = "normal",
     as_json: Json = False,
 ) -> None:
-    """Check a backup like the seed's script: checksum, restore, verify, digest, benchmark."""
+    """Check a backup: checksums, a restore test, verify, the digest, a read benchmark."""
     from engram.backup.full import PRIORITIES
 
     if priority not in PRIORITIES:

@@ -1,4 +1,5 @@
-"""Reading log files: verify every record, find a torn tail, check continuity (DESIGN O2, O5).
+"""Reading log files: verify every record, find a torn tail, check continuity
+(docs/DESIGN.md O2, O5).
 
 Records are yielded a whole transaction at a time: a transaction whose end marker is missing is
 never yielded. Damage is reported with the file and byte offset. Only the caller knows whether a

@@ -1,4 +1,4 @@
-"""Appending to the op log with group commit (DESIGN O1).
+"""Appending to the op log with group commit (docs/DESIGN.md O1).
 
 The engine calls ``append`` under its own lock, so records reach the file in LSN order. A single
 flusher thread fsyncs whatever has been written since its last fsync and then wakes every writer

@@ -1,4 +1,4 @@
-"""The fast tier: a RAM working set under a byte budget (DESIGN O4).
+"""The fast tier: a RAM working set under a byte budget (docs/DESIGN.md O4).
 
 It caches memories as they are read and written and keeps the most-activated ones when it has to
 evict. Activations are write-back: they are logged (O1), applied here only, and reach the warm

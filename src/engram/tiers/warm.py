@@ -1,4 +1,4 @@
-"""The warm tier: the complete graph in SQLite (WAL mode) on local disk (DESIGN O4).
+"""The warm tier: the complete graph in SQLite (WAL mode) on local disk (docs/DESIGN.md O4).
 
 One connection writes, inside a long-lived transaction that the engine commits at checkpoints;
 ``applied_lsn`` and the digest are written in that same transaction, so the file on disk always
@@ -69,7 +69,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
     {FTS_ARGS}
 );
 -- The full-text index is kept by WarmTier itself, not by triggers: a trigger makes FTS5 flush
--- per row (about 10x the cost), and an index update is needed only when content changes.
+-- its pending terms per row, and an index update is needed only when content changes.
 DROP TRIGGER IF EXISTS memories_ai;
 DROP TRIGGER IF EXISTS memories_ad;
 DROP TRIGGER IF EXISTS memories_au;
