@@ -46,6 +46,18 @@ from engram.backup.worker import (
 from engram.errors import BackupError, BadArchive, UsageError
 from engram.graph import Engine, EngineConfig
 
+# A plan's manifest as a cut makes it: every field the archive header carries.
+MANIFEST = {
+    "kind": "full",
+    "database_id": "00000000-0000-4000-8000-000000000000",
+    "snapshot_lsn": 0,
+    "snapshot_time": "",
+    "snapshot_time_ns": 0,
+    "warm_lsn": 0,
+    "digest": "0" * 64,
+    "counts": {"memories": 0, "edges": 0},
+}
+
 
 def _fill(e: Engine, rnd: random.Random, n: int, size: int, prefix: str = "m") -> None:
     for i in range(n):
@@ -260,7 +272,7 @@ def test_worker_io_error_names_its_cause(big: tuple[Engine, Path, dict[str, str]
 def test_worker_reports_a_file_that_shrank_and_a_missing_file(tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(100_000))
-    manifest = {"kind": "full"}
+    manifest = dict(MANIFEST)
     out = tmp_path / "out.tar.zst"
     shrank = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=200_000)], manifest, 1)
     missing = Plan("gzip", [PlanMember("cold/x.seg", path=str(tmp_path / "gone"), size=1)],
@@ -285,7 +297,7 @@ def test_worker_relays_through_a_pipe_into_a_sink(tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(3 << 20))
     plan = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=3 << 20)],
-                {"kind": "full"}, 1, chunk=64 << 10)
+                dict(MANIFEST), 1, chunk=64 << 10)
 
     class Memory:
         def __init__(self, fail_after: int | None = None) -> None:
@@ -478,7 +490,7 @@ def _pacing_run(tmp_path: Path, share: float, grow: bool) -> float:
     tmp = tmp_path / f".{out.name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     plan = Plan("zstd", [PlanMember("warm/engram.db", path=str(src), size=32 << 20)],
-                {"kind": "full"}, 1)
+                dict(MANIFEST), 1)
     stop = threading.Event()
 
     def appender() -> None:
