@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_core.py [--quick] [--duration S] [--replay-gb G] ...
 
 What each number is:
-- HTTP figures: a real ``python -m engram.server`` process (durability ``sync``: every write
+- HTTP figures: a real ``engram serve`` process (durability ``sync``: every write
   acknowledged only after its fsync) driven over loopback by bench/loadgen.py, a lean asyncio
   keep-alive client in this process (it shares the 2 cores with the server).
 - The write baseline: bench/baseline_server.py, plain SQLite (WAL, synchronous=FULL, one

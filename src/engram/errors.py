@@ -37,9 +37,11 @@ class UsageError(EngramError):
     code = "usage"
 
 
-class ValidationError(UsageError):
+class ValidationError(EngramError):
     """A field of the request is invalid."""
 
+    exit_code = 2
+    http_status = 400
     code = "invalid"
 
     def __init__(self, message: str, field: str | None = None, **details: Any) -> None:

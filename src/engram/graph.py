@@ -1,57 +1,45 @@
-"""The engine: one facade over the op log and the tiers.
+"""The engine: owns a data dir's op log and tiers, and the write path between them.
 
 Write path (all under ``self.lock``, microseconds): plan the ops against the current state, give
 them LSNs and one timestamp, append the records to the log (O1), apply them to the digest and the
 tiers. Then, outside the lock, wait until the flusher has fsynced them (group commit) before the
 caller acknowledges. The warm tier's transaction is committed at checkpoints, only after the log
 is fsynced up to the same LSN, so ``applied_lsn`` never runs ahead of the durable log (O4).
+
+The engine is also the state view the planner plans against and the queries read
+(``engram.query``); the backup cut and the write pause are objects of their own (``engram.cut``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engram import digest as dg
+from engram.cut import Cut, Cutter, Quiesce
 from engram.datadir import DirLock, Layout, init_data_dir, is_initialized, read_identity
 from engram.errors import CorruptLog, LogGap, NotFound, Unavailable, ValidationError
 from engram.format import record as fmt
-from engram.model import (
-    MEMORY_OPS,
-    Edge,
-    ExportStream,
-    Memory,
-    OpType,
-    check_id,
-    edge_op,
-    effective_strength,
-    memory_op,
-    ns_to_iso,
-)
+from engram.model import MEMORY_OPS, Edge, Memory, OpType, check_id
 from engram.oplog.reader import iter_log_files, list_segments, read_range
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
 from engram.recovery import recover
 from engram.replay import ReplayBatch, prepare_replay
-from engram.tiers.fast import FastTier, rank_hot
+from engram.tiers.fast import FastTier
 from engram.tiers.warm import WarmTier
 
 log = logging.getLogger("engram")
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-# How many of the best text matches a recall ranks (with their out-neighbours), whatever its
-# limit: as many as the largest limit, so any limit is a prefix of one ranking, and strength
-# reorders all the matches a recall can return.
-RECALL_POOL = 1000
+# Page size of the engine's own scans (``iter_memories``, ``iter_edges``): the lock is held
+# for one page at a time.
+SCAN_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -64,32 +52,6 @@ class EngineConfig:
     checkpoint_ops: int = 50_000
     cache_mib: int = 64
     batch_interval: float = 0.01
-
-
-@dataclass
-class Cut:
-    """A consistent cut (DESIGN "Backups"): what a backup needs, pinned until ``release_cut``.
-
-    The warm tier's committed state is at ``warm_lsn`` (W); with checkpoints of the SQLite WAL
-    held off, ``warm/engram.db`` plus the first ``wal_size`` bytes of its WAL are exactly that
-    state. The log records (W, S] in ``segments`` bring it to ``snapshot_lsn`` (S).
-    """
-
-    database_id: str
-    snapshot_lsn: int
-    snapshot_ts: int
-    digest: str
-    warm_lsn: int
-    warm_digest: str
-    db_size: int
-    wal_size: int
-    wal_header: bytes
-    hot_ids: list[str]
-    taken_ns: int
-    memories: int
-    edges: int
-    stall_ns: int = 0  # how long the cut held the engine lock (writers wait meanwhile)
-    lock_wait_ns: int = 0  # how long it waited for the lock first (a checkpoint, a write)
 
 
 @dataclass
@@ -119,18 +81,14 @@ class Engine:
         self.checkpoint_lsn = 0
         self.ready = False
         self.failed: str | None = None
-        self.write_block: str | None = None  # reason writes are refused (quiesce)
-        self.write_block_retry = 1.0
         self._stop = threading.Event()
         self._ckpt_thread: threading.Thread | None = None
         self._ops_since_ckpt = 0
         self.checkpoint_digest = dg.EMPTY
         self.n_memories = 0
         self.n_edges = 0
-        self.quiesced_until: float | None = None  # wall-clock seconds
-        self._quiesce_timer: threading.Timer | None = None
-        self._cuts = 0
-        self._cuts_done = threading.Condition(self.lock)
+        self.pause = Quiesce(self.lock)
+        self.cuts = Cutter(self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -224,21 +182,14 @@ class Engine:
         if found:
             log.info("restore points: %d found in the log and recorded", len(found))
 
-    def set_url(self, url: str | None) -> None:
-        if self.dirlock is not None:
-            self.dirlock.update(url)
-
     def close(self) -> None:
         self._stop.set()
-        if self._quiesce_timer is not None:
-            self._quiesce_timer.cancel()
+        self.pause.close()
         if self._ckpt_thread is not None:
             self._ckpt_thread.join()
             self._ckpt_thread = None
         with self.lock:
-            # A backup streaming the warm files needs them unchanged: let it finish first.
-            while self._cuts:
-                self._cuts_done.wait()
+            self.cuts.wait_released()
             if not self.readonly and self.failed is None and self.writer is not None:
                 try:
                     self.checkpoint()
@@ -323,96 +274,32 @@ class Engine:
             raise ValidationError("the quiesce timeout must be positive", field="timeout")
         with self.lock:
             self._check_writable()
-            until = time.time() + timeout_s
-            self.write_block = (
-                "writes are paused by `engram quiesce` until "
-                f"{time.strftime('%H:%M:%S', time.localtime(until))} or `engram resume`"
-            )
-            self.write_block_retry = min(timeout_s, 5.0)
-            self.quiesced_until = until
-            if self._quiesce_timer is not None:
-                self._quiesce_timer.cancel()
-            self._quiesce_timer = threading.Timer(timeout_s, self._quiesce_lapsed, args=(until,))
-            self._quiesce_timer.daemon = True
-            self._quiesce_timer.start()
+            self.pause.pause(timeout_s)
             last = self.last_lsn
         self.wait(last)
         self.checkpoint()
-        return self.quiesce_state()
-
-    def _quiesce_lapsed(self, until: float) -> None:
         with self.lock:
-            if self.quiesced_until == until:
-                log.warning("quiesce timeout lapsed; writes resume without `engram resume`")
-                self._lift_quiesce()
-
-    def _lift_quiesce(self) -> None:
-        self.write_block = None
-        self.quiesced_until = None
-        if self._quiesce_timer is not None:
-            self._quiesce_timer.cancel()
-            self._quiesce_timer = None
+            return self._quiesce_state()
 
     def resume(self) -> dict[str, Any]:
         with self.lock:
-            was = self.quiesced_until is not None
-            self._lift_quiesce()
-        return self.quiesce_state() | {"was_quiesced": was}
+            was = self.pause.lift()
+            return self._quiesce_state() | {"was_quiesced": was}
 
-    def quiesce_state(self) -> dict[str, Any]:
-        until = self.quiesced_until
-        return {
-            "quiesced": until is not None,
-            "until": ns_to_iso(int(until * 1e9)) if until else None,
-            "checkpoint_lsn": self.checkpoint_lsn,
-            "lsn": self.last_lsn,
-        }
+    def _quiesce_state(self) -> dict[str, Any]:
+        return self.pause.state() | {"checkpoint_lsn": self.checkpoint_lsn, "lsn": self.last_lsn}
 
     # -- backups -------------------------------------------------------------------------
 
     def cut(self) -> Cut:
-        """Take a consistent cut; holds the lock for two stats and a 12-byte read only."""
-        if self.readonly or self.writer is None:
-            raise Unavailable("a backup needs the data dir opened for writing", retry_after=0)
-        wal = self.layout.warm_db.with_name("engram.db-wal")
-        t0 = time.perf_counter_ns()
-        with self.lock:
-            t_held = time.perf_counter_ns()
-            if self.failed is not None:
-                raise Unavailable(self.failed, retry_after=30)
-            if self._cuts == 0:
-                # No WAL checkpoints from here on: the main database file stays as it is now.
-                self.warm.conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._cuts += 1
-            try:
-                wal_size, wal_header = _wal_state(wal)
-                cut = Cut(
-                    database_id=self.database_id,
-                    snapshot_lsn=self.last_lsn,
-                    snapshot_ts=self.last_ts,
-                    digest=self.digest.hex,
-                    warm_lsn=self.checkpoint_lsn,
-                    warm_digest=self.checkpoint_digest,
-                    db_size=self.layout.warm_db.stat().st_size,
-                    wal_size=wal_size,
-                    wal_header=wal_header,
-                    hot_ids=[],
-                    taken_ns=time.time_ns(),
-                    memories=self.n_memories,
-                    edges=self.n_edges,
-                )
-            except BaseException:
-                self._release_locked()
-                raise
-            held = time.perf_counter_ns() - t_held
-        cut.lock_wait_ns = t_held - t0
-        with self.lock:  # a cache hint, not part of the cut: copied after it, ranked outside
-            t_held = time.perf_counter_ns()
-            cached = self.fast.snapshot()
-            held += time.perf_counter_ns() - t_held
-        cut.stall_ns = held  # what the cut made writers wait: both times it held the lock
-        cut.hot_ids = rank_hot(cached, 10_000)
-        return cut
+        """Take a consistent cut (``Cutter.cut``); ``release_cut`` it when the backup is done."""
+        return self.cuts.cut()
+
+    def release_cut(self, cut: Cut) -> None:
+        self.cuts.release(cut)
+
+    def wal_still_valid(self, cut: Cut) -> bool:
+        return self.cuts.wal_still_valid(cut)
 
     def log_range(self, from_lsn: int, to_lsn: int) -> Iterator[tuple[int, int, int, bytes]]:
         """(lsn, ts, txid, framed bytes) of the written records ``from_lsn..to_lsn``, found
@@ -428,36 +315,6 @@ class Engine:
         """(last LSN, its timestamp, digest there), taken together under the lock."""
         with self.lock:
             return self.last_lsn, self.last_ts, self.digest.hex
-
-    def release_cut(self, cut: Cut) -> None:
-        with self.lock:
-            last = self._cuts == 1
-        if last:
-            # The WAL grew while checkpoints were held off. Copy it into the main file from a
-            # connection of its own, outside the engine lock (a passive checkpoint never waits
-            # for the writer), so the next commit does not do it while writers wait.
-            try:
-                conn = sqlite3.connect(str(self.layout.warm_db), timeout=5)
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                finally:
-                    conn.close()
-            except sqlite3.Error as e:
-                log.warning("checkpoint of the WAL after a backup failed: %s", e)
-        with self.lock:
-            self._release_locked()
-
-    def _release_locked(self) -> None:
-        self._cuts -= 1
-        if self._cuts == 0:
-            self.warm.conn.execute("PRAGMA wal_autocheckpoint=1000")
-            self._cuts_done.notify_all()
-
-    def wal_still_valid(self, cut: Cut) -> bool:
-        """False when SQLite restarted the WAL since the cut (only possible when every frame
-        was already in the main file at the cut, so the main file alone is the W state)."""
-        _, header = _wal_state(self.layout.warm_db.with_name("engram.db-wal"))
-        return header == cut.wal_header
 
     def _prewarm(self) -> None:
         """Load the hot set a restored backup brought (fast/hot.json), then forget it."""
@@ -521,8 +378,9 @@ class Engine:
             raise Unavailable("recovery is still running", retry_after=1)
         if self.failed is not None:
             raise Unavailable(self.failed, retry_after=30)
-        if self.write_block is not None:
-            raise Unavailable(self.write_block, retry_after=self.write_block_retry)
+        block = self.pause.block
+        if block is not None:
+            raise Unavailable(block, retry_after=self.pause.retry_after)
 
     def submit(self, ops: list[Any]) -> WriteResult:
         """Log and apply ``ops`` atomically; returns before they are durable (see ``wait``)."""
@@ -618,7 +476,15 @@ class Engine:
         self.wait(res.lsn)
         return res
 
-    # -- reads (the planner's StateView too) ---------------------------------------------
+    # -- reads: the planner's StateView and the queries' GraphView (``engram.query``) -----
+
+    @property
+    def half_life_s(self) -> float:
+        return self.config.half_life_s
+
+    def reading(self) -> AbstractContextManager[Any]:
+        """Held while a query reads: no write is applied meanwhile, so it reads one state."""
+        return self.lock
 
     def get_memory(self, mid: str) -> Memory | None:
         """The memory, or None. The object is shared with the fast tier: treat it as read-only
@@ -653,144 +519,137 @@ class Engine:
         with self.lock:
             return self.warm.edges_of(mid)
 
+    def edges_out(self, mid: str) -> list[Edge]:
+        with self.lock:
+            return self.warm.edges_out(mid)
+
+    def edges_in(self, mid: str) -> list[Edge]:
+        with self.lock:
+            return self.warm.edges_in(mid)
+
+    def edges_out_of(self, ids: list[str]) -> list[Edge]:
+        with self.lock:
+            return self.warm.edges_out_of(ids)
+
+    def search(self, fts_query: str, limit: int) -> list[tuple[str, float]]:
+        with self.lock:
+            return self.warm.search(fts_query, limit)
+
     def memory(self, mid: Any) -> Memory:
+        """The memory ``mid`` (checked as an id), or NotFound."""
         mid = check_id(mid)
         m = self.get_memory(mid)
         if m is None:
             raise NotFound(f"memory {mid} not found", field="id")
         return m
 
-    def memory_json(self, m: Memory) -> dict[str, Any]:
-        return m.to_json(time.time_ns(), self.config.half_life_s)
-
-    def neighbors(self, mid: Any, direction: str = "both", depth: int = 1) -> list[dict[str, Any]]:
-        if direction not in ("out", "in", "both"):
-            raise ValidationError("direction must be out, in or both", field="direction")
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 3:
-            raise ValidationError("depth must be an integer from 1 to 3", field="depth")
-        with self.lock:
-            start = self.memory(mid).id
-            seen = {start}
-            frontier = [start]
-            out: list[dict[str, Any]] = []
-            for d in range(1, depth + 1):
-                nxt = []
-                for cur in frontier:
-                    edges: list[tuple[Edge, str]] = []
-                    if direction in ("out", "both"):
-                        edges += [(e, e.dst) for e in self.warm.edges_out(cur)]
-                    if direction in ("in", "both"):
-                        edges += [(e, e.src) for e in self.warm.edges_in(cur)]
-                    for e, other in edges:
-                        if other in seen:
-                            continue
-                        seen.add(other)
-                        m = self.get_memory(other)
-                        if m is None:
-                            continue
-                        out.append({"depth": d, "edge": e.to_json(), "memory": self.memory_json(m)})
-                        nxt.append(other)
-                frontier = nxt
-            return out
-
-    def recall(self, query: Any, limit: int = 10) -> list[dict[str, Any]]:
-        """Full-text match, ranked by text score x (0.5 + strength), plus one step of spreading
-        activation: each match passes half its own score (as matched, before any spreading),
-        scaled by edge weight, to its out-neighbours; negative weights pass nothing.
-
-        The ranking does not depend on ``limit``: it covers the ``RECALL_POOL`` best text
-        matches (bm25, then id) and their out-neighbours, and ties go by id, so the results of
-        any limit are the first ``limit`` of the same list. Addition runs in id order, so the
-        scores are the same in every process.
-        """
-        if not isinstance(query, str) or not query.strip():
-            raise ValidationError("query must be a non-empty string", field="query")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise ValidationError("limit must be an integer from 1 to 1000", field="limit")
-        words = _WORD.findall(query)
-        if not words:
-            raise ValidationError("query has no searchable words", field="query")
-        fts = " OR ".join('"' + w.replace('"', "") + '"' for w in words[:32])
-        now = time.time_ns()
-        hl = self.config.half_life_s
-        with self.lock:
-            hits = self.warm.search(fts, RECALL_POOL)
-            found = self._peek_memories([mid for mid, _ in hits])
-            matched: dict[str, float] = {}
-            for mid, text_score in hits:
-                m = found.get(mid)
-                if m is not None:
-                    matched[mid] = max(text_score, 1e-6) * (0.5 + effective_strength(m, now, hl))
-            spread: dict[str, float] = {}
-            for e in self._edges_out_of(sorted(matched)):
-                if e.weight > 0:
-                    spread[e.dst] = spread.get(e.dst, 0.0) + 0.5 * matched[e.src] * e.weight
-            scores = dict(matched)
-            for mid, s in spread.items():
-                scores[mid] = scores.get(mid, 0.0) + s
-            ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-            out = []
-            for mid, score in ranked[:limit]:
-                m = self.get_memory(mid)
-                if m is None:
-                    continue
-                j = self.memory_json(m)
-                j["score"] = round(score, 6)
-                j["matched"] = mid in matched
-                out.append(j)
-            return out
-
-    def _edges_out_of(self, ids: list[str]) -> list[Edge]:
-        """The out-edges of ``ids``, in (src, dst, kind) order. Under the lock."""
-        out: list[Edge] = []
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            rows = self.warm.conn.execute(
-                "SELECT src, dst, kind, weight, created_at FROM edges "
-                f"WHERE src IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            out.extend(Edge(*r) for r in rows)
-        out.sort(key=Edge.key)
-        return out
-
-    def _peek_memories(self, ids: list[str]) -> dict[str, Memory]:
+    def peek_memories(self, ids: list[str]) -> dict[str, Memory]:
         """The current version of each of ``ids`` that exists, without caching the warm ones
-        in the fast tier (a recall's candidates are not a working set). Under the lock."""
+        in the fast tier (a recall's candidates are not a working set)."""
         out: dict[str, Memory] = {}
         missing: list[str] = []
-        for mid in ids:
-            m = self.fast.get(mid)
-            if m is None:
-                missing.append(mid)
-            else:
-                out[mid] = m
-        out.update(self.warm.get_memories(missing))
+        with self.lock:
+            for mid in ids:
+                m = self.fast.get(mid)
+                if m is None:
+                    missing.append(mid)
+                else:
+                    out[mid] = m
+            out.update(self.warm.get_memories(missing))
         return out
 
-    def stats(self) -> dict[str, Any]:
+    def iter_memories(self) -> Iterator[Memory]:
+        """All memories, in id order. Holds the lock per page, not for the whole scan: a write
+        between two pages shows in the rest of the scan (``query.export`` reads one state)."""
+        last = ""
+        while True:
+            with self.lock:
+                ids = self.warm.memory_ids_after(last, SCAN_PAGE)
+                page = [self.get_memory(mid) for mid in ids]
+            if not ids:
+                return
+            yield from (m for m in page if m is not None)
+            last = ids[-1]
+
+    def iter_edges(self) -> Iterator[Edge]:
+        """All edges, in (src, dst, kind) order; the lock is held per page, as in
+        ``iter_memories``."""
+        last = ("", "", "")
+        while True:
+            with self.lock:
+                page = self.warm.edges_after(last, SCAN_PAGE)
+            if not page:
+                return
+            yield from page
+            last = page[-1].key()
+
+    def pin_snapshot(self) -> tuple[int, str, WarmTier]:
+        """(LSN, digest, reader) of the state after every write applied so far: under the lock
+        a checkpoint commits everything applied, and a read transaction is started on a
+        connection of its own, which pins that committed state. Reads through ``reader`` then
+        need no lock; SQLite's WAL lets writers and checkpoints go on meanwhile (the WAL cannot
+        restart while the snapshot is held, so it grows until ``reader`` is closed)."""
         with self.lock:
-            stubs = self.warm.conn.execute("SELECT count(*) FROM cold_stubs").fetchone()[0]
-            return {
-                "database_id": self.database_id,
-                "memories": self.n_memories,
-                "edges": self.n_edges,
-                "lsn": self.last_lsn,
-                "digest": self.digest.hex,
-                "tiers": {
-                    "fast": {
-                        "memories": len(self.fast),
-                        "bytes": self.fast.bytes,
-                        "budget_bytes": self.fast.budget,
-                        "dirty": self.fast.dirty_count,
-                    },
-                    "warm": {
-                        "applied_lsn": self.checkpoint_lsn,
-                        "path": str(self.layout.warm_db),
-                    },
-                    "cold": {"stubs": stubs},
-                },
+            if not self.readonly:
+                self.checkpoint()
+            reader = WarmTier(self.layout.warm_db, readonly=True, cache_mib=8)
+            try:
+                lsn, digest = reader.pin_snapshot()
+            except BaseException:
+                reader.close()
+                raise
+            assert self.readonly or lsn == self.last_lsn, (lsn, self.last_lsn)
+        return lsn, digest, reader
+
+    # -- status --------------------------------------------------------------------------
+
+    def health(self) -> tuple[str, str | None]:
+        """("ready", None), or ("failed" | "blocked", why writes are refused)."""
+        failed, block = self.failed, self.pause.block
+        if failed is not None:
+            return "failed", failed
+        if block is not None:
+            return "blocked", block
+        return "ready", None
+
+    def status(self) -> dict[str, Any]:
+        """One snapshot of the engine, taken under the lock: counts, LSNs, digest, tiers,
+        health, the write pause, durability and the data dir (what `engram status` shows)."""
+        with self.lock:
+            return self._stats() | {
+                "ready": self.ready,
+                "failed": self.failed,
+                "quiesce": self._quiesce_state(),
+                "durability": self.config.durability,
+                "data_dir": str(self.root),
             }
+
+    def stats(self) -> dict[str, Any]:
+        """The graph's part of ``status`` (``GET /v1/stats``)."""
+        with self.lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
+        return {
+            "database_id": self.database_id,
+            "memories": self.n_memories,
+            "edges": self.n_edges,
+            "lsn": self.last_lsn,
+            "digest": self.digest.hex,
+            "tiers": {
+                "fast": {
+                    "memories": len(self.fast),
+                    "bytes": self.fast.bytes,
+                    "budget_bytes": self.fast.budget,
+                    "dirty": self.fast.dirty_count,
+                },
+                "warm": {
+                    "applied_lsn": self.checkpoint_lsn,
+                    "path": str(self.layout.warm_db),
+                },
+                "cold": {"stubs": self.warm.cold_stub_count()},
+            },
+        }
 
     def recompute_digest(self) -> dg.Digest:
         """The digest recomputed from the stored graph (fast-tier versions the warm tier does
@@ -801,80 +660,3 @@ class Engine:
             for e in self.warm.iter_edges():
                 total += dg.edge_hash(e)
             return dg.Digest(total)
-
-    def iter_memories(self) -> Iterator[Memory]:
-        """All memories. Holds the lock per batch, not for the whole scan: a write between two
-        batches shows in the rest of the scan (``export_ops`` reads one state instead)."""
-        last = ""
-        while True:
-            with self.lock:
-                rows = self.warm.conn.execute(
-                    "SELECT id FROM memories WHERE id > ? ORDER BY id LIMIT 1000", (last,)
-                ).fetchall()
-                batch = [self.get_memory(r[0]) for r in rows]
-            if not rows:
-                return
-            yield from (m for m in batch if m is not None)
-            last = rows[-1][0]
-
-    def export_ops(self) -> ExportStream:
-        """The graph as ops that rebuild it exactly: every memory, then every edge (so edges
-        find both ends), with every field, times included (``model.memory_op``).
-
-        The ops describe one state the log passed through, the one after ``lsn``: under the
-        lock a checkpoint commits everything applied, and a read transaction is started on a
-        connection of its own, which pins that committed state. The scan then runs outside the
-        lock; SQLite's WAL lets writers and checkpoints go on meanwhile (the WAL cannot restart
-        while the snapshot is held, so it grows until the export ends). The connection closes
-        when the stream is exhausted or closed.
-        """
-        with self.lock:
-            if not self.readonly:
-                self.checkpoint()
-            reader = WarmTier(self.layout.warm_db, readonly=True, cache_mib=8)
-            try:
-                reader.conn.execute("BEGIN")
-                lsn = reader.applied_lsn  # the first read: from here on the snapshot is fixed
-                digest = reader.get_meta("digest", dg.EMPTY) or dg.EMPTY
-            except BaseException:
-                reader.close()
-                raise
-            assert self.readonly or lsn == self.last_lsn, (lsn, self.last_lsn)
-        return ExportStream(lsn, digest, _snapshot_ops(reader))
-
-    def iter_edges(self) -> Iterator[Edge]:
-        last = ("", "", "")
-        while True:
-            with self.lock:
-                rows = self.warm.conn.execute(
-                    "SELECT src, dst, kind, weight, created_at FROM edges "
-                    "WHERE (src, dst, kind) > (?, ?, ?) ORDER BY src, dst, kind LIMIT 1000",
-                    last,
-                ).fetchall()
-            if not rows:
-                return
-            yield from (Edge(*r) for r in rows)
-            last = (rows[-1][0], rows[-1][1], rows[-1][2])
-
-
-def _snapshot_ops(reader: WarmTier) -> Generator[dict[str, Any], None, None]:
-    """Every memory, then every edge, as ops, from ``reader``'s read transaction; closes it."""
-    try:
-        for m in reader.iter_memories():
-            yield memory_op(m)
-        for e in reader.iter_edges():
-            yield edge_op(e)
-    finally:
-        reader.close()
-
-
-def _wal_state(wal: Path) -> tuple[int, bytes]:
-    """(size, checkpoint sequence and salts) of a SQLite WAL file; (0, b"") when absent."""
-    try:
-        fd = os.open(wal, os.O_RDONLY)
-    except FileNotFoundError:
-        return 0, b""
-    try:
-        return os.fstat(fd).st_size, os.pread(fd, 12, 12)
-    finally:
-        os.close(fd)

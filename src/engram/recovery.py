@@ -17,9 +17,8 @@ from pathlib import Path
 
 from engram import digest as dg
 from engram.errors import CorruptData, CorruptLog, DataDirError, ForeignLog, LogGap
-from engram.format import record as fmt
 from engram.format.record import Record
-from engram.oplog.reader import LogFile, iter_log_files, list_segments
+from engram.oplog.reader import LogFile, iter_log_files, list_segments, read_header
 from engram.oplog.writer import LogWriter
 from engram.replay import ReplayBatch
 from engram.replay import batches as replay_batches
@@ -36,16 +35,6 @@ class Recovered:
     last_lsn: int
     last_ts: int
     replayed: int
-
-
-def read_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        head = f.read(4096)
-        try:
-            return fmt.decode_file_header(head, str(path))[1]
-        except CorruptLog:
-            f.seek(0)
-            return fmt.decode_file_header(f.read(fmt.max_header_size()), str(path))[1]
 
 
 def _fsync_file(path: Path) -> None:

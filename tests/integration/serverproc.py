@@ -1,4 +1,5 @@
-"""A real engram server in a subprocess, for integration tests and benchmarks.
+"""A real engram server in a subprocess, for integration tests and benchmarks: ``engram serve``,
+the one way to start a server, run as ``python -m engram.cli serve``.
 
     with ServerProcess(data_dir, token="t") as srv:
         with srv.client() as c:
@@ -25,6 +26,8 @@ from engram.datadir import read_owner
 
 # Shared by the fixtures and the tests (tests import them from here, not from conftest: pytest
 # re-imports every conftest.py as the module "conftest", so which one you get is not defined).
+# `engram serve` in this Python, whatever is on PATH.
+SERVE = [sys.executable, "-m", "engram.cli", "serve"]
 TEST_TOKEN = "test-token-7f3a9c"  # a literal, so a test can grep the server log for it
 SMALL_BODY = 64 * 1024
 
@@ -68,7 +71,7 @@ class ServerProcess:
     # -- lifecycle -----------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "engram.server", "--data-dir", str(self.data_dir)]
+        cmd = [*SERVE, "--data-dir", str(self.data_dir)]
         cmd += ["--host", self.host, "--port", str(self.port)]
         if self.token is not None and self.token_via == "file":
             tf = self.data_dir.parent / f"{self.data_dir.name}.token"

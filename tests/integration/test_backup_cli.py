@@ -29,7 +29,7 @@ import pytest
 from serverproc import ServerProcess
 
 from engram.backup.catalog import read_info
-from engram.recovery import read_header
+from engram.oplog.reader import read_header
 
 BIN = Path(sys.executable).parent
 TZ = "ENG-05:30"  # POSIX: UTC+05:30, no DST (needs no tz database)

@@ -36,8 +36,7 @@ from engram.backup.verify import verify_data_dir
 from engram.datadir import read_identity
 from engram.graph import Engine, EngineConfig
 from engram.model import EDGE_OPS, MEMORY_OPS, parse_edge_target
-from engram.oplog.reader import iter_log_files, list_segments
-from engram.recovery import read_header
+from engram.oplog.reader import iter_log_files, list_segments, read_header
 
 ENGRAM = str(Path(sys.executable).with_name("engram"))
 # Checkpoints run often (the cut must cope with a moving warm tier); segments rotate often.

@@ -5,82 +5,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from serverproc import ServerProcess
 from typer.testing import CliRunner
 
 from engram.cli.main import app
 from engram.datadir import read_owner
-from netutil import free_port
 
 runner = CliRunner()
 
 
-class Server:
-    def __init__(self, data_dir: Path, token: str | None, log: Path) -> None:
-        self.data_dir = data_dir
-        self.token = token
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "engram.server", "--data-dir", str(data_dir)]
-        args += ["--port", str(self.port)]
-        if token is not None:
-            tf = data_dir.parent / "token"
-            tf.write_text(token + "\n")
-            tf.chmod(0o600)
-            args += ["--token-file", str(tf)]
-        env = {k: v for k, v in os.environ.items() if k != "ENGRAM_TOKEN"}
-        self.log = log
-        self.proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early: {self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready: {self.log.read_text()}")
-
-    def http(self) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    servers: list[Server] = []
+def start(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> Callable[..., ServerProcess]:
+    """``start(token=None)``: the server of ``tmp_path / "data"``, which the CLI finds through
+    its engram.lock (the token, if any, in ``tmp_path / "data.token"``)."""
 
-    def _start(token: str | None = None) -> Server:
-        s = Server(tmp_path / "data", token, tmp_path / f"server-{len(servers)}.log")
-        servers.append(s)
-        return s
+    def _start(token: str | None = None) -> ServerProcess:
+        return start_server(tmp_path / "data", token=token)
 
-    yield _start
-    for s in servers:
-        s.stop()
+    return _start
 
 
 def cli(*args: str, env: dict[str, str | None] | None = None) -> Any:
@@ -100,7 +51,9 @@ def one_line_error(res: Any, code: int) -> str:
     return str(lines[0])
 
 
-def test_cli_goes_through_the_server(start: Callable[..., Server], tmp_path: Path) -> None:
+def test_cli_goes_through_the_server(
+    start: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     srv = start()
     dd = str(srv.data_dir)
     owner = read_owner(srv.data_dir)
@@ -110,7 +63,7 @@ def test_cli_goes_through_the_server(start: Callable[..., Server], tmp_path: Pat
     assert out["id"] == "a"
     okj("put", "--data-dir", dd, "--id", "b/c", "--content", "slashed id")
     okj("link", "--data-dir", dd, "--src", "a", "--dst", "b/c", "--kind", "k")
-    with srv.http() as h:
+    with srv.client() as h:
         got = h.get("/v1/memories/a").json()
         assert got["content"] == "remote fox" and got["strength"] == 0.6
         http_stats = h.get("/v1/stats").json()
@@ -172,7 +125,7 @@ def test_cli_goes_through_the_server(start: Callable[..., Server], tmp_path: Pat
 
 
 def test_token_is_required_and_taken_from_file_or_env(
-    start: Callable[..., Server], tmp_path: Path
+    start: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     srv = start(token="t0ps3cret")
     dd = str(srv.data_dir)
@@ -183,15 +136,15 @@ def test_token_is_required_and_taken_from_file_or_env(
     msg = one_line_error(cli("stats", "--data-dir", dd, "--token-file", str(wrong)), 1)
     assert "check the token" in msg
 
-    tf = tmp_path / "token"  # written by the server fixture
+    tf = tmp_path / "data.token"  # written by the server fixture
     out = okj("put", "--data-dir", dd, "--id", "t", "--content", "x", "--token-file", str(tf))
     assert out["id"] == "t"
     stats = okj("stats", "--data-dir", dd, env={"ENGRAM_TOKEN": "t0ps3cret"})
-    with srv.http() as h:
+    with srv.client() as h:
         assert h.get("/v1/stats").json()["digest"] == stats["digest"]
 
 
-def test_entry_point_process_exit_codes(start: Callable[..., Server]) -> None:
+def test_entry_point_process_exit_codes(start: Callable[..., ServerProcess]) -> None:
     srv = start()
     base = [sys.executable, "-m", "engram.cli"]
     env = {k: v for k, v in os.environ.items() if k != "ENGRAM_TOKEN"}
@@ -201,7 +154,7 @@ def test_entry_point_process_exit_codes(start: Callable[..., Server]) -> None:
     )
     assert put.returncode == 0, put.stderr
     mid = json.loads(put.stdout)["id"]
-    with srv.http() as h:
+    with srv.client() as h:
         assert h.get(f"/v1/memories/{mid}").json()["content"] == "from a process"
     missing = subprocess.run([*base, "query", "--id", "nope"], capture_output=True, env=env)
     assert missing.returncode == 1

@@ -434,7 +434,7 @@ def test_v1_needs_the_token(server: ServerProcess, auth: str | None) -> None:
 def test_token_from_env_and_never_logged(start_server: Any, tmp_path: Path) -> None:
     secret = "env-secret-" + uuid.uuid4().hex
     srv = start_server(
-        token=secret, token_via="env", extra_args=("--log-level", "debug", "--access-log")
+        token=secret, token_via="env", extra_args=("--debug", "--access-log")
     )
     with srv.client() as c:
         assert c.get("/v1/stats").status_code == 200
@@ -498,7 +498,7 @@ def test_engine_that_cannot_open_stops_the_server(start_server: Any, tmp_path: P
     (data / "notes.txt").write_text("someone else's files")
     srv = start_server(data, wait=None)
     assert srv.wait_exit() == 1
-    errors = [x for x in srv.log().splitlines() if x.startswith("engram: error:")]
+    errors = [x for x in srv.log().splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "is not empty and holds no engram database" in errors[0]
     assert "Traceback" not in srv.log()
 

@@ -151,6 +151,6 @@ def test_bad_tls_options_are_one_line_usage_errors(
     argv = tuple(str(names.get(a, a)) for a in args)
     srv = start_server(tmp_path / "data", extra_args=argv, wait=None)
     assert srv.wait_exit() == 2
-    errors = [x for x in srv.log().splitlines() if x.startswith("engram: error:")]
+    errors = [x for x in srv.log().splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], srv.log()
     assert "Traceback" not in srv.log()

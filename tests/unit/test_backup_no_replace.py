@@ -115,7 +115,7 @@ def test_two_full_backups_to_one_name(tmp_path: Path, ext: str) -> None:
         path = bk / f"full{ext}"
         results = _race(bk, lambda s: full_backup(e, Ref(s, path.name)))
         win = _one_winner(results, path)
-        assert getattr(e, "_cuts", 0) == 0
+        assert e.cuts.held == 0
     finally:
         e.close()
     _check_winner(win, path)

@@ -35,7 +35,7 @@ from engram.backup.validate import validate_backup
 from engram.cli.backups import _check_recorded
 from engram.cli.main import app
 from engram.graph import Engine, EngineConfig
-from engram.recovery import read_header
+from engram.oplog.reader import read_header
 
 CFG = EngineConfig(checkpoint_interval=3600)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from engram import query
 from engram.errors import Conflict, EngramError, NotFound, Unavailable, ValidationError
 from engram.graph import Engine, EngineConfig
 from engram.model import OpType
@@ -64,10 +65,10 @@ def test_every_op_type(eng: Engine) -> None:
     assert r.results == [{"op": "mark", "name": "p1"}]
     m = eng.memory("a")
     assert (m.content, m.metadata, m.activation_count) == ("alpha2", {}, 1)
-    assert [n["memory"]["id"] for n in eng.neighbors("a", "out", 1)] == [b]
+    assert [n["memory"]["id"] for n in query.neighbors(eng, "a", "out", 1)] == [b]
     r = eng.apply([{"op": "delete_edge", "src": "a", "dst": b, "kind": "k"}])
     assert r.results == [{"op": "delete_edge", "src": "a", "dst": b, "kind": "k"}]
-    assert eng.neighbors("a") == []
+    assert query.neighbors(eng, "a") == []
     r = eng.apply([{"op": "delete_memory", "id": b}])
     assert r.results == [{"op": "delete_memory", "id": b, "edges_deleted": 0}]
     with pytest.raises(NotFound):
@@ -196,7 +197,7 @@ def test_activation_decays_then_raises_capped_at_one(tmp_path: Path, clock: list
     with Engine.open(tmp_path / "d", EngineConfig(half_life_s=hl, checkpoint_interval=3600)) as e:
         e.apply([{"op": "create_memory", "id": "a", "content": "x", "strength": 0.8}])
         clock[0] += int(hl * 1e9)  # one half-life later
-        assert e.memory_json(e.memory("a"))["effective_strength"] == pytest.approx(0.4)
+        assert query.memory(e, "a")["effective_strength"] == pytest.approx(0.4)
         r = e.apply([{"op": "activate", "id": "a", "boost": 0.1}])
         assert r.results[0]["strength"] == pytest.approx(0.5)
         m = e.memory("a")
@@ -296,10 +297,10 @@ def test_concurrent_writers_readers_and_checkpoints(tmp_path: Path) -> None:
                     m = eng.get_memory(i)
                     if m is not None:
                         try:
-                            eng.neighbors(i, "both", 2)
+                            query.neighbors(eng, i, "both", 2)
                         except NotFound:
                             pass
-                eng.recall("common", 5)
+                query.recall(eng, "common", 5)
                 eng.stats()
         except BaseException as e:
             errors.append(e)

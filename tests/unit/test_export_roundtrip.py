@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from engram.cli.main import app
 from engram.graph import Engine, EngineConfig
 from engram.model import effective_strength
+from engram.query import export
 
 runner = CliRunner()
 DAY_NS = 86_400 * 10**9
@@ -87,7 +88,7 @@ def test_an_export_is_the_state_at_its_lsn(tmp_path: Path) -> None:
                  for i in range(0, 2499, 2)])
         lsn, digest = e.last_lsn, e.digest.hex
         want = {(m.id, m.strength) for m in e.iter_memories()}
-        snap = e.export_ops()
+        snap = export(e)
         assert (snap.lsn, snap.digest) == (lsn, digest)
         first = next(snap)
         # Writes after the export started: none of them shows in it.
@@ -129,7 +130,7 @@ def test_an_unfinished_export_blocks_no_writer_and_is_released_on_close(tmp_path
     with Engine.open(tmp_path / "d", EngineConfig(checkpoint_interval=3600)) as e:
         e.apply([{"op": "create_memory", "id": f"m{i:05d}", "content": "x"} for i in range(3000)])
         baseline = _open_files("warm/engram.db")
-        snap = e.export_ops()
+        snap = export(e)
         next(snap)
         assert _open_files("warm/engram.db") == baseline + 1  # its own read connection
         t0 = time.monotonic()
@@ -142,6 +143,6 @@ def test_an_unfinished_export_blocks_no_writer_and_is_released_on_close(tmp_path
         snap.close()
         assert wal_fully_checkpointable(e)
         # Read to the end, a stream releases its snapshot by itself.
-        done = list(e.export_ops())
+        done = list(export(e))
         e.apply([{"op": "create_memory", "id": "after", "content": "z"}])
         assert len(done) == 3200 and wal_fully_checkpointable(e)

@@ -7,6 +7,7 @@ import random
 import sqlite3
 from pathlib import Path
 
+from engram import query
 from engram.graph import Engine, EngineConfig
 
 
@@ -61,7 +62,7 @@ def test_index_matches_content_live_and_after_batched_replay(tmp_path: Path) -> 
                     e.apply([op])
                 except Exception:
                     pass
-    live = e.recall("alpha OR beta", 1000)
+    live = query.recall(e, "alpha OR beta", 1000)
     e.checkpoint()
     _fts_ok(tmp_path / "d" / "warm" / "engram.db")
     rows = _rows(tmp_path / "d" / "warm" / "engram.db")
@@ -72,7 +73,7 @@ def test_index_matches_content_live_and_after_batched_replay(tmp_path: Path) -> 
         (tmp_path / "d" / "warm" / extra).unlink(missing_ok=True)
     e = Engine.open(tmp_path / "d", cfg)
     assert e.recompute_digest().hex == e.digest.hex
-    assert {m["id"] for m in e.recall("alpha OR beta", 1000)} == {m["id"] for m in live}
+    assert {m["id"] for m in query.recall(e, "alpha OR beta", 1000)} == {m["id"] for m in live}
     e.close()
     _fts_ok(tmp_path / "d" / "warm" / "engram.db")
     # The same rows under the same rowids (the index refers to rows by rowid).

@@ -34,7 +34,7 @@ from engram.backup.pitr import Target, choose_from_repo, restore_pitr
 from engram.errors import ForeignLog, LogGap, UsageError
 from engram.graph import Engine, EngineConfig
 from engram.model import Edge, Memory
-from engram.recovery import read_header
+from engram.oplog.reader import read_header
 from opgen import OpGen
 
 CFG = EngineConfig(

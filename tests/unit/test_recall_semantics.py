@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from engram.graph import Engine, EngineConfig
+from engram.query import recall
 
 # No decay (half-life 0): scores are exact and do not depend on when they are computed.
 NO_DECAY = EngineConfig(half_life_s=0.0, checkpoint_interval=3600)
@@ -27,7 +28,7 @@ def eng(tmp_path: Path) -> Iterator[Engine]:
 
 
 def ranking(e: Engine, query: str, limit: int) -> list[tuple[str, float]]:
-    return [(r["id"], r["score"]) for r in e.recall(query, limit)]
+    return [(r["id"], r["score"]) for r in recall(e, query, limit)]
 
 
 def test_the_first_k_results_of_any_limit_are_the_same_ranking(eng: Engine) -> None:
@@ -86,7 +87,7 @@ def test_spreading_is_one_step_from_the_scores_before_spreading(eng: Engine) -> 
         "b": base_b + 0.5 * base_a * 2.0,
         "c": 0.5 * base_b * 4.0,  # from b's matched score only, not from what a gave b
     }
-    got = {r["id"]: r for r in eng.recall("apple", 10)}
+    got = {r["id"]: r for r in recall(eng, "apple", 10)}
     assert set(got) == set(want)  # d: a negative weight passes nothing
     for mid, score in want.items():
         assert got[mid]["score"] == round(score, 6), mid
@@ -96,8 +97,9 @@ def test_spreading_is_one_step_from_the_scores_before_spreading(eng: Engine) -> 
 _RECALL = """
 import json, sys
 from engram.graph import Engine, EngineConfig
+from engram.query import recall
 with Engine.open(sys.argv[1], EngineConfig(half_life_s=0.0), readonly=True) as e:
-    print(json.dumps([(r["id"], r["score"]) for r in e.recall("ring", 1000)]))
+    print(json.dumps([(r["id"], r["score"]) for r in recall(e, "ring", 1000)]))
 """
 
 
@@ -138,7 +140,7 @@ def test_scores_are_finite_at_the_extreme_weights(eng: Engine) -> None:
     edges += [{"op": "create_edge", "src": "hub", "dst": f"s{i:03d}", "weight": -1e6}
               for i in range(200)]
     eng.apply(hub + srcs + edges)
-    res = eng.recall("big", 1000)
+    res = recall(eng, "big", 1000)
     assert res[0]["id"] == "hub" and len(res) == 201
     assert all(isinstance(r["score"], float) and math.isfinite(r["score"]) for r in res)
     json.dumps(res, allow_nan=False)  # what the HTTP route does with them: no NaN, no inf

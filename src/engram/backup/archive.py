@@ -52,10 +52,6 @@ _FEXTRA = 4
 Progress = Callable[[int], None]
 
 
-class RawSink(Protocol):
-    def write(self, data: bytes | memoryview) -> int: ...
-
-
 class Sink(Protocol):
     """Where a backup's bytes go (an archive or an incremental, already compressed): a file
     (``FileSink``) or a stream to a client (the server's backup stream). ``size`` and ``sha``

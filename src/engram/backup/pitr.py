@@ -40,8 +40,7 @@ from engram.format.manifest import decode_sidecar
 from engram.format.record import Record
 from engram.graph import Engine
 from engram.model import OpType, ns_to_iso
-from engram.oplog.reader import iter_log_files
-from engram.recovery import read_header
+from engram.oplog.reader import iter_log_files, read_header
 from engram.replay import ReplayBatch
 from engram.replay import batches as replay_batches
 from engram.storage import BackupStore, as_store

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engram import query
 from engram.errors import EngramError
 from engram.graph import Engine
 
@@ -43,18 +44,12 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
 
 
 def _sample(engine: Engine, rng: random.Random, k: int = 1000) -> tuple[list[str], list[str]]:
-    conn = engine.warm.conn
-    max_rowid = conn.execute("SELECT max(rowid) FROM memories").fetchone()[0] or 0
+    """Up to ``k`` ids and ``3k`` words of memories picked at random."""
     ids: list[str] = []
     words: list[str] = []
-    if max_rowid:
-        picks = sorted({rng.randint(1, max_rowid) for _ in range(k * 2)})
-        for i in range(0, len(picks), 500):
-            chunk = picks[i : i + 500]
-            q = f"SELECT id, content FROM memories WHERE rowid IN ({','.join('?' * len(chunk))})"
-            for mid, content in conn.execute(q, chunk):
-                ids.append(mid)
-                words.extend(_WORD.findall(content)[:3])
+    for mid, content in engine.warm.sample_contents(rng, k * 2):
+        ids.append(mid)
+        words.extend(_WORD.findall(content)[:3])
     return ids[:k] or ["missing-id"], words[: k * 3] or ["memory"]
 
 
@@ -80,13 +75,13 @@ def run_benchmark(data_dir: Path, duration_s: float = 10.0, seed: int = 1) -> Be
                 kinds["lookup"] += 1
             elif r < 0.9:
                 try:
-                    engine.neighbors(rng.choice(ids), "both", 1)
+                    query.neighbors(engine, rng.choice(ids), "both", 1)
                 except EngramError:
                     pass
                 kinds["neighbors"] += 1
             else:
                 try:
-                    engine.recall(rng.choice(words), 10)
+                    query.recall(engine, rng.choice(words), 10)
                 except EngramError:
                     pass
                 kinds["recall"] += 1
@@ -100,7 +95,7 @@ def run_benchmark(data_dir: Path, duration_s: float = 10.0, seed: int = 1) -> Be
             p50_ms=round(statistics.median(lat), 4) if lat else 0.0,
             p95_ms=round(_percentile(lat, 0.95), 4),
             p99_ms=round(_percentile(lat, 0.99), 4),
-            memories=engine.n_memories,
+            memories=engine.stats()["memories"],
             by_kind=kinds,
         )
     finally:

@@ -56,8 +56,7 @@ from engram.format import record as fmt
 from engram.format.manifest import compression_for, decode_sidecar
 from engram.fsutil import Owned, create_owned_dir, remove_stale
 from engram.model import ns_to_iso
-from engram.oplog.reader import iter_log_files, list_segments
-from engram.recovery import read_header
+from engram.oplog.reader import iter_log_files, list_segments, read_header
 
 log = logging.getLogger("engram")
 WORKDIR_PREFIX = "engram-validate-"

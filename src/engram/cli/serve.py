@@ -39,6 +39,14 @@ def _setup_logging() -> None:
     configure_logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _http_log_level(access_log: bool) -> str:
+    # The HTTP server's own lines: debug with --debug, info when its access log is asked for
+    # (access lines are info), else warnings only.
+    if logging.getLogger("engram").getEffectiveLevel() <= logging.DEBUG:
+        return "debug"
+    return "info" if access_log else "warning"
+
+
 def _check_private(path: Path | None, what: str) -> None:
     if path is not None and path.exists() and path.stat().st_mode & 0o077:
         log.warning("%s %s is readable by other users; chmod 600 it", what, path)
@@ -88,10 +96,8 @@ def serve(
         float,
         typer.Option(
             "--read-timeout",
-            min=0.1,
-            max=3600,
             help="Seconds a client has to send its request line and headers, and between "
-            "pieces of its body; slower connections are closed.",
+            "pieces of its body; slower connections are closed (more than 0, at most 3600).",
         ),
     ] = 30.0,
     backup_dir: Annotated[
@@ -125,6 +131,10 @@ def serve(
     max_body: Annotated[
         int, typer.Option("--max-body", min=1024, help="Largest request body in bytes (413 above).")
     ] = 16 << 20,
+    access_log: Annotated[
+        bool,
+        typer.Option("--access-log", help="Log one line per request (never its headers)."),
+    ] = False,
 ) -> None:
     """Own the data dir and serve the HTTP API until SIGTERM or Ctrl-C.
 
@@ -159,6 +169,8 @@ def serve(
         tls=TLS.from_options(tls_cert, tls_key),
         read_timeout=read_timeout,
         backup_dirs=backup_dir or [],
+        log_level=_http_log_level(access_log),
+        access_log=access_log,
     )
 
 

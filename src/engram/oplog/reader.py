@@ -172,6 +172,18 @@ class LogFile:
             pass
 
 
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The header of a log file (a segment or an incremental backup), read without the records;
+    CorruptLog when it is not one."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        try:
+            return fmt.decode_file_header(head, str(path))[1]
+        except CorruptLog:
+            f.seek(0)
+            return fmt.decode_file_header(f.read(fmt.max_header_size()), str(path))[1]
+
+
 def list_segments(oplog_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     d = Path(oplog_dir)
     if not d.is_dir():

@@ -1,9 +1,10 @@
 """The HTTP API (README "HTTP API"): routing, auth, and one small handler per route.
 
-Each handler makes one call into the engine and shapes its answer. Writes go through
-``Engine.submit`` on the event loop (microseconds, never blocks on the disk) and then await
-durability through ``DurableWaiter``; point reads call the engine directly; scans (neighbors,
-recall, stats, export) run in the default thread pool so a large one does not stall the loop.
+Each handler makes one call into the engine or a query over it (``engram.query``) and shapes
+its answer. Writes go through ``Engine.submit`` on the event loop (microseconds, never blocks on
+the disk) and then await durability through ``DurableWaiter``; point reads run on the loop;
+scans (neighbors, recall, stats, export) run in the default thread pool so a large one does not
+stall the loop.
 
 Ids may contain '/': clients send them percent-encoded (``a%2Fb``). Unencoded, the path after
 ``/v1/memories/`` is the id, except a final ``/activate`` on POST or ``/neighbors`` on GET.
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
+from engram import query
 from engram.datadir import read_owner
 from engram.errors import EngramError, Unavailable, ValidationError
 from engram.graph import Engine, WriteResult
@@ -258,11 +260,10 @@ class EngramApp:
             if self.progress is not None:
                 body["replayed"], body["lsn"] = self.progress
             return 503, body
-        if eng.failed is not None:
-            return 503, {"status": "failed", "reason": eng.failed}
-        if eng.write_block is not None:
-            return 503, {"status": "blocked", "reason": eng.write_block}
-        return 200, {"status": "ready"}
+        state, reason = eng.health()
+        if reason is not None:
+            return 503, {"status": state, "reason": reason}
+        return 200, {"status": state}
 
     # -- writes --------------------------------------------------------------------------
 
@@ -374,27 +375,27 @@ class EngramApp:
     # -- reads ---------------------------------------------------------------------------
 
     async def _get_memory(self, req: Request, eng: Engine, mid: str) -> Result:
-        return 200, eng.memory_json(eng.memory(mid))
+        return 200, query.memory(eng, mid)
 
     async def _neighbors(self, req: Request, eng: Engine, mid: str) -> Result:
         q = req.query(frozenset({"direction", "depth"}))
         direction = q.get("direction", "both")
         depth = _int_param(q, "depth", 1)
-        found = await _in_thread(eng.neighbors, mid, direction, depth)
+        found = await _in_thread(query.neighbors, eng, mid, direction, depth)
         return 200, {"id": mid, "neighbors": found}
 
     async def _recall(self, req: Request, eng: Engine) -> Result:
         q = req.query(frozenset({"query", "limit"}))
-        query = q.get("query")
+        text = q.get("query")
         limit = _int_param(q, "limit", 10)
-        results = await _in_thread(eng.recall, query, limit)
-        return 200, {"query": query, "results": results}
+        results = await _in_thread(query.recall, eng, text, limit)
+        return 200, {"query": text, "results": results}
 
     async def _stats(self, req: Request, eng: Engine) -> Result:
         return 200, await _in_thread(eng.stats)
 
     async def _export(self, req: Request, eng: Engine) -> Stream:
-        snap = await _in_thread(eng.export_ops)
+        snap = await _in_thread(query.export, eng)
         headers = [
             (b"x-engram-lsn", str(snap.lsn).encode()),
             (b"x-engram-digest", snap.digest.encode()),

@@ -12,6 +12,7 @@ import errno
 import functools
 import inspect
 import os
+import random
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from engram.digest import MOD, memory_hash, memory_rows_sum
+from engram.digest import EMPTY, MOD, memory_hash, memory_rows_sum
 from engram.errors import CorruptData, DiskFull, EngramError, Unavailable
 from engram.format.record import Record
 from engram.model import Edge, Memory, OpType, parse_edge_target
@@ -538,10 +539,20 @@ class WarmTier:
         out.extend(e for e in self.edges_in(mid) if e.src != mid)
         return out
 
-    @_reads("reading a memory")
-    def has_memory(self, mid: str) -> bool:
-        r = self.conn.execute("SELECT 1 FROM memories WHERE id=?", (mid,)).fetchone()
-        return r is not None
+    @_reads("reading edges")
+    def edges_out_of(self, ids: list[str]) -> list[Edge]:
+        """The out-edges of every memory in ``ids``, in (src, dst, kind) order."""
+        out: list[Edge] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            rows = self.conn.execute(
+                "SELECT src, dst, kind, weight, created_at FROM edges "
+                f"WHERE src IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            out.extend(row_to_edge(r) for r in rows)
+        out.sort(key=Edge.key)
+        return out
 
     def search(self, query: str, limit: int) -> list[tuple[str, float]]:
         """Full-text matches as (id, bm25 score, higher is better), best first, ties by id."""
@@ -588,6 +599,72 @@ class WarmTier:
         e = self.conn.execute("SELECT count(*) FROM edges").fetchone()[0]
         c = self.conn.execute("SELECT count(*) FROM cold_stubs").fetchone()[0]
         return m, e, c
+
+    @_reads("counting cold stubs")
+    def cold_stub_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM cold_stubs").fetchone()[0])
+
+    @_reads("reading memory ids")
+    def memory_ids_after(self, last: str, limit: int) -> list[str]:
+        """Up to ``limit`` memory ids above ``last``, in id order: one page of a paged scan."""
+        rows = self.conn.execute(
+            "SELECT id FROM memories WHERE id > ? ORDER BY id LIMIT ?", (last, limit)
+        )
+        return [r[0] for r in rows]
+
+    @_reads("reading edges")
+    def edges_after(self, last: tuple[str, str, str], limit: int) -> list[Edge]:
+        """Up to ``limit`` edges whose (src, dst, kind) is above ``last``, in that order: one
+        page of a paged scan."""
+        rows = self.conn.execute(
+            "SELECT src, dst, kind, weight, created_at FROM edges "
+            "WHERE (src, dst, kind) > (?, ?, ?) ORDER BY src, dst, kind LIMIT ?",
+            (*last, limit),
+        )
+        return [row_to_edge(r) for r in rows]
+
+    @_reads("sampling memories")
+    def sample_contents(self, rng: random.Random, k: int) -> list[tuple[str, str]]:
+        """(id, content) of about ``k`` memories picked at random by rowid (gaps left by
+        deleted rows make it fewer), in rowid order."""
+        top = self.conn.execute("SELECT max(rowid) FROM memories").fetchone()[0] or 0
+        if not top:
+            return []
+        picks = sorted({rng.randint(1, top) for _ in range(k)})
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(picks), 500):
+            chunk = picks[i : i + 500]
+            q = f"SELECT id, content FROM memories WHERE rowid IN ({','.join('?' * len(chunk))})"
+            out.extend((r[0], r[1]) for r in self.conn.execute(q, chunk))
+        return out
+
+    # -- the SQLite WAL during a backup cut ------------------------------------------------
+
+    def hold_wal_checkpoints(self, hold: bool) -> None:
+        """Stop (``hold``) or restart SQLite's automatic WAL checkpoints on this connection.
+        While they are held, only an explicit checkpoint writes the main database file."""
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={0 if hold else 1000}")
+
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def checkpoint_wal_passive(self) -> None:
+        """Copy what the WAL holds into the main file from a connection of its own; passive,
+        so it never waits for this tier's writer (nor makes it wait)."""
+        conn = sqlite3.connect(str(self.path), timeout=5)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            conn.close()
+
+    # -- read snapshots ------------------------------------------------------------------
+
+    def pin_snapshot(self) -> tuple[int, str]:
+        """Start a read transaction and return the (applied LSN, digest) of the state it pins:
+        every read through this connection sees that state until it is closed."""
+        self.conn.execute("BEGIN")
+        return self.applied_lsn, self.get_meta("digest", EMPTY) or EMPTY
 
     @_reads("reading memories")
     def iter_memories(self, batch: int = 5000) -> Iterator[Memory]:
@@ -638,7 +715,7 @@ class WarmTier:
     def apply_batch(self, recs: list[Record], afters: list[Any]) -> None:
         """Redo records whose after images are already decoded (``afters[i]`` for ``recs[i]``;
         for memory upserts, their ``memory_row``), runs of memory upserts in a few set-based
-        statements; the same effect as ``apply`` on each record."""
+        statements; the same effect as redoing each record alone from its after-image (O3)."""
         # A run of upserts keeps each id once, at the place of its first upsert (so new rows
         # get their rowids in log order) and with its last after-image (full images, O3): the
         # same end state as applying each, with one full-text index change per memory.
@@ -661,18 +738,3 @@ class WarmTier:
                 self.put_mark(rec.target, rec.lsn, rec.ts_ns)
         if run:
             self._put_rows(list(run.values()))
-
-    def apply(self, rec: Record) -> None:
-        """Redo one record from its after-image; idempotent (O3)."""
-        op = rec.op
-        if op in (OpType.CREATE_MEMORY, OpType.UPDATE_MEMORY, OpType.UPDATE_STRENGTH):
-            self.put_memory(rec.decode_after())
-        elif op == OpType.DELETE_MEMORY:
-            self.delete_memory(rec.target)
-        elif op == OpType.CREATE_EDGE:
-            self.put_edge(rec.decode_after())
-        elif op == OpType.DELETE_EDGE:
-            self.delete_edge(*parse_edge_target(rec.target))
-        elif op == OpType.MARKER:  # no graph state (nor digest): only the name's LSN
-            self.put_mark(rec.target, rec.lsn, rec.ts_ns)
-        # Archive records are handled by the cold tier.
