@@ -651,12 +651,16 @@ class Engine:
             },
         }
 
-    def recompute_digest(self) -> dg.Digest:
+    def recompute_digest(self, committed_sum: Callable[[Path], int] | None = None) -> dg.Digest:
         """The digest recomputed from the stored graph (fast-tier versions the warm tier does
-        not have yet take the place of its rows)."""
+        not have yet take the place of its rows), in this process. ``committed_sum(path)``, when
+        given, may sum the memory rows of the committed database file instead (the backup
+        layer's row scan across processes): ``WarmTier.digest_sum`` uses it only when the warm
+        tier has nothing uncommitted, and the engine lock is held meanwhile, so nothing
+        commits while it reads."""
         with self.lock:
             dirty = {m.id: m for m in self.fast.dirty_snapshot()}
-            total = self.warm.digest_sum(dirty)
+            total = self.warm.digest_sum(dirty, committed_sum)
             for e in self.warm.iter_edges():
                 total += dg.edge_hash(e)
             return dg.Digest(total)

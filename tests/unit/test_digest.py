@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -15,6 +16,7 @@ from engram import digest as dg
 from engram.errors import EngramError
 from engram.graph import Engine, EngineConfig
 from engram.model import Edge, Memory
+from engram.procs import Resources
 
 
 def mem(mid: str, **kw: object) -> Memory:
@@ -151,7 +153,7 @@ def test_negative_zero_does_not_split_the_digest(tmp_path: Path) -> None:
             {"op": "create_memory", "id": "a", "content": "x", "strength": -0.0},
             {"op": "create_memory", "id": "b", "content": "x"},
             {"op": "create_edge", "src": "a", "dst": "b", "weight": -0.0},
-            {"op": "create_edge", "src": "b", "dst": "a", "weight": 1e300},
+            {"op": "create_edge", "src": "b", "dst": "a", "weight": 1e6},  # the largest
             {"op": "activate", "id": "b", "boost": -0.0},
         ])
         assert e.digest.hex == e.recompute_digest().hex
@@ -169,56 +171,90 @@ def _store_with_holes(root: Path) -> None:
         e.apply([{"op": "delete_memory", "id": f"m{i}"} for i in range(0, 3000, 7)])
 
 
-def _split(monkeypatch: pytest.MonkeyPatch, workers: int) -> list[list[str]]:
-    from engram.tiers import rowsum
+def _split(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Row scans split from 10 rows on; the command line of every helper started."""
+    from engram.backup import rowscan
 
-    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
-    monkeypatch.setattr(rowsum, "workers", lambda: workers)
+    monkeypatch.setattr(rowscan, "PARALLEL_MIN_ROWS", 10)
     calls: list[list[str]] = []
-    real = rowsum.subprocess.Popen
+    real = rowscan.subprocess.Popen
 
     def spy(argv: list[str], **kw: object) -> object:
         calls.append(argv)
         return real(argv, **kw)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(rowsum.subprocess, "Popen", spy)
+    monkeypatch.setattr(rowscan.subprocess, "Popen", spy)
     return calls
 
 
 def test_split_scan_equals_one_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engram.backup import rowscan
     from engram.tiers.warm import WarmTier
 
     _store_with_holes(tmp_path / "d")
     w = WarmTier(tmp_path / "d" / "warm" / "engram.db")
+    three = partial(rowscan.committed_sum, workers=3)
     try:
         newer = {m.id: msgspec.structs.replace(m, strength=0.125, activation_count=3)
                  for m in w.get_memories(["m1", "m2", "m2999", "gone"]).values()}
-        w.conn.execute("BEGIN")  # an open transaction: one scan through this connection
-        one, one_newer = w.digest_sum({}), w.digest_sum(newer)
-        w.conn.execute("ROLLBACK")
+        one, one_newer = w.digest_sum({}), w.digest_sum(newer)  # one scan here
         assert one != one_newer
-        calls = _split(monkeypatch, 3)
-        assert (w.digest_sum({}), w.digest_sum(newer)) == (one, one_newer)
+        calls = _split(monkeypatch)
+        w.conn.execute("BEGIN")  # an open transaction: one scan through this connection
+        assert (w.digest_sum({}, three), w.digest_sum(newer, three)) == (one, one_newer)
+        w.conn.execute("ROLLBACK")
+        assert calls == []
+        assert (w.digest_sum({}, three), w.digest_sum(newer, three)) == (one, one_newer)
         assert len(calls) == 4  # per sum: this process scans a third, two helpers the rest
+        assert calls[0][2] == rowscan.MODULE
     finally:
         w.close()
     with Engine.open(tmp_path / "d") as e:  # and through the engine, after the close
-        assert e.recompute_digest().hex == e.digest.hex
+        assert rowscan.recompute_digest(e, Resources(scan_workers=3)).hex == e.digest.hex
+        assert len(calls) == 6
+        assert rowscan.recompute_digest(e, Resources(scan_workers=1)).hex == e.digest.hex
+        assert e.recompute_digest().hex == e.digest.hex  # the engine alone scans here
         assert len(calls) == 6
 
 
 def test_split_scan_survives_a_failing_helper(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from engram.tiers import rowsum
+    from engram.backup import rowscan
 
+    two = Resources(scan_workers=2)
     _store_with_holes(tmp_path / "d")
     with Engine.open(tmp_path / "d") as e:
         one = e.recompute_digest().hex
-        _split(monkeypatch, 2)
-        monkeypatch.setattr(rowsum.sys, "executable", "/bin/false")  # exits 1, prints nothing
-        assert e.recompute_digest().hex == one
+        _split(monkeypatch)
+        monkeypatch.setattr(rowscan.sys, "executable", "/bin/false")  # exits 1, prints nothing
+        assert rowscan.recompute_digest(e, two).hex == one
         assert "scanning here" in caplog.text
-        monkeypatch.setattr(rowsum.sys, "executable", str(tmp_path / "no-such-python"))
-        assert e.recompute_digest().hex == one
+        monkeypatch.setattr(rowscan.sys, "executable", str(tmp_path / "no-such-python"))
+        assert rowscan.recompute_digest(e, two).hex == one
         assert "could not start" in caplog.text
+
+
+def test_memory_rows_of_a_rowid_range(tmp_path: Path) -> None:
+    """The warm tier's SQL the row scans use: rowid bounds, and the rows of a range."""
+    import sqlite3
+
+    from engram.tiers.warm import memory_rowids, memory_rows
+
+    _store_with_holes(tmp_path / "d")
+    conn = sqlite3.connect(f"file:{tmp_path / 'd' / 'warm' / 'engram.db'}?mode=ro", uri=True)
+    try:
+        lo, hi, count = memory_rowids(conn)
+        # m{i} has rowid i + 1; m0 (rowid 1) was deleted, m2999 (rowid 3000) was not.
+        assert (lo, hi, count) == (2, 3000, 3000 - len(range(0, 3000, 7)))
+        every = list(memory_rows(conn))
+        assert len(every) == count and every[0][0] == "m1" and len(every[0]) == 8
+        assert list(memory_rows(conn, None, 10)) == every  # a missing bound: every row
+        parts = [list(memory_rows(conn, a, a + 999)) for a in (lo - 1, 1001, 2001)]
+        assert sum(parts, []) == every
+        assert [r[0] for r in memory_rows(conn, 7, 9)] == ["m6", "m8"]  # m7 was deleted
+        empty = sqlite3.connect(":memory:")
+        empty.execute("CREATE TABLE memories (id TEXT)")
+        assert memory_rowids(empty) == (None, None, 0)
+    finally:
+        conn.close()

@@ -1,6 +1,7 @@
 """Idle CPU priority for work that shares a machine with a busy server: ``procs.idle_priority``
 lowers the calling thread (and what it starts) and puts it back; `engram backup` validates at
-the backup's priority, `engram validate-backup --priority` chooses."""
+the backup's priority, `engram validate-backup --priority` chooses, and the resources that
+priority gives (``procs.Resources``) are decided there and passed down."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from typer.testing import CliRunner
 import engram.backup.validate as validate_mod
 from engram.cli.main import app
 from engram.graph import Engine, EngineConfig
-from engram.procs import at_idle_priority, idle_priority
-from engram.tiers import rowsum
+from engram.procs import Resources, idle_priority
 
 linux = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 runner = CliRunner()
@@ -39,12 +39,10 @@ def test_idle_priority_lowers_this_thread_and_what_it_starts_then_restores() -> 
         out = subprocess.run([sys.executable, "-c", CHILD_POLICY], capture_output=True,
                              text=True, check=True)
         seen["child"] = int(out.stdout)
-        seen["scan_workers"] = rowsum.workers()
-        assert at_idle_priority()
+        seen["scan_workers"] = Resources.for_priority("low").scan_workers
     assert seen == {"here": os.SCHED_IDLE, "thread": os.SCHED_IDLE, "child": os.SCHED_IDLE,
-                    "scan_workers": 1}  # at idle priority a scan uses one core
+                    "scan_workers": 1}  # at low priority a scan uses one core
     assert os.sched_getscheduler(0) == before  # put back
-    assert not at_idle_priority()
     with idle_priority(False):
         assert os.sched_getscheduler(0) == before
 
@@ -67,22 +65,37 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def policy_seen(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The scheduling policy each validate_backup call ran under."""
-    seen: list[int] = []
+def calls(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[Resources | None]]:
+    """The scheduling policy each validate_backup call ran under, and the resources it got."""
+    policies: list[int] = []
+    resources: list[Resources | None] = []
     real = validate_mod.validate_backup
 
     def spy(*a: Any, **k: Any) -> Any:
-        seen.append(os.sched_getscheduler(0))
+        policies.append(os.sched_getscheduler(0))
+        resources.append(k.get("resources"))
         return real(*a, **k)
 
     monkeypatch.setattr(validate_mod, "validate_backup", spy)
-    return seen
+    return policies, resources
+
+
+@pytest.fixture
+def policy_seen(calls: tuple[list[int], list[Resources | None]]) -> list[int]:
+    return calls[0]
+
+
+@pytest.fixture
+def resources_seen(calls: tuple[list[int], list[Resources | None]]) -> list[Resources | None]:
+    return calls[1]
 
 
 @linux
 def test_backup_validates_at_the_backups_priority(
-    data_dir: Path, tmp_path: Path, policy_seen: list[int]
+    data_dir: Path,
+    tmp_path: Path,
+    policy_seen: list[int],
+    resources_seen: list[Resources | None],
 ) -> None:
     bk = tmp_path / "bk"
     bk.mkdir()
@@ -99,12 +112,16 @@ def test_backup_validates_at_the_backups_priority(
     assert (normal["priority"], normal["validation"]["priority"]) == ("normal", "normal")
     assert low["validation"]["ok"] and normal["validation"]["ok"]
     assert policy_seen == [os.SCHED_IDLE, normal_policy]
+    assert resources_seen == [Resources.low(), Resources.normal()]
     assert os.sched_getscheduler(0) == normal_policy  # the test process is put back
 
 
 @linux
 def test_validate_backup_priority_flag(
-    data_dir: Path, tmp_path: Path, policy_seen: list[int]
+    data_dir: Path,
+    tmp_path: Path,
+    policy_seen: list[int],
+    resources_seen: list[Resources | None],
 ) -> None:
     arch = tmp_path / "b.tar.zst"
     r = runner.invoke(app, ["backup", f"--data-dir={data_dir}", "--full", f"--output={arch}",
@@ -116,6 +133,7 @@ def test_validate_backup_priority_flag(
     r = runner.invoke(app, ["validate-backup", str(arch), "--level=2", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["priority"] == "normal", r.stdout
     assert policy_seen == [os.SCHED_IDLE, os.sched_getscheduler(0)]
+    assert resources_seen == [Resources.low(), Resources.normal()]
     r = runner.invoke(app, ["validate-backup", str(arch), "--priority=idle"])
     assert r.exit_code == 2
     assert r.stderr.strip() == "error: --priority must be low or normal, got 'idle'"

@@ -15,6 +15,7 @@ from engram.backup.verify import MAX_LISTED, VerifyReport, render_text, verify_d
 from engram.format import record as fmt
 from engram.graph import Engine, EngineConfig
 from engram.oplog.reader import LogFile, list_segments
+from engram.procs import Resources
 
 SMALL = EngineConfig(segment_bytes=2048, checkpoint_interval=3600)
 
@@ -401,10 +402,30 @@ def test_segments_past_applied_lsn_are_checked_against_the_stored_digest(tmp_pat
         assert report.log_end_digest == eng.digest.hex
 
 
+def _spy_helpers(monkeypatch: pytest.MonkeyPatch, started: list[str]) -> None:
+    """Record the module of each scan helper process and the name of each thread verify
+    starts, in ``started``; a row scan splits from 10 rows on."""
+    import engram.backup.verify.warm_checks as warm_checks
+    from engram.backup import rowscan
+
+    monkeypatch.setattr(rowscan, "PARALLEL_MIN_ROWS", 10)
+    real_popen, real_thread = rowscan.subprocess.Popen, warm_checks.threading.Thread
+    monkeypatch.setattr(
+        rowscan.subprocess,
+        "Popen",
+        lambda argv, **kw: started.append(argv[2]) or real_popen(argv, **kw),
+    )
+    monkeypatch.setattr(
+        warm_checks.threading,
+        "Thread",
+        lambda **kw: started.append(kw["name"]) or real_thread(**kw),
+    )
+
+
 def test_rows_scanned_in_helper_processes_give_the_same_report(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engram.tiers import rowsum
+    from engram.backup import rowscan
 
     root = tmp_path / "data"
     with Engine.open(root, SMALL) as eng:
@@ -424,68 +445,55 @@ def test_rows_scanned_in_helper_processes_give_the_same_report(
             {k: c.status for k, c in r.checks.items()},
         )
 
-    one = verify_data_dir(root, check_all=True)
+    three = Resources(scan_workers=3)
+    one = verify_data_dir(root, check_all=True, resources=three)  # too few rows to split
     assert one.checks["memories"].problems == 150 + 6
-    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
-    monkeypatch.setattr(rowsum, "workers", lambda: 3)
-    started: list[list[str]] = []
-    real = rowsum.subprocess.Popen
-    monkeypatch.setattr(
-        rowsum.subprocess, "Popen", lambda argv, **kw: started.append(argv) or real(argv, **kw)
-    )
-    split = verify_data_dir(root, check_all=True)
-    assert len(started) == 2 and started[0][2] == "engram.backup.rowcheck"
+    started: list[str] = []
+    _spy_helpers(monkeypatch, started)
+    split = verify_data_dir(root, check_all=True, resources=three)
+    assert started.count("engram.backup.rowcheck") == 2
     assert facts(split) == facts(one)
     # Without the bad metadata the digest is recomputed, the same both ways.
     sql(root, "UPDATE memories SET metadata = '{}' WHERE metadata = 'x'")
-    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10**9)
-    one = verify_data_dir(root)
-    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
-    split = verify_data_dir(root)
+    one = verify_data_dir(root, resources=Resources(scan_workers=1))
+    started.clear()
+    split = verify_data_dir(root, resources=three)
+    assert started.count(rowscan.MODULE) == 0 and started.count("engram.backup.rowcheck") == 2
     assert split.digest_recomputed == one.digest_recomputed is not None
     assert facts(split) == facts(one)
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_at_idle_priority_verify_uses_one_core_and_reports_the_same(
+def test_verify_with_one_scan_worker_runs_in_turn_and_reports_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A validation at low priority runs verify at idle priority: no helper processes and no
-    structure-check thread beside the scans (they would take the core the writers need), and
-    the same findings."""
-    import engram.backup.verify as verify_mod
-    from engram.procs import idle_priority
-    from engram.tiers import rowsum
-
+    """Resources with one scan worker (a validation at low priority): no helper processes and
+    no structure-check thread beside the scans (they would take the core the writers need),
+    and the same findings. The resources decide, not the priority the caller's thread runs at:
+    with two workers verify splits even at idle priority."""
     root = tmp_path / "data"
     with Engine.open(root, SMALL) as eng:
         eng.apply([{"op": "create_memory", "id": f"m{i}", "content": f"c {i}"} for i in range(600)])
     sql(root, "UPDATE memories SET strength = 2.0 WHERE rowid % 4 = 0")
-    monkeypatch.setattr(rowsum, "PARALLEL_MIN_ROWS", 10)
     started: list[str] = []
-    real_popen, real_thread = rowsum.subprocess.Popen, verify_mod.threading.Thread
-    monkeypatch.setattr(
-        rowsum.subprocess,
-        "Popen",
-        lambda argv, **kw: started.append(argv[2]) or real_popen(argv, **kw),
-    )
-    monkeypatch.setattr(
-        verify_mod.threading, "Thread", lambda **kw: started.append(kw["name"]) or real_thread(**kw)
-    )
-    monkeypatch.setattr(rowsum, "workers", lambda: 1 if rowsum.at_idle_priority() else 2)
-    normal = verify_data_dir(root, check_all=True)
+    _spy_helpers(monkeypatch, started)
+    normal = verify_data_dir(root, check_all=True, resources=Resources(scan_workers=2))
     assert sorted(started) == ["engram-verify-sqlite", "engram.backup.rowcheck"]
     started.clear()
-    with idle_priority():
-        idle = verify_data_dir(root, check_all=True)
+    low = verify_data_dir(root, check_all=True, resources=Resources.low())
     assert started == []
-    assert [(p.check, p.location, p.message) for p in idle.problems] == [
+    assert [(p.check, p.location, p.message) for p in low.problems] == [
         (p.check, p.location, p.message) for p in normal.problems
     ]
-    assert {k: c.status for k, c in idle.checks.items()} == {
+    assert {k: c.status for k, c in low.checks.items()} == {
         k: c.status for k, c in normal.checks.items()
     }
     assert normal.checks["memories"].problems == 150
+    if hasattr(os, "SCHED_IDLE"):
+        from engram.procs import idle_priority
+
+        with idle_priority():
+            verify_data_dir(root, check_all=True, resources=Resources(scan_workers=2))
+        assert sorted(started) == ["engram-verify-sqlite", "engram.backup.rowcheck"]
 
 
 def test_damaged_index_is_found_by_the_structure_check(data_dir: Path) -> None:
@@ -508,3 +516,31 @@ def test_damaged_index_is_found_by_the_structure_check(data_dir: Path) -> None:
         assert sqlite_problems, render_text(report)
         assert report.checks["sqlite"].status == "fail"
         assert report.checks["memories"].status == "ok"  # the rows themselves are fine
+
+
+def test_edge_row_rules() -> None:
+    """rowcheck holds the edge-row rules verify applies: every rule a row breaks is reported at
+    the edge's location, and a dangling end is said and counted."""
+    from engram.backup.rowcheck import check_edge_row
+
+    found: list[tuple[str, str]] = []
+
+    def problem(location: str, message: str) -> None:
+        found.append((location, message))
+
+    edge, dangles = check_edge_row(("a", "b", "related", 0.5, 7, 0, 0), problem)
+    assert (found, dangles, edge.weight, edge.created_at) == ([], False, 0.5, 7)
+    edge, dangles = check_edge_row(("a", "b", "no such kind!", float("nan"), "x", 1, 1), problem)
+    assert dangles
+    assert found == [
+        ("edge a->b (no such kind!)", "src 'a' and dst 'b' does not exist"),
+        ("edge a->b (no such kind!)", "kind does not follow the kind rule"),
+        ("edge a->b (no such kind!)", "weight nan is not a finite number"),
+        ("edge a->b (no such kind!)", "created_at 'x' is not a timestamp"),
+    ]
+    found.clear()
+    check_edge_row(("a", "b", "related", True, 1, 0, 1), problem)
+    assert found == [
+        ("edge a->b (related)", "dst 'b' does not exist"),
+        ("edge a->b (related)", "weight True is not a finite number"),
+    ]

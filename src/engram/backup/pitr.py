@@ -27,6 +27,7 @@ from engram.backup.restore import (
     place,
     staging_for,
 )
+from engram.backup.rowscan import recompute_digest
 from engram.errors import (
     BadArchive,
     CorruptData,
@@ -41,6 +42,7 @@ from engram.format.record import Record
 from engram.graph import Engine
 from engram.model import OpType, ns_to_iso
 from engram.oplog.reader import iter_log_files, read_header
+from engram.procs import Resources
 from engram.replay import ReplayBatch
 from engram.replay import batches as replay_batches
 from engram.storage import BackupStore, as_store
@@ -460,8 +462,10 @@ def _check_header_digests(engine: Engine, sources: list[LogSource]) -> None:
             )
 
 
-def check_digest(engine: Engine) -> None:
-    if engine.recompute_digest().hex != engine.digest.hex:
+def check_digest(engine: Engine, resources: Resources | None = None) -> None:
+    """The digest recomputed from the replayed graph, with the cores ``resources`` allows
+    (default: a command at normal priority), must equal the one maintained along the replay."""
+    if recompute_digest(engine, resources or Resources.normal()).hex != engine.digest.hex:
         raise CorruptData(
             "after replay the digest recomputed from the graph differs from the maintained one; "
             "the logs or the base are damaged — use other backups"
@@ -637,9 +641,11 @@ def restore_pitr(
     force: bool = False,
     progress: Progress | None = None,
     durable: bool = True,
+    resources: Resources | None = None,
 ) -> PitrResult:
     """Restore ``base`` and replay ``logs`` up to ``target`` into ``output``. ``durable=False``
-    skips fsyncing the extracted base and the result (a restore test that is thrown away)."""
+    skips fsyncing the extracted base and the result (a restore test that is thrown away);
+    ``resources``: what the digest recompute may use (default: a command at normal priority)."""
     base, output = Path(base).absolute(), Path(output).absolute()
     t0 = time.monotonic()
     check_target(output, force)
@@ -669,7 +675,7 @@ def restore_pitr(
             target = in_logs(target, cov)
             check_target_range(target, cov, base_lsn, manifest["snapshot_time_ns"])
             res = apply_sources(engine, sources, target, progress, cov.records)
-            check_digest(engine)
+            check_digest(engine, resources)
             digest = engine.digest.hex
         finally:
             engine.close()

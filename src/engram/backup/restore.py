@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.backup.archive import extract_verified, read_archive_header, sha256_file
+from engram.backup.rowscan import recompute_digest
 from engram.datadir import Layout, read_identity, read_owner
 from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, UsageError
 from engram.format.manifest import (
@@ -38,6 +39,7 @@ from engram.format.manifest import (
 )
 from engram.fsutil import Owned, create_owned_dir, fsync_dir, remove_stale
 from engram.graph import Engine, EngineConfig
+from engram.procs import Resources
 from engram.tiers.warm import WarmTier
 
 log = logging.getLogger("engram")
@@ -232,13 +234,15 @@ def open_and_check(
     manifest: dict[str, Any],
     recompute: bool = True,
     index_repairs: list[str] | None = None,
+    resources: Resources | None = None,
 ) -> Engine:
     """Open a staged restore (recovery lands on S), check the digest against the manifest and
     the full-text index against the rows: an engine is never handed back with an index that
     disagrees with them. A damaged index is an error (the backup is not good as it is), unless
     ``index_repairs`` is given: the index is then rebuilt from the rows, which the digest
     proves (here, or with ``recompute=False`` by the caller before the restore is used), and
-    a line saying so is logged and appended to ``index_repairs``."""
+    a line saying so is logged and appended to ``index_repairs``. The digest recompute uses
+    the cores ``resources`` allows (default: a command at normal priority)."""
     cfg = EngineConfig(checkpoint_interval=3600)
     try:
         eng = Engine.open(staging, cfg, create=False)
@@ -259,7 +263,10 @@ def open_and_check(
                 "the restored digest differs from the manifest's; the backup is inconsistent — "
                 "use another backup"
             )
-        if recompute and eng.recompute_digest().hex != manifest["digest"]:
+        if (
+            recompute
+            and recompute_digest(eng, resources or Resources.normal()).hex != manifest["digest"]
+        ):
             raise CorruptData(
                 "the digest recomputed from the restored graph differs from the manifest's; the "
                 "backup is damaged — use another backup"

@@ -1,6 +1,8 @@
-"""`verify`'s checks of memory rows and their share of the digest, over a rowid range.
+"""The rules a warm-tier memory row or edge row must follow (`verify`'s row checks), and the
+scan of memory rows over a rowid range with their share of the digest (the hash of a row is
+``digest``'s).
 
-Pure and self-contained so that ``rowsum.split_scan`` can run it in helper processes
+Self-contained so that ``rowscan.split_scan`` can run the memory scan in helper processes
 (``python -m engram.backup.rowcheck DATABASE LO HI`` prints a ``RowScan`` as JSON) while the
 verifier scans the first range itself.
 """
@@ -16,10 +18,12 @@ from collections.abc import Callable
 import msgspec
 
 from engram import digest as dg
-from engram.model import ID_RE, Memory
-from engram.tiers.rowsum import helper_main, rows_in
+from engram.backup.rowscan import helper_main
+from engram.model import ID_RE, KIND_RE, Edge, Memory
+from engram.tiers.warm import memory_rows
 
 MAX_LISTED = 100
+MODULE = "engram.backup.rowcheck"  # the helper entry point of the memory scan (file's end)
 _json_obj = msgspec.json.Decoder(dict)
 
 
@@ -84,6 +88,28 @@ def check_memory_row(r: tuple, problem: Callable[[str, str], None]) -> Memory | 
     return Memory(mid, content, strength, metadata, created, updated, activated, count)
 
 
+def check_edge_row(r: tuple, problem: Callable[[str, str], None]) -> tuple[Edge, bool]:
+    """The edge of warm-tier row ``r`` (src, dst, kind, weight, created_at, whether src is
+    missing, whether dst is missing: neither a memory nor an archived one) and whether it
+    dangles; every rule it breaks goes to ``problem(location, message)``."""
+    src, dst, kind, weight, created, no_src, no_dst = r
+    loc = f"edge {src}->{dst} ({kind})"
+    if no_src or no_dst:
+        ends = [f"{w} {v!r}" for w, v, gone in (("src", src, no_src), ("dst", dst, no_dst)) if gone]
+        problem(loc, " and ".join(ends) + " does not exist")
+    if not isinstance(kind, str) or not KIND_RE.fullmatch(kind):
+        problem(loc, "kind does not follow the kind rule")
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+    ):
+        problem(loc, f"weight {weight!r} is not a finite number")
+    if not isinstance(created, int):
+        problem(loc, f"created_at {created!r} is not a timestamp")
+    return Edge(src, dst, kind, weight, created), bool(no_src or no_dst)
+
+
 def scan(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None) -> RowScan:
     """Check and hash the memory rows with ``lo <= rowid <= hi`` (all if None)."""
     res = RowScan()
@@ -94,7 +120,7 @@ def scan(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None)
             res.listed.append((location, message))
 
     total = 0
-    cur = rows_in(conn, lo, hi)
+    cur = memory_rows(conn, lo, hi)
     while rows := cur.fetchmany(5000):
         res.rows += len(rows)
         valid: list[Memory] = []

@@ -57,6 +57,7 @@ from engram.format.manifest import compression_for, decode_sidecar
 from engram.fsutil import Owned, create_owned_dir, remove_stale
 from engram.model import ns_to_iso
 from engram.oplog.reader import iter_log_files, list_segments, read_header
+from engram.procs import Resources
 
 log = logging.getLogger("engram")
 WORKDIR_PREFIX = "engram-validate-"
@@ -101,9 +102,15 @@ class _Failed(Exception):
 
 
 class _Runner:
-    def __init__(self, report: ValidationReport, progress: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        report: ValidationReport,
+        progress: Callable[[str], None] | None,
+        resources: Resources,
+    ) -> None:
         self.report = report
         self.progress = progress
+        self.resources = resources  # what the restore test and verify may use
         self.facts: dict[str, Any] | None = None  # what the file says it holds, once read
 
     def step(self, level: int, name: str, fn: Callable[[], str]) -> None:
@@ -228,7 +235,7 @@ def _verify_and_bench(
     """Level 3's `verify --check-all` of a restored data dir, then level 4's benchmark."""
 
     def verify() -> str:
-        rep = verify_data_dir(data_dir, check_all=True)
+        rep = verify_data_dir(data_dir, check_all=True, resources=run.resources)
         if not rep.ok:
             first = rep.problems[0]
             raise EngramError(
@@ -301,7 +308,9 @@ def _validate_incremental(
         if path not in incs:
             incs.append(path)
         says = f"base {base.name} + {', '.join(p.name for p in incs)}"
-        res = restore_pitr(base, incs, Target(lsn=h["to_lsn"]), out, durable=False)
+        res = restore_pitr(
+            base, incs, Target(lsn=h["to_lsn"]), out, durable=False, resources=run.resources
+        )
         if res.digest != h["digest"]:
             raise EngramError(
                 f"the chain restored to LSN {res.reached_lsn} has a different digest than the "
@@ -323,10 +332,13 @@ def validate_backup(
     record: bool = True,
     workdir: Path | None = None,
     entries: EntryWriter = LOCAL,
+    resources: Resources | None = None,
 ) -> ValidationReport:
     """Validate ``path`` to ``level`` and, with ``record``, keep the verdict in its catalog
     entry (written through ``entries``). CatalogError if the entry cannot be marked "pending"
-    before the checks start (nothing is validated then)."""
+    before the checks start (nothing is validated then). ``resources``: what the checks may
+    use, decided by whoever starts the validation (default: a command at normal priority; the
+    caller applies its ``idle`` priority)."""
     path = Path(path).absolute()
     if level not in (1, 2, 3, 4):
         raise UsageError("--level must be 1, 2, 3 or 4")
@@ -334,7 +346,7 @@ def validate_backup(
         raise UsageError(f"{path} does not exist or is not a file")
     kind = "full" if compression_for(path.name) else _kind_of(path)
     report = ValidationReport(str(path), kind, level)
-    run = _Runner(report, progress)
+    run = _Runner(report, progress, resources or Resources.normal())
     entry = _begin_entry(path, report, level, entries) if record else None
     parent = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
     remove_stale_workdirs(parent)

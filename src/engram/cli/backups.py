@@ -68,18 +68,24 @@ def _validate(
     threads and helper processes it starts): a restore test, verify and a read benchmark on a
     machine a server shares would otherwise take both cores from its writers, and their
     latency with them."""
-    from engram.procs import idle_priority
+    from engram.procs import Resources, idle_priority
 
-    with idle_priority(priority == "low"):
+    # Decided once, where the validation starts: what its checks may use, and its priority.
+    resources = Resources.for_priority(priority)
+    with idle_priority(resources.idle):
         # Imported here: at low priority, even loading the validation modules waits for idle CPU.
         from engram.backup.validate import validate_backup
 
         if as_json:
-            v = validate_backup(path, level, p50_warn_ms).to_json()
+            v = validate_backup(path, level, p50_warn_ms, resources=resources).to_json()
         else:
             with console().status("validating…") as st:
                 v = validate_backup(
-                    path, level, p50_warn_ms, progress=lambda s: st.update(f"validating: {s}")
+                    path,
+                    level,
+                    p50_warn_ms,
+                    progress=lambda s: st.update(f"validating: {s}"),
+                    resources=resources,
                 ).to_json()
     v["priority"] = priority
     return v

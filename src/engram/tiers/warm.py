@@ -24,7 +24,6 @@ from engram.digest import EMPTY, MOD, memory_hash, memory_rows_sum
 from engram.errors import CorruptData, DiskFull, EngramError, Unavailable
 from engram.format.record import Record
 from engram.model import Edge, Memory, OpType, parse_edge_target
-from engram.tiers import rowsum
 
 SCHEMA_VERSION = 1
 
@@ -88,7 +87,9 @@ CREATE TEMP TABLE IF NOT EXISTS stage (
 );
 """
 
-_COLS = rowsum.COLS
+_COLS = (
+    "id, content, strength, metadata, created_at, updated_at, last_activated_at, activation_count"
+)
 _UPSERT_MEMORY = f"""
 INSERT INTO memories ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET content=excluded.content, strength=excluded.strength,
@@ -163,6 +164,25 @@ def row_to_memory(r: tuple) -> Memory:
 
 def row_to_edge(r: tuple) -> Edge:
     return Edge(r[0], r[1], r[2], r[3], r[4])
+
+
+def memory_rowids(conn: sqlite3.Connection) -> tuple[int | None, int | None, int]:
+    """The lowest and highest rowid of the memories table (None when it is empty) and its
+    number of rows, through ``conn`` (any connection to a warm tier database)."""
+    lo, hi, count = conn.execute("SELECT min(rowid), max(rowid), count(*) FROM memories").fetchone()
+    return lo, hi, count
+
+
+def memory_rows(
+    conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None
+) -> sqlite3.Cursor:
+    """The memory rows with ``lo <= rowid <= hi`` (every row if either is None), through
+    ``conn``, as (id, content, strength, metadata JSON, created_at, updated_at,
+    last_activated_at, activation_count): the order ``digest.memory_rows_sum`` and verify's
+    row checks read."""
+    if lo is None or hi is None:
+        return conn.execute(f"SELECT {_COLS} FROM memories")
+    return conn.execute(f"SELECT {_COLS} FROM memories WHERE rowid BETWEEN ? AND ?", (lo, hi))
 
 
 def connect(path: Path, readonly: bool = False, cache_mib: int = 64) -> sqlite3.Connection:
@@ -680,15 +700,18 @@ class WarmTier:
             last = rows[-1][0]
 
     @_reads("reading memories")
-    def digest_sum(self, overrides: dict[str, Memory]) -> int:
+    def digest_sum(
+        self, overrides: dict[str, Memory], committed_sum: Callable[[Path], int] | None = None
+    ) -> int:
         """Sum (mod 2^256) of the memory hashes of every row, in any order, with ``overrides``
-        (newer versions held by the fast tier) taking the place of rows. With uncommitted
-        changes this connection reads every row; otherwise the committed file is what to hash
-        and helper processes share the scan (``rowsum``)."""
-        if self.conn.in_transaction:
-            total = rowsum.range_sum(self.conn)
+        (newer versions held by the fast tier) taking the place of rows. The rows are read
+        through this connection in this process, unless ``committed_sum`` is given and this
+        connection has nothing uncommitted: ``committed_sum(path)`` then gives their sum from
+        the committed database file (whoever passes it makes sure nothing commits meanwhile)."""
+        if committed_sum is None or self.conn.in_transaction:
+            total = memory_rows_sum(memory_rows(self.conn), _json_dec.decode)
         else:
-            total = rowsum.committed_sum(self.path, self.conn)
+            total = committed_sum(self.path)
         for mid, m in overrides.items():
             r = self.conn.execute(f"SELECT {_COLS} FROM memories WHERE id=?", (mid,)).fetchone()
             if r is not None:

@@ -1,59 +1,46 @@
-"""Scans of every memory row split across cores, and the memories' share of the digest (O7).
+"""Scans of every memory row split across processes: the digest recompute of a restore or a
+PITR, and verify's row checks (``rowcheck``).
 
-Recomputing the digest or verifying rows reads every memory: about 2 us each in Python, most of
-it building row objects, which holds the GIL, so threads would not help. On more than one core
-``split_scan`` divides the rowid range between this process and helper processes
-(``python -m <module> DATABASE LO HI``), each on its own read-only connection. That is only
-correct when every connection sees the same committed database: callers use it only when the
-writing connection has no open transaction and nobody commits meanwhile (the engine holds its
-lock), or when no process owns the data dir. A helper that fails or cannot start has its range
-redone in this process, with a warning.
+A row scan is about 2 us per memory in Python, most of it building row objects, which holds the
+GIL, so threads would not help. ``split_scan`` divides the rowid range between this process and
+``workers - 1`` helper processes (``python -m <module> DATABASE LO HI``), each on its own
+read-only connection. That is only correct when every connection sees the same committed
+database: callers split only when nobody can commit meanwhile — the engine's lock is held and
+its connection has nothing uncommitted (``recompute_digest``), or no process owns the data dir
+(verify). How many workers is the caller's ``Resources`` (``procs``), decided where its command
+started. A helper that fails or cannot start has its range redone in this process, with a
+warning.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
-from engram.digest import MOD, memory_rows_sum
-from engram.procs import at_idle_priority, module_argv, module_env
+from engram import digest as dg
+from engram.procs import Resources, module_argv, module_env
+from engram.tiers.warm import memory_rowids, memory_rows
+
+if TYPE_CHECKING:
+    from engram.graph import Engine
 
 log = logging.getLogger("engram.digest")
 
 T = TypeVar("T")
 
-COLS = (
-    "id, content, strength, metadata, created_at, updated_at, last_activated_at, activation_count"
-)
-# Below this many rows a helper process costs more than it saves (it starts in ~0.1 s).
+# Below this many rows a helper process costs more than it saves (starting one is a new
+# interpreter importing engram).
 PARALLEL_MIN_ROWS = 150_000
+MODULE = "engram.backup.rowscan"  # the digest's helper entry point (the end of this file)
 _dec = msgspec.json.Decoder(dict).decode
-
-
-def workers() -> int:
-    """How many processes a scan may use: one per core (up to 4), or one at idle priority."""
-    if at_idle_priority():
-        return 1
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 4))
-
-
-def rows_in(conn: sqlite3.Connection, lo: int | None, hi: int | None) -> sqlite3.Cursor:
-    """The memory rows with ``lo <= rowid <= hi`` (all of them if either is None)."""
-    if lo is None or hi is None:
-        return conn.execute(f"SELECT {COLS} FROM memories")
-    return conn.execute(f"SELECT {COLS} FROM memories WHERE rowid BETWEEN ? AND ?", (lo, hi))
 
 
 def split_scan(
@@ -62,16 +49,16 @@ def split_scan(
     module: str,
     local: Callable[[int | None, int | None], T],
     parse: Callable[[bytes], T],
+    workers: int,
 ) -> list[T]:
     """``local(lo, hi)`` over every memory row, in parts: the first rowid range here through
     ``conn``, the others by ``python -m module database lo hi`` (its stdout goes to ``parse``)
-    when there are enough rows and cores; otherwise ``[local(None, None)]``."""
-    n = workers()
-    lo, hi, count = conn.execute("SELECT min(rowid), max(rowid), count(*) FROM memories").fetchone()
-    if n < 2 or count < PARALLEL_MIN_ROWS:
+    when ``workers`` > 1 and there are enough rows; otherwise ``[local(None, None)]``."""
+    lo, hi, count = memory_rowids(conn)
+    if workers < 2 or count < PARALLEL_MIN_ROWS or lo is None or hi is None:
         return [local(None, None)]
-    step = (hi - lo + n) // n
-    bounds = [(lo + i * step, min(hi, lo + (i + 1) * step - 1)) for i in range(n)]
+    step = (hi - lo + workers) // workers
+    bounds = [(lo + i * step, min(hi, lo + (i + 1) * step - 1)) for i in range(workers)]
     procs: list[tuple[subprocess.Popen[bytes] | None, int, int]] = []
     for a, b in bounds[1:]:
         try:
@@ -134,24 +121,34 @@ def helper_main(argv: list[str], scan: Callable[[sqlite3.Connection, int, int], 
 
 def range_sum(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None) -> int:
     """Sum (mod 2^256) of the memory hashes of the rows in the range (all if None)."""
-    cur = rows_in(conn, lo, hi)
-    total = 0
-    while rows := cur.fetchmany(5000):
-        total += memory_rows_sum(rows, _dec)
-    return total % MOD
+    return dg.memory_rows_sum(memory_rows(conn, lo, hi), _dec) % dg.MOD
 
 
-def committed_sum(path: Path, conn: sqlite3.Connection) -> int:
-    """The memories' digest share of the committed database at ``path``, read through ``conn``
-    for this process's part and helper processes for the rest when that pays off."""
-    parts = split_scan(
-        conn,
-        f"file:{path}?mode=ro",
-        "engram.tiers.rowsum",
-        lambda a, b: range_sum(conn, a, b),
-        lambda out: int(out.decode().strip(), 16),
-    )
-    return sum(parts) % MOD
+def committed_sum(path: Path, workers: int) -> int:
+    """The memories' digest share of the committed warm tier database at ``path``, scanned by
+    this process and up to ``workers - 1`` helper processes."""
+    uri = f"file:{path}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        parts = split_scan(
+            conn,
+            uri,
+            MODULE,
+            partial(range_sum, conn),
+            lambda out: int(out.decode().strip(), 16),
+            workers,
+        )
+    finally:
+        conn.close()
+    return sum(parts) % dg.MOD
+
+
+def recompute_digest(engine: Engine, resources: Resources) -> dg.Digest:
+    """``engine``'s digest recomputed from its stored graph, the memory rows scanned by as many
+    processes as ``resources`` allows when the committed file is what to read."""
+    if resources.scan_workers < 2:
+        return engine.recompute_digest()
+    return engine.recompute_digest(partial(committed_sum, workers=resources.scan_workers))
 
 
 if __name__ == "__main__":
