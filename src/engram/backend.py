@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from engram import query as queries  # a Backend method takes a `query` argument
+from engram.backup.request import BackupRequest
 from engram.client import EngramClient
 from engram.datadir import LOCK, read_owner
 from engram.errors import BackupError, DataDirError, DataDirLocked, UsageError
@@ -44,59 +46,15 @@ class Backend(Protocol):
 
     def mark(self, name: str) -> dict[str, Any]: ...
 
-    def backup(
-        self,
-        kind: str,
-        output: Path,
-        since_s: float | None,
-        since_lsn: int | None,
-        progress: Progress | None = None,
-        priority: str | None = None,
-        cpu_share: float | None = None,
-    ) -> dict[str, Any]: ...
+    def backup(self, req: BackupRequest, progress: Progress | None = None) -> dict[str, Any]:
+        """Take ``req`` into the new file ``req.output``, written by this process's user."""
+        ...
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]: ...
 
     def resume(self) -> dict[str, Any]: ...
 
     def status(self) -> dict[str, Any]: ...
-
-
-def _run_backup(
-    engine: Engine,
-    kind: str,
-    output: Path,
-    since_s: float | None,
-    since_lsn: int | None,
-    progress: Progress | None = None,
-    priority: str | None = None,
-    default_priority: str = "normal",
-    cpu_share: float | None = None,
-) -> dict[str, Any]:
-    """``priority`` (full backups only; None = ``default_priority``): "low" writes the archive
-    in a worker process on idle CPU, "normal" in this process on every core. The server's
-    default is "low" (writers keep their latency), a data dir opened here "normal".
-    ``cpu_share`` caps a low-priority worker while the engine writes (None = the default cap);
-    given without a priority, it means "low"."""
-    # Imported here: only backup commands pay for the backup modules.
-    from engram.backup.full import full_backup
-    from engram.backup.incremental import incremental_backup
-
-    if kind == "full":
-        if priority is None and cpu_share is not None:
-            priority = "low"
-        res = full_backup(
-            engine, output, progress, priority=priority or default_priority, cpu_share=cpu_share
-        )
-        return res.to_json()
-    if kind == "incremental":
-        if priority is not None or cpu_share is not None:
-            raise UsageError(
-                "priority and cpu share apply to full backups only (an incremental is a short "
-                "read of the log, taken in the engine's process)"
-            )
-        return incremental_backup(engine, output, since_s, since_lsn, progress).to_json()
-    raise UsageError(f"backup kind must be full or incremental, got {kind!r}")
 
 
 def _no_server(root: Path, what: str) -> UsageError:
@@ -112,26 +70,12 @@ class LocalBackend:
         self.engine = engine
         self.where = str(engine.root)
 
-    def backup(
-        self,
-        kind: str,
-        output: Path,
-        since_s: float | None,
-        since_lsn: int | None,
-        progress: Progress | None = None,
-        priority: str | None = None,
-        cpu_share: float | None = None,
-    ) -> dict[str, Any]:
-        return _run_backup(
-            self.engine,
-            kind,
-            output,
-            since_s,
-            since_lsn,
-            progress,
-            priority,
-            cpu_share=cpu_share,
-        )
+    def backup(self, req: BackupRequest, progress: Progress | None = None) -> dict[str, Any]:
+        # Imported here: only backup commands pay for the backup modules. Nobody else writes
+        # to a data dir this process holds: a full backup uses every core unless asked.
+        from engram.backup.run import run_backup
+
+        return run_backup(self.engine, req, progress, default_priority="normal")
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         raise _no_server(self.engine.root, "quiesce")
@@ -196,47 +140,28 @@ class RemoteBackend:
 
     remote = True
 
-    def backup(
-        self,
-        kind: str,
-        output: Path,
-        since_s: float | None,
-        since_lsn: int | None,
-        progress: Progress | None = None,
-        priority: str | None = None,
-        cpu_share: float | None = None,
-    ) -> dict[str, Any]:
+    def backup(self, req: BackupRequest, progress: Progress | None = None) -> dict[str, Any]:
         # The server makes the cut and streams the backup; this process writes the file, with
         # the rights of whoever runs the command (the server never writes where a client says).
-        from engram.backup.full import full_compression
-        from engram.backup.incremental import chain_of, check_incremental_name, nothing_to_continue
+        from engram.backup.incremental import chain_of, nothing_to_continue
         from engram.backup.output import BackupOutput
 
-        output = Path(output).absolute()
-        fields: dict[str, Any] = {
-            "since_s": since_s,
-            "since_lsn": since_lsn,
-            "priority": priority,  # None: the server's default (low)
-            "cpu_share": cpu_share,
-        }
-        if kind == "full":
-            fields["compression"] = full_compression(output.name)
-        elif kind == "incremental":
-            check_incremental_name(output)
-        else:
-            raise UsageError(f"backup kind must be full or incremental, got {kind!r}")
+        req = req.validate()
+        if req.output is None:
+            raise ValueError("a backup through a server is written here: it needs an output")
+        output = Path(req.output).absolute()
+        stream = req.streamed()  # priority None: the server's default (low)
         with BackupOutput(output) as out:
-            if kind == "incremental":
+            if req.kind == "incremental":
                 # "Never a gap" is about this directory, which only this side can see: the
                 # server is told where the range must start at the latest.
                 after = chain_of(output.parent, str(self.client.status()["database_id"]))
                 if after is not None:
-                    fields["start_by_lsn"] = after.to_lsn + 1
-                    fields["parent"] = after.name
-                elif since_s is None and since_lsn is None:
+                    stream = replace(stream, start_by_lsn=after.to_lsn + 1, parent=after.name)
+                elif req.since_s is None and req.since_lsn is None:
                     raise nothing_to_continue(output.parent)
             sink = out.open()
-            res = self.client.backup(kind, sink=sink, progress=progress, **fields)
+            res = self.client.backup(**stream.to_mapping(), sink=sink, progress=progress)
             sink.sync_close()
             got = (sink.size, sink.sha.hexdigest())
             if (res.get("size"), res.get("sha256")) != got:

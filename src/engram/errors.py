@@ -37,11 +37,9 @@ class UsageError(EngramError):
     code = "usage"
 
 
-class ValidationError(EngramError):
+class ValidationError(UsageError):
     """A field of the request is invalid."""
 
-    exit_code = 2
-    http_status = 400
     code = "invalid"
 
     def __init__(self, message: str, field: str | None = None, **details: Any) -> None:

@@ -135,7 +135,7 @@ def test_cli_priority_through_a_server(
     files = sorted(os.listdir(bk))
     for args, needle in [
         (("--full", "--priority=idle"), "--priority must be low or normal, got 'idle'"),
-        (("--incremental", "--priority=normal"), "--priority and --cpu-share only apply"),
+        (("--incremental", "--priority=normal"), "--priority applies to full backups only"),
         (("--full", "--cpu-share=2"), BAD_SHARE + "got 2.0"),
     ]:
         p = _engram("backup", *args, f"--output={bk}/bad.tar.zst", "--data-dir", dd)
@@ -179,12 +179,12 @@ def test_cli_priority_flag(tmp_path: Path) -> None:
     for args, needle in [
         (("--full", "--priority=fast"), "--priority must be low or normal, got 'fast'"),
         (("--full", "--priority="), "--priority must be low or normal"),
-        (("--incremental", "--priority=low"), "--priority and --cpu-share only apply to --full"),
-        (("--incremental", "--cpu-share=0.5"), "--priority and --cpu-share only apply to --full"),
+        (("--incremental", "--priority=low"), "--priority applies to full backups only"),
+        (("--incremental", "--cpu-share=0.5"), "--cpu-share applies to full backups only"),
         (("--full", "--cpu-share=0"), BAD_SHARE + "got 0.0"),
         (("--full", "--cpu-share=nan"), "--cpu-share must be a number from 0.05 to 1"),
         (("--full", "--priority=normal", "--cpu-share=0.5"),
-         "--cpu-share applies to --priority=low"),
+         "--cpu-share applies to --priority low only"),
         (("--full", "--cpu-share=half"), "'--cpu-share'"),
     ]:
         r = backup(*args, f"--output={bk / 'bad.tar.zst'}")

@@ -29,6 +29,7 @@ import pytest
 from serverproc import ServerProcess
 
 from engram.backend import RemoteBackend
+from engram.backup.request import BackupRequest
 from engram.backup.restore import restore
 from engram.backup.validate import validate_backup
 from engram.client import EngramClient
@@ -165,7 +166,7 @@ def test_two_streams_racing_at_publish_have_one_winner(
         assert srv.url is not None
         with EngramClient(srv.url) as client:
             try:
-                results[k] = RemoteBackend(client).backup("full", out, None, None, progress)
+                results[k] = RemoteBackend(client).backup(BackupRequest("full", str(out)), progress)
             except EngramError as e:
                 results[k] = e
 
@@ -354,14 +355,14 @@ def test_the_client_keeps_nothing_of_a_bad_stream(bk: Path) -> None:
     for frames, cls, needle in cases:
         with EngramClient("http://127.0.0.1:9", transport=_answer(frames)) as client:
             with pytest.raises(cls) as ei:
-                RemoteBackend(client).backup("full", bk / "b.tar.zst", None, None)
+                RemoteBackend(client).backup(BackupRequest("full", str(bk / "b.tar.zst")))
         assert needle in ei.value.message, (needle, ei.value.message)
         assert os.listdir(bk) == [], os.listdir(bk)
     with EngramClient("http://127.0.0.1:9", transport=_answer(b"", b"application/json")) as c:
         with pytest.raises(RemoteError, match="did not answer with a backup stream"):
-            RemoteBackend(c).backup("full", bk / "b.tar.zst", None, None)
+            RemoteBackend(c).backup(BackupRequest("full", str(bk / "b.tar.zst")))
     # And the same frames, whole and true, are published.
     frames = bs.frame(bs.DATA, data) + bs.json_frame(bs.RESULT, good)
     with EngramClient("http://127.0.0.1:9", transport=_answer(frames)) as client:
-        res = RemoteBackend(client).backup("full", bk / "b.tar.zst", None, None)
+        res = RemoteBackend(client).backup(BackupRequest("full", str(bk / "b.tar.zst")))
     assert (bk / "b.tar.zst").read_bytes() == data and res["path"] == str(bk / "b.tar.zst")

@@ -88,7 +88,7 @@ class Rig:
 
     def check_engine_works(self) -> None:
         e = self.engine
-        assert getattr(e, "_cuts", 0) == 0, "the failed backup did not release its cut"
+        assert e.cuts.held == 0, "the failed backup did not release its cut"
         before = e.last_lsn
         r = e.apply([{"op": "activate", "id": "m0"}])
         assert r.lsn == before + 1 and e.last_lsn == r.lsn

@@ -159,7 +159,7 @@ def test_low_priority_archive_equals_the_in_process_one(
     assert states[0] == states[1]
     v = validate_backup(Path(low.path), level=3, record=False)
     assert v.ok, v.verdict
-    assert getattr(engine, "_cuts", 0) == 0
+    assert engine.cuts.held == 0
 
 
 def test_priority_is_checked(engine: Engine, tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def _check_nothing_left(e: Engine, bk: Path, before: dict[str, str], err: Backup
                         out: Path) -> None:
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in bk.iterdir()} == before
     assert str(out) in err.message and "\n" not in err.message
-    assert getattr(e, "_cuts", 0) == 0, "the failed backup did not release its cut"
+    assert e.cuts.held == 0, "the failed backup did not release its cut"
     before_lsn = e.last_lsn
     assert e.apply([{"op": "activate", "id": "big0"}]).lsn == before_lsn + 1
 
@@ -441,7 +441,7 @@ def test_cpu_share_is_checked(bad: Any, engine: Engine, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="applies to priority low only"):
         full_backup(engine, tmp_path / "x.tar.zst", priority="normal", cpu_share=0.5)
     assert list(tmp_path.glob("x.tar.zst*")) == []
-    assert getattr(engine, "_cuts", 0) == 0
+    assert engine.cuts.held == 0
     assert check_cpu_share(0.05) == 0.05 and check_cpu_share(1) == 1.0
 
 

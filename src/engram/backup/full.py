@@ -24,19 +24,19 @@ from typing import Any
 from engram import __version__
 from engram.backup.archive import FileSink, Sink
 from engram.backup.output import BackupOutput, describe_os_error
+from engram.backup.request import PRIORITIES, BackupRequest, output_compression
 from engram.backup.worker import (
     DEFAULT_CPU_SHARE,
     LOW_CHUNK,
     Plan,
     PlanMember,
     Request,
-    check_cpu_share,
     run_worker,
     write_plan,
 )
-from engram.errors import BackupError, UsageError
+from engram.errors import BackupError
 from engram.format import record as fmt
-from engram.format.manifest import MANIFEST_VERSION, compression_for
+from engram.format.manifest import MANIFEST_VERSION
 from engram.graph import Cut, Engine
 from engram.model import ns_to_iso
 from engram.storage import Ref, as_ref
@@ -91,27 +91,19 @@ class BackupResult:
         return out
 
 
-PRIORITIES = ("low", "normal")
-
-
 def full_compression(name: str) -> str:
-    """The compression a full backup named ``name`` gets, or a UsageError."""
-    compression = compression_for(name)
-    if compression is None:
-        raise UsageError(f"{name}: a full backup must end in .tar.zst (recommended) or .tar.gz")
+    """The compression a full backup named ``name`` gets (the request's rule for its output
+    name), or a ValidationError."""
+    compression = output_compression("full", name)
+    assert compression is not None
     return compression
 
 
 def check_full_request(priority: str, cpu_share: float | None) -> float:
-    """The checks of a full backup's priority and cpu share (one rule for every caller); the
-    share the worker gets."""
-    if priority not in PRIORITIES:
-        raise UsageError(f"backup priority must be low or normal, got {priority!r}")
-    if priority == "normal" and cpu_share is not None:
-        raise UsageError(
-            "a cpu share applies to priority low only (priority normal uses every core)"
-        )
-    return DEFAULT_CPU_SHARE if cpu_share is None else check_cpu_share(cpu_share)
+    """The share of one core the worker of a full backup at ``priority`` gets (``cpu_share``,
+    else ``DEFAULT_CPU_SHARE``), after the request's rules (``request.BackupRequest``)."""
+    req = BackupRequest("full", priority=priority, cpu_share=cpu_share).validate()
+    return DEFAULT_CPU_SHARE if req.cpu_share is None else req.cpu_share
 
 
 def full_backup(

@@ -21,9 +21,9 @@ from engram.backup.archive import Sink
 from engram.backup.catalog import newest_end
 from engram.backup.full import BackupResult
 from engram.backup.output import BackupOutput
+from engram.backup.request import output_compression
 from engram.errors import BackupError, UsageError
 from engram.format import record as fmt
-from engram.format.manifest import compression_for
 from engram.graph import Engine
 from engram.model import ns_to_iso
 from engram.oplog.reader import LogFile, list_segments
@@ -51,10 +51,9 @@ def chain_of(where: Path | BackupStore, database_id: str) -> After | None:
 
 
 def check_incremental_name(output: Path) -> None:
-    if compression_for(output.name):
-        raise UsageError(
-            f"{output.name} names a full backup archive; an incremental is a .log file"
-        )
+    """The request's rule for an incremental's output name: not a full archive's (a
+    ValidationError)."""
+    output_compression("incremental", output.name)
 
 
 def nothing_to_continue(directory: Path | str) -> UsageError:

@@ -51,7 +51,8 @@ from typing import Any
 import msgspec
 
 from engram.backup.archive import CHUNK, ArchiveWriter, FileSink, Member, Progress, Sink
-from engram.errors import BackupError, BadArchive, EngramError, UsageError
+from engram.backup.request import check_cpu_share
+from engram.errors import BackupError, BadArchive, EngramError
 from engram.format.manifest import MANIFEST_NAME, encode_manifest
 from engram.oplog.reader import list_segments
 from engram.procs import lower_priority, module_argv, module_env
@@ -69,7 +70,6 @@ REPORT_EVERY = 4 << 20  # bytes between progress lines (each one wakes the paren
 # While the log does not grow the worker runs uncapped (LogActivity); ``cpu_share=1`` lifts
 # the cap altogether. What the default costs writers and the backup: bench/README.md.
 DEFAULT_CPU_SHARE = 0.25
-MIN_CPU_SHARE = 0.05
 
 
 class PlanMember(msgspec.Struct, frozen=True):
@@ -95,21 +95,6 @@ class Request(msgspec.Struct):
     progress: bool = True  # send progress lines (each one wakes the parent)
     cpu_share: float = 1.0  # of one core, at most, while the engine writes (Pacer); 1 = no cap
     log_dir: str | None = None  # the op log whose growth means the engine is writing
-
-
-def check_cpu_share(share: float, name: str = "cpu share") -> float:
-    """``share`` as a float in [MIN_CPU_SHARE, 1], or a UsageError naming ``name`` and what is
-    allowed."""
-    try:
-        f = float(share)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
-        f = float("nan")
-    if not MIN_CPU_SHARE <= f <= 1.0:  # NaN fails both
-        raise UsageError(
-            f"{name} must be a number from {MIN_CPU_SHARE} to 1 (a fraction of one core), "
-            f"got {share!r}"
-        )
-    return f
 
 
 class LogActivity:

@@ -159,37 +159,20 @@ def backup(
     """Take a full or incremental backup, then validate it (exit 1 if validation fails)."""
     if full == incremental:
         raise UsageError("give exactly one of --full or --incremental")
-    if full and (since is not None or since_lsn is not None):
-        raise UsageError("--since and --since-lsn only apply to --incremental")
-    if since is not None and since_lsn is not None:
-        raise UsageError("give only one of --since or --since-lsn")
-    from engram.backup.full import PRIORITIES
+    from engram.backup.request import OPTION_NAMES, BackupRequest
 
-    if priority is not None and priority not in PRIORITIES:
-        raise UsageError(f"--priority must be low or normal, got {priority!r}")
-    if incremental and (priority is not None or cpu_share is not None):
-        raise UsageError(
-            "--priority and --cpu-share only apply to --full (an incremental is a short log read)"
-        )
-    if cpu_share is not None:
-        from engram.backup.worker import check_cpu_share
-
-        if priority == "normal":
-            raise UsageError("--cpu-share applies to --priority=low (normal uses every core)")
-        cpu_share = check_cpu_share(cpu_share, "--cpu-share")
-    since_s = parse_duration(since, "--since") if since is not None else None
     kind = "full" if full else "incremental"
+    req = BackupRequest(
+        kind,
+        str(output.absolute()),
+        since_s=parse_duration(since, "--since") if since is not None else None,
+        since_lsn=since_lsn,
+        priority=priority,
+        cpu_share=cpu_share,
+    ).validate(OPTION_NAMES)
     remote = backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert)
     with remote as b, progress_bar(f"{kind} backup") as bar:
-        res = b.backup(
-            kind,
-            output.absolute(),
-            since_s,
-            since_lsn,
-            None if as_json else bar,
-            priority,
-            cpu_share,
-        )
+        res = b.backup(req, None if as_json else bar)
     path = Path(res["path"])
     # Validation is as gentle as the backup was: low when the backup was (the default through
     # a server), and for an incremental taken through a server, which shares this machine.
