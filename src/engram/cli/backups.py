@@ -358,11 +358,9 @@ def validate_backup(
     as_json: Json = False,
 ) -> None:
     """Check a backup: checksums, a restore test, verify, the digest, a read benchmark."""
-    from engram.backup.full import PRIORITIES
+    from engram.backup.request import check_priority
 
-    if priority not in PRIORITIES:
-        raise UsageError(f"--priority must be low or normal, got {priority!r}")
-    v = _validate(path, level, p50_warn_ms, as_json, priority)
+    v = _validate(path, level, p50_warn_ms, as_json, check_priority(priority, "--priority"))
     if as_json:
         emit_json(v)
     else:
