@@ -1,6 +1,6 @@
 """Run every benchmark (``make bench``) and print one summary of all the goals.
 
-    .venv/bin/python bench/run_all.py [--quick] [--large] [--only core|backup] [--json-out F]
+    .venv/bin/python bench/run_all.py [--quick] [--large] [--only core|backup|repo] [--json-out F]
 
 Each benchmark runs in its own process (a fresh interpreter, its own threads and caches) with
 its output streamed as it goes; the summary at the end lists every goal line of issues 2 and 3
@@ -21,7 +21,7 @@ from pathlib import Path
 from common import Goal
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHES = {"core": "bench_core.py", "backup": "bench_backup.py"}
+BENCHES = {"core": "bench_core.py", "backup": "bench_backup.py", "repo": "bench_repo.py"}
 
 
 def main(argv: list[str] | None = None) -> int:

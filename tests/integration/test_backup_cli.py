@@ -4,7 +4,7 @@ A module fixture plays the seed's routine through a running server (nightly scri
 full backup, resume, validate; then writes, a restore point, an accidental deletion and the
 5-minute incremental; `engram test --quick`), then stops the server. The tests restore, replay
 and validate those backups with the commands of the seed's scripts and runbook, and check the
-shell pipelines the seed relies on (`cat X.sha256` against `sha256sum X | awk`, `tar -tzf`,
+shell pipelines the seed relies on (the sidecar's digest against `sha256sum X | awk`, `tar -tzf`,
 `benchmark | grep 'p50:' | awk`). Local time runs in a fixed +05:30 zone so that "local" and
 UTC differ.
 """
@@ -180,7 +180,8 @@ def test_nightly_script_writes_a_checked_full_backup(flow: Flow) -> None:
     assert "PASS" in flow.nightly_out and "FAIL" not in flow.nightly_out
     assert re.fullmatch(r"full-\d{8}\.tar\.gz", flow.full.name)
     side = flow.full.with_name(flow.full.name + ".sha256")
-    assert side.read_text() == hashlib.sha256(flow.full.read_bytes()).hexdigest() + "\n"
+    want = hashlib.sha256(flow.full.read_bytes()).hexdigest()
+    assert side.read_text() == f"{want}  {flow.full.name}\n"  # sha256sum's format
     info = read_info(flow.full)
     assert info is not None and info["validation"]["ok"] is True
 
@@ -188,7 +189,7 @@ def test_nightly_script_writes_a_checked_full_backup(flow: Flow) -> None:
 def _sha_pipeline(f: Flow, path: Path) -> None:
     out = sh(
         f'BACKUP_FILE="{path}"\n'
-        "EXPECTED=$(cat ${BACKUP_FILE}.sha256)\n"
+        "EXPECTED=$(cut -d' ' -f1 ${BACKUP_FILE}.sha256)\n"
         "ACTUAL=$(sha256sum $BACKUP_FILE | awk '{print $1}')\n"
         'if [ "$EXPECTED" != "$ACTUAL" ]; then echo "FAIL: Checksum mismatch"; exit 1; fi\n'
         'echo "OK $EXPECTED"\n',
@@ -548,6 +549,6 @@ def test_backup_through_the_server_is_written_by_the_cli(flow: Flow, tmp_path: P
         with httpx.Client(base_url=srv.url or "", timeout=10) as c:
             assert j["snapshot_lsn"] == c.get("/v1/stats").json()["lsn"]
         info = read_info(path)
-        assert info is not None and info["path"] == str(path) and info["sha256"] == j["sha256"]
+        assert info is not None and info["path"] == path.name and info["sha256"] == j["sha256"]
     finally:
         srv.stop()

@@ -136,6 +136,7 @@ def test_scenario_1_complete_data_loss(rb: Runbook) -> None:
     rb.bash('rm -rf "$ENGRAM_DATA_DIR"')  # the disk is gone
     out = rb.bash("\n".join(_sections()["scenario 1"]))
     assert "PASS" in out
+    assert "chose full-20251024.tar.zst in" in out  # by the repository's own listing
     after = rb.stats()
     assert (after["memories"], after["edges"]) == (before["memories"], before["edges"])
     assert after["lsn"] >= before["lsn"]  # + the smoke test's canary write and delete

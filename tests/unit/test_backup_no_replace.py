@@ -99,9 +99,9 @@ def _check_winner(win: BackupResult, path: Path, level: int = 3) -> None:
     )
     data = path.read_bytes()
     assert hashlib.sha256(data).hexdigest() == win.sha256 and len(data) == win.size
-    assert path.with_name(path.name + ".sha256").read_text() == win.sha256 + "\n"
+    assert path.with_name(path.name + ".sha256").read_text() == f"{win.sha256}  {path.name}\n"
     info = json.loads(path.with_name(path.name + ".info.json").read_text())
-    assert info["sha256"] == win.sha256 and info["path"] == str(path)
+    assert info["sha256"] == win.sha256 and info["path"] == path.name
     v = validate_backup(path, level=level, record=False)
     assert v.ok, v.verdict
 

@@ -40,6 +40,11 @@ GOALS = {
         "incremental of 1,000 records (large store)",
         "validate-backup level 3 vs restore + quick_check",
     ],
+    "repo": [
+        "engram backups --repo over",
+        "base selection for restore-pitr --repo over",
+        "restore --repo --latest's choice over",
+    ],
 }
 
 

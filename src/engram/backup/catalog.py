@@ -191,7 +191,7 @@ def file_facts(backup: Path | Ref) -> dict[str, Any] | None:
     """What ``backup`` says about itself, read from its header (a few KB): None for a full
     archive written before archives had headers. EngramError if the header is damaged."""
     ref = as_ref(backup)
-    name = Path(ref.name).name
+    name = ref.name.rsplit("/", 1)[-1]
     if compression_for(name):
         with ref.store.open(ref.name) as f:
             header = parse_archive_header(f.read(ARCHIVE_HEAD_BYTES), name)
@@ -229,9 +229,15 @@ def check_entry(
         for k in (*keys, "counts"):
             if info.get(k) != facts.get(k):
                 problems.append(f"{k} is {info.get(k)!r}, the file says {facts.get(k)!r}")
-    expected = _sidecar_hash(ref)
+    side = sidecar_name(ref.name).rsplit("/", 1)[-1]
+    try:
+        expected: str | None = decode_sidecar(ref.store.read(sidecar_name(ref.name)), side)
+    except FileNotFoundError:
+        expected = None  # accepted without one (docs/FORMAT.md "Restore")
+    except (OSError, EngramError) as e:
+        expected = None
+        problems.append(e.message if isinstance(e, EngramError) else f"{side}: {e.strerror}")
     if expected is not None and info.get("sha256") != expected:
-        side = Path(sidecar_name(ref.name)).name
         problems.append(f"sha256 is {info.get('sha256')!r}, {side} says {expected!r}")
     try:
         size: int | None = ref.store.size(ref.name)
@@ -248,13 +254,14 @@ def rebuilt_entry(backup: Path | Ref, facts: dict[str, Any]) -> dict[str, Any]:
     (duration, priority, restore points up to a full backup's snapshot) is left out: nothing
     of the damaged entry is carried over."""
     ref = as_ref(backup)
+    base = Path(ref.name).name
     info: dict[str, Any] = {
-        "path": ref.describe(),
+        "path": base,
         "from_lsn": 1,
         "from_time_ns": 0,
         "size": ref.store.size(ref.name),
         "sha256": _sidecar_hash(ref),
-        "sidecar": ref.store.describe(sidecar_name(ref.name)),
+        "sidecar": sidecar_name(base),
         "duration_s": None,
         "stall_ms": None,
         "priority": None,
@@ -294,6 +301,8 @@ class Entry:
     status: str = NOT_VALIDATED  # validation: passed, failed, pending, not validated
     verified: bool = True  # False: a legacy entry that no header could confirm
     ref: Ref | None = field(default=None, compare=False)  # the backup in its store
+    # The entry as stored, when it is trusted (size, parent, the validation's reason, …).
+    info: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -310,6 +319,7 @@ class Problem:
 
     path: Path  # the backup
     reason: str
+    name: str = ""  # the backup's name in its store
 
     @property
     def message(self) -> str:
@@ -327,7 +337,9 @@ class Catalog:
     from_files: list[Entry] = field(default_factory=list)
 
 
-def _entry(ref: Ref, f: dict[str, Any], status: str, verified: bool) -> Entry:
+def _entry(
+    ref: Ref, f: dict[str, Any], status: str, verified: bool, info: dict[str, Any] | None = None
+) -> Entry:
     return Entry(
         path=Path(ref.describe()),
         kind=str(f["kind"]),
@@ -339,6 +351,7 @@ def _entry(ref: Ref, f: dict[str, Any], status: str, verified: bool) -> Entry:
         status=status,
         verified=verified,
         ref=ref,
+        info=info,
     )
 
 
@@ -353,12 +366,12 @@ def read_catalog(where: Path | BackupStore) -> Catalog:
         if not ip.endswith(INFO_SUFFIX) or ip[: -len(INFO_SUFFIX)] not in present:
             continue
         backup = Ref(store, ip[: -len(INFO_SUFFIX)])
-        where_ = Path(backup.describe())
         try:
             facts = file_facts(backup)
         except (OSError, EngramError) as e:
             msg = e.message if isinstance(e, EngramError) else (e.strerror or str(e))
-            cat.problems.append(Problem(where_, f"its file's header cannot be read ({msg})"))
+            why = f"its file's header cannot be read ({msg})"
+            cat.problems.append(Problem(Path(backup.describe()), why, backup.name))
             continue
         info = read_info(backup)
         problems = (
@@ -369,11 +382,13 @@ def read_catalog(where: Path | BackupStore) -> Catalog:
         if info is not None and not problems:
             try:
                 verified = facts is not None
-                cat.entries.append(_entry(backup, facts or info, validation_status(info), verified))
+                status = validation_status(info)
+                cat.entries.append(_entry(backup, facts or info, status, verified, info))
                 continue
             except (KeyError, TypeError, ValueError):
                 problems = ["it lacks a field a backup entry has"]
-        cat.problems.append(Problem(where_, "; ".join(problems)))
+        where_ = Path(backup.describe())
+        cat.problems.append(Problem(where_, "; ".join(problems), backup.name))
         if facts is not None:
             cat.from_files.append(_entry(backup, facts, NOT_VALIDATED, True))
     order = lambda e: (e.to_lsn, e.kind != "full", e.name)  # noqa: E731

@@ -111,16 +111,20 @@ class BackupOutput:
         return self._sink
 
     def publish(self, sha256: str, info: dict[str, Any]) -> None:
-        """Publish the archive, then create its sidecar and its catalog entry, each never
-        replacing; then commit. The sink must be complete and durable (sync_closed). A taken
-        name fails with "already exists"."""
+        """Publish the archive, then create its sidecar (``sha256sum`` format) and its catalog
+        entry, each never replacing; then commit. The sink must be complete and durable
+        (sync_closed). A taken name fails with "already exists". The entry names its files
+        relative to the directory holding it (``path`` NAME, ``sidecar`` NAME.sha256), whatever
+        ``info`` says, so that a copied repository names nothing outside itself."""
         if self._temp is None:
             raise RuntimeError("BackupOutput.publish before open")
         temp = self._temp
+        base = self.name.rsplit("/", 1)[-1]
+        entry = info | {"path": base, "sidecar": sidecar_name(base)}
         try:
             self.store.publish(temp)
-            self.store.create(sidecar_name(self.name), encode_sidecar(sha256), temp)
-            self.store.create(info_name(self.name), encode_entry(info), temp)
+            self.store.create(sidecar_name(self.name), encode_sidecar(sha256, self.name), temp)
+            self.store.create(info_name(self.name), encode_entry(entry), temp)
         except FileExistsError:
             raise already_exists(self.path) from None
         self.store.commit(temp)

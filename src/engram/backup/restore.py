@@ -57,7 +57,8 @@ class RestoreResult:
     moved_aside: str | None
     duration_s: float
     sidecar_checked: bool
-    # What the restore repaired on the way (a full-text index rebuilt from the rows), if any.
+    # What the reader should know: the sidecar was absent (``sidecar_absent``), the restore
+    # repaired something on the way (a full-text index rebuilt from the rows).
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -158,6 +159,17 @@ def sidecar_hash(archive: Path) -> str | None:
     if not side.exists():
         return None
     return decode_sidecar(side.read_bytes(), side.name)
+
+
+def sidecar_absent(archive: Path | str) -> str:
+    """What restore and validate-backup both say of a full archive without its sidecar, which
+    both accept (docs/FORMAT.md "Restore"): every member is still checked against the manifest,
+    the compressed stream against its own checksum, the header against the manifest."""
+    name = Path(archive).name
+    return (
+        f"sidecar absent: {name}.sha256 is missing, so the archive's own checksums and its "
+        "manifest were checked instead"
+    )
 
 
 def extract_backup(
@@ -363,6 +375,7 @@ def restore(
     check_target(to, force)
     with staging_for(to, "restore") as staging:
         manifest, checked = extract_backup(archive, staging, progress)
+        warnings = [] if checked else [sidecar_absent(archive)]
         repairs: list[str] = []
         eng = open_and_check(staging, manifest, index_repairs=repairs)
         eng.close()
@@ -379,5 +392,5 @@ def restore(
         moved_aside=aside,
         duration_s=round(time.monotonic() - t0, 3),
         sidecar_checked=checked,
-        warnings=repairs,
+        warnings=warnings + repairs,
     )

@@ -49,7 +49,7 @@ from engram.backup.catalog import (
 )
 from engram.backup.pitr import Target, choose_from_repo, collect_logs, restore_pitr, scan_logs
 from engram.backup.readbench import run_benchmark
-from engram.backup.restore import extract_backup, open_and_check, sidecar_hash
+from engram.backup.restore import extract_backup, open_and_check, sidecar_absent, sidecar_hash
 from engram.backup.verify import verify_data_dir
 from engram.errors import BadArchive, EngramError, UsageError
 from engram.format import record as fmt
@@ -131,12 +131,15 @@ class _Runner:
             raise _Failed
 
 
-def _check_sidecar(path: Path, required: bool) -> str:
+def _check_sidecar(run: _Runner, path: Path) -> str:
+    """The incremental's sidecar against the file. Without one the file is accepted on its
+    records' own CRCs, as apply-log and restore-pitr accept it, with a warning saying so."""
     side = path.with_name(path.name + ".sha256")
     if not side.exists():
-        if required:
-            raise BadArchive(f"{side.name} is missing; the backup cannot be checked against it")
-        return "no sidecar"
+        run.report.warnings.append(
+            f"sidecar absent: {side.name} is missing, so every record's CRC was checked instead"
+        )
+        return f"{side.name} absent"
     expected = decode_sidecar(side.read_bytes(), side.name)
     actual = sha256_file(path)
     if expected != actual:
@@ -176,20 +179,22 @@ def _validate_full(
     run.step(1, "structure", structure)
 
     def checksums() -> str:
+        # Without a sidecar the archive passes on its own checksums, as restore passes it,
+        # and both say so in the same words (restore.sidecar_absent).
         m = holder["manifest"]
         if holder["sha256"] is None:
-            raise BadArchive(
-                f"{path.name}.sha256 is missing, so the archive cannot be checked against it; "
-                "use a backup that has its sidecar"
-            )
+            run.report.warnings.append(sidecar_absent(path))
+            side = f"{path.name}.sha256 absent"
+        else:
+            side = f"sha256 {holder['sha256'][:16]}… equal to {path.name}.sha256"
         header = (
             "archive header equal to the manifest"
             if holder["header"]
             else "no archive header (written before headers)"
         )
         return (
-            f"sha256 {holder['sha256'][:16]}… equal to {path.name}.sha256; {len(m['files'])} "
-            f"members' size and sha256 equal to the manifest; {header}; {_log_records(staging, m)}"
+            f"{side}; {len(m['files'])} members' size and sha256 equal to the manifest; "
+            f"{header}; {_log_records(staging, m)}"
         )
 
     run.step(2, "checksums", checksums)
@@ -282,7 +287,7 @@ def _validate_incremental(
     run.step(1, "structure", structure)
 
     def checksums() -> str:
-        side = _check_sidecar(path, required=True)
+        side = _check_sidecar(run, path)
         h = holder["h"]
         srcs = collect_logs([path], h["database_id"])
         cov = scan_logs(srcs, h["database_id"], h["from_lsn"] - 1)

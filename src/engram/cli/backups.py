@@ -218,30 +218,69 @@ def backup(
 
 
 def restore(
-    from_: Annotated[Path, typer.Option("--from", help="The full backup archive.")],
     to: Annotated[Path, typer.Option("--to", help="The data dir to restore into.")],
+    from_: Annotated[
+        Path | None, typer.Option("--from", help="The full backup archive.")
+    ] = None,
+    repo: Annotated[
+        Path | None,
+        typer.Option("--repo", help="A backup directory: restore --latest or --backup ID."),
+    ] = None,
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest",
+            help="With --repo: the newest intact full backup (an older one when it is damaged "
+            "or failed validation; says which it skipped and why).",
+        ),
+    ] = False,
+    backup_id: Annotated[
+        str | None,
+        typer.Option("--backup", help="With --repo: this backup (an ID `engram backups` lists)."),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Move a non-empty target aside (never deleted).")
     ] = False,
     as_json: Json = False,
 ) -> None:
     """Restore a full backup into a new data dir, checking every hash and the digest first."""
-    from engram.backup.restore import restore as do_restore
-
-    with progress_bar("restore") as bar:
-        res = do_restore(from_, to, force, None if as_json else bar)
-    if as_json:
-        emit_json(res.to_json())
-        return
+    if (from_ is None) == (repo is None):
+        raise UsageError("give --from ARCHIVE, or --repo DIR with --latest or --backup ID")
+    if repo is not None and latest == (backup_id is not None):
+        raise UsageError("with --repo, give exactly one of --latest or --backup ID")
+    if repo is None and (latest or backup_id is not None):
+        raise UsageError("--latest and --backup choose from a repository: give --repo DIR")
     con = console()
+    extra: dict[str, Any] = {}
+    with progress_bar("restore") as bar:
+        if repo is not None:
+            from engram.backup.repository import restore_from_repo
+
+            got = restore_from_repo(repo, to, backup_id, force, None if as_json else bar)
+            res, extra = got.result, got.to_json()
+        else:
+            from engram.backup.restore import restore as do_restore
+
+            res = do_restore(from_, to, force, None if as_json else bar)  # type: ignore[arg-type]
+    if as_json:
+        emit_json(res.to_json() | extra)
+        return
+    if extra:
+        con.print(f"chose {extra['backup']} in {extra['repository']}", markup=False)
+        for s in extra["skipped"]:
+            con.print(f"  skipped {s['name']}: {s['reason']}", markup=False)
+        for n in extra["notes"]:
+            con.print(f"  note: {n}", markup=False)
     con.print(f"restored {res.archive} into {res.path}", markup=False)
     con.print(
         f"  snapshot LSN {res.snapshot_lsn} at {res.snapshot_time}; "
         f"{res.counts.get('memories', 0)} memories, {res.counts.get('edges', 0)} edges",
         markup=False,
     )
-    side = "checked" if res.sidecar_checked else "absent (not checked)"
-    con.print(f"  digest {res.digest} recomputed and equal; sidecar {side}", markup=False)
+    side = "sidecar checked" if res.sidecar_checked else "sidecar absent"
+    con.print(f"  digest {res.digest} recomputed and equal; {side}", markup=False)
+    for w in res.warnings:
+        con.print(f"  WARNING: {w}", markup=False)
     if res.moved_aside:
         con.print(f"  the previous contents were moved to {res.moved_aside}", markup=False)
     con.print(f"  took {res.duration_s} s", markup=False)

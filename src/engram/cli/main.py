@@ -17,12 +17,12 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from engram.cli import backups, init, ops, reads, serve, transfer, writes
+from engram.cli import backups, init, ops, reads, repo, serve, transfer, writes
 from engram.cli.common import configure_logging
 from engram.errors import EngramError
 
 # Command modules, each with ``register(app)``; add new command groups here.
-COMMAND_MODULES = (init, writes, reads, transfer, backups, ops, serve)
+COMMAND_MODULES = (init, writes, reads, transfer, backups, repo, ops, serve)
 
 EXIT_INTERRUPTED = 130
 

@@ -90,14 +90,24 @@ def decode_manifest(data: bytes) -> dict[str, Any]:
     return m
 
 
-def encode_sidecar(sha256_hex: str) -> bytes:
-    return (sha256_hex + "\n").encode()
+def encode_sidecar(sha256_hex: str, name: str) -> bytes:
+    """The sidecar of the file ``name`` in ``sha256sum`` format: the hex digest, two spaces, the
+    file's base name and a newline, so that ``sha256sum -c NAME.sha256`` run in the directory
+    holding both checks the file. A name holding a backslash or a line break is escaped as GNU
+    ``sha256sum`` writes it (the line then starts with a backslash)."""
+    base = name.rsplit("/", 1)[-1]
+    if any(c in base for c in "\\\n\r"):
+        escaped = base.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return f"\\{sha256_hex}  {escaped}\n".encode()
+    return f"{sha256_hex}  {base}\n".encode()
 
 
 def decode_sidecar(data: bytes, name: str) -> str:
-    """The bare hex sha256 of a sidecar; `sha256sum` output (hash, two spaces, name) works too."""
+    """The sha256 (lowercase hex) a sidecar holds: ``sha256sum`` format (``HEX  NAME``, ``HEX
+    *NAME``, or escaped with a leading backslash) or the bare hex sidecars written before."""
     text = data.decode("ascii", "replace").strip()
     first = text.split()[0].lower() if text.split() else ""
+    first = first.removeprefix("\\")
     if not HEX64.match(first):
         raise BadArchive(f"{name} does not hold a sha256 hex digest; regenerate it or remove it")
     return first
