@@ -19,7 +19,7 @@ from engram import query as queries  # a Backend method takes a `query` argument
 from engram.backup.request import BackupRequest
 from engram.client import EngramClient
 from engram.datadir import LOCK, read_owner
-from engram.errors import BackupError, DataDirError, DataDirLocked, UsageError
+from engram.errors import BackupError, DataDirError, DataDirLocked, Refused
 from engram.graph import Engine, EngineConfig
 from engram.model import ExportStream
 
@@ -57,8 +57,8 @@ class Backend(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-def _no_server(root: Path, what: str) -> UsageError:
-    return UsageError(f"no engram server is running on {root}; {what} acts on a running server")
+def _no_server(root: Path, what: str) -> Refused:
+    return Refused(f"no engram server is running on {root}; {what} acts on a running server")
 
 
 class LocalBackend:
@@ -216,15 +216,17 @@ def open_backend(
     data_dir: str | Path,
     token: str | None = None,
     *,
-    write: bool = False,
+    create: bool = False,
     config: EngineConfig | None = None,
     admin_token: str | None = None,
     cacert: str | Path | None = None,
 ) -> Iterator[Backend]:
     """The backend for ``data_dir``: its server if one owns it, else the directory itself.
 
-    ``write`` lets a missing data dir be created; reads of a missing one fail with "not an
-    engram data dir". Through a server, ``token`` goes with every request and
+    ``create`` (``engram init``, ``engram serve``) lays out a missing or empty directory;
+    without it, a directory that is not an engram data dir is refused ("not an engram data
+    dir; run `engram init`") and nothing is created, so a write to a mistyped --data-dir never
+    starts a second, empty database. Through a server, ``token`` goes with every request and
     ``admin_token`` (when given) instead of it with admin ones; an https server's certificate
     is verified against ``cacert`` or, without it, the system's trusted CAs.
     """
@@ -238,7 +240,7 @@ def open_backend(
             raise _busy(root, owner.get("pid"))
     else:
         try:
-            engine = Engine.open(root, config, create=write)
+            engine = Engine.open(root, config, create=create)
         except DataDirLocked as e:
             # A server took the directory between our look at the lock and our open.
             if not e.url:

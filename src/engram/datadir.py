@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engram.errors import DataDirError, DataDirLocked
+from engram.errors import DataDirError, DataDirLocked, NotInitialized
 from engram.format.record import FORMAT_VERSION
 from engram.fsutil import atomic_write, ensure_private_dir
 
@@ -107,7 +107,7 @@ def read_identity(root: Path) -> Identity:
         d = json.loads(p.read_text())
         return Identity(str(d["database_id"]), str(d["created_at"]), int(d["format_version"]))
     except FileNotFoundError:
-        raise DataDirError(
+        raise NotInitialized(
             f"{root} is not an engram data dir (no {IDENTITY}); run `engram init --data-dir {root}`"
         ) from None
     except (ValueError, KeyError, TypeError, OSError) as e:

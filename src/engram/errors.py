@@ -1,7 +1,8 @@
 """One error tree for engram.
 
 Every error a user can hit is an ``EngramError``: its message says what went wrong and what to do
-next, in one line. ``exit_code`` is stable per class (1 = failure, 2 = usage); ``http_status`` is
+next, in one line. ``exit_code`` is stable per class (README "CLI" has the table: 1 = failure,
+2 = usage, 3 = refused because of the state of a file, directory or server); ``http_status`` is
 what the server answers with. Nothing here logs: errors are returned up to the adapter that
 renders them (CLI line, HTTP JSON body).
 """
@@ -47,6 +48,17 @@ class ValidationError(UsageError):
         self.field = field
 
 
+class Refused(EngramError):
+    """Refused because of the current state (a name that exists, a non-empty target, no server
+    to ask); nothing was changed."""
+
+    # Not a bad command line (2) and not a failure (1): the same command succeeds once the state
+    # is changed (a new name, --force, a running server), which a script may want to tell apart.
+    exit_code = 3
+    http_status = 409
+    code = "refused"
+
+
 class NotFound(EngramError):
     """Not found."""
 
@@ -79,6 +91,12 @@ class DataDirError(EngramError):
     """The data directory cannot be used."""
 
     code = "data_dir"
+
+
+class NotInitialized(DataDirError, Refused):
+    """The directory is not an engram data dir; run `engram init` first."""
+
+    code = "not_initialized"
 
 
 class DataDirLocked(DataDirError):

@@ -261,7 +261,7 @@ def test_smoke_test_passed_against_the_server(flow: Flow, tmp_path: Path) -> Non
     for step in ("health", "write", "read", "recall", "delete"):
         assert step in flow.smoke_out
     p = engram(flow.env, flow.work, "test", "--quick", f"--data-dir={tmp_path}", check=False)
-    assert "no engram server is running" in one_line_error(p, 2)
+    assert "no engram server is running" in one_line_error(p, 3)
 
 
 # -- restore, PITR, apply-log --------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_restore_then_query_and_verify(flow: Flow, tmp_path: Path) -> None:
     assert _query(flow, to, "after-mistake").returncode == 1
     # An existing, non-empty target is refused without --force.
     p = engram(flow.env, flow.work, "restore", f"--from={flow.full}", f"--to={to}", check=False)
-    assert "--force" in one_line_error(p, 2)
+    assert "--force" in one_line_error(p, 3)
 
 
 def test_restore_pitr_to_a_local_time(flow: Flow, tmp_path: Path) -> None:
@@ -461,7 +461,7 @@ def test_bad_output_paths_are_refused(flow: Flow, tmp_path: Path) -> None:
         "--no-validate",
         check=False,
     )
-    assert "already exists" in one_line_error(p, 2)
+    assert "already exists" in one_line_error(p, 3)
     assert existing.read_bytes() == b"an earlier backup"
     assert not existing.with_name("full.tar.zst.sha256").exists()
     p = engram(

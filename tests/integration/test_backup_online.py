@@ -488,7 +488,7 @@ def test_quiesce_needs_a_server(tmp_path: Path) -> None:
     dd = tmp_path / "data"
     Engine.open(dd).close()
     p = _engram("quiesce", "--timeout=2s", "--data-dir", str(dd), check=False)
-    assert p.returncode == 2 and "no engram server is running" in p.stderr
+    assert p.returncode == 3 and "no engram server is running" in p.stderr
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from engram.backup.request import BackupRequest
 from engram.backup.restore import restore
 from engram.backup.validate import validate_backup
 from engram.client import EngramClient
-from engram.errors import EngramError, RemoteError, UsageError
+from engram.errors import EngramError, Refused, RemoteError
 from engram.format import stream as bs
 
 ENGRAM = str(Path(sys.executable).with_name("engram"))
@@ -130,7 +130,7 @@ def test_two_cli_backups_to_one_name_through_a_server(
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for _ in range(2)]
     done = [(p.wait(120), *p.communicate()) for p in procs]
-    assert sorted(rc for rc, _, _ in done) == [0, 2], done
+    assert sorted(rc for rc, _, _ in done) == [0, 3], done
     (err,) = [e for rc, _, e in done if rc]
     assert err.strip().splitlines() == [
         f"error: {out} already exists; choose a new name (backups are never overwritten)"
@@ -176,7 +176,7 @@ def test_two_streams_racing_at_publish_have_one_winner(
     for t in threads:
         t.join(120)
     wins = [r for r in results if isinstance(r, dict)]
-    losses = [r for r in results if isinstance(r, UsageError)]
+    losses = [r for r in results if isinstance(r, Refused)]
     assert len(wins) == 1 and len(losses) == 1, results
     assert "already exists; choose a new name" in losses[0].message
     assert sorted(os.listdir(bk)) == ["full.tar.zst", "full.tar.zst.info.json",
@@ -299,13 +299,16 @@ def test_the_server_writes_no_file_a_client_names(
             (str(bk / "x\0.tar.zst"), "NUL"),
             (str(bk / ("n" * 5000 + ".tar.zst")), "bytes"),
             ("/" + "d/" * 2100 + "x.tar.zst", "longer than 4096"),
-            (str(bk / "taken.tar.zst"), "already exists"),
             ("x.tar.zst", "absolute"),
             (str(bk / "x.zip"), ".tar.zst"),
         ]
         for out, needle in refusals:
             _refused(c, {"kind": "full", "output": out}, "output", needle)
         _refused(c, {"kind": "full", "output": 5}, "output")
+        # An existing name is refused because of state (409), not as a bad request.
+        r = c.post("/v1/admin/backup", json={"kind": "full", "output": str(bk / "taken.tar.zst")})
+        assert r.status_code == 409 and r.json()["field"] == "output", r.text
+        assert "already exists" in r.json()["message"], r.text
         assert sorted(os.listdir(outside)) == []
         assert (bk / "taken.tar.zst").read_bytes() == b"earlier"
         new = str(bk / "sub" / "n.tar.zst")

@@ -30,7 +30,7 @@ import pytest
 from engram.backup.full import BackupResult, full_backup
 from engram.backup.incremental import incremental_backup
 from engram.backup.validate import validate_backup
-from engram.errors import EngramError, UsageError
+from engram.errors import EngramError, Refused
 from engram.graph import Engine, EngineConfig
 from engram.storage import BackupStore, LocalBackupStore, Ref
 from engram.storage.faults import FaultyStore
@@ -84,7 +84,7 @@ def _one_winner(results: list[Any], path: Path) -> BackupResult:
     losses = [r for r in results if isinstance(r, EngramError)]
     assert len(wins) == 1 and len(losses) == 1, results
     err = losses[0]
-    assert isinstance(err, UsageError) and err.exit_code != 0
+    assert isinstance(err, Refused) and err.exit_code != 0
     assert err.message == (
         f"{path} already exists; choose a new name (backups are never overwritten)"
     )
@@ -144,7 +144,7 @@ def test_a_stray_sidecar_or_entry_is_never_replaced(tmp_path: Path) -> None:
             bk.mkdir()
             (bk / stray).write_text("someone else's\n")
             path = bk / (stray.split(".")[0] + ".tar.zst")
-            with pytest.raises(UsageError, match="already exists"):
+            with pytest.raises(Refused, match="already exists"):
                 full_backup(e, path)
             assert sorted(os.listdir(bk)) == [stray]
             assert (bk / stray).read_text() == "someone else's\n"
@@ -173,7 +173,7 @@ def test_two_offline_cli_backups_to_one_name(tmp_path: Path) -> None:
     ]
     done = [(p.wait(120), *p.communicate()) for p in procs]
     codes = sorted(rc for rc, _, _ in done)
-    assert codes == [0, 2], done
+    assert codes == [0, 3], done
     (win,) = [json.loads(o) for rc, o, _ in done if rc == 0]
     (err,) = [e for rc, _, e in done if rc != 0]
     assert err.strip().splitlines() == [

@@ -28,7 +28,7 @@ from engram.backup.request import (
     BackupRequest,
 )
 from engram.cli.main import app
-from engram.errors import UsageError, ValidationError
+from engram.errors import Refused, UsageError, ValidationError
 from engram.graph import Engine, EngineConfig
 from engram.server import create_app
 
@@ -201,11 +201,14 @@ def test_the_server_output_rules(engine: Engine, tmp_path: Path) -> None:
          "start_by_lsn applies to a streamed backup only"),
     ]
     for dirs, body, wording in cases:
-        with pytest.raises(ValidationError) as ei:
+        # An existing name is refused because of state (Refused, 409); the rest are bad requests.
+        expected = Refused if wording == "already exists" else ValidationError
+        with pytest.raises(expected) as ei:
             BackupRequest.from_mapping(body, backup_dirs=dirs)
         assert wording in ei.value.message, (body, ei.value.message)
         r = _post(engine, body, dirs)
-        assert r.status_code == 400 and r.json()["message"] == ei.value.message, r.text
+        status = 409 if expected is Refused else 400
+        assert r.status_code == status and r.json()["message"] == ei.value.message, r.text
     assert sorted(p.name for p in bk.iterdir()) == ["escape", "sub", "taken.tar.zst.sha256"]
     ok = BackupRequest.from_mapping(
         {"kind": "full", "output": str(bk / "sub" / "n.tar.zst")}, backup_dirs=(bk,)

@@ -16,11 +16,12 @@ from typer.testing import CliRunner
 
 from engram.cli.main import app
 from engram.client import EngramClient
-from engram.datadir import DirLock
+from engram.datadir import DirLock, init_data_dir
 from engram.errors import (
     Conflict,
     DataDirLocked,
     NotFound,
+    Refused,
     RemoteError,
     Unavailable,
     ValidationError,
@@ -57,8 +58,16 @@ def fails(code: int, *args: str) -> str:
 
 
 @pytest.fixture
-def dd(tmp_path: Path) -> str:
+def fresh(tmp_path: Path) -> str:
+    """A data dir path where nothing exists yet."""
     return str(tmp_path / "data")
+
+
+@pytest.fixture
+def dd(fresh: str) -> str:
+    """An initialized data dir (`engram init`): write commands refuse any other."""
+    init_data_dir(Path(fresh))
+    return fresh
 
 
 def put(dd: str, mid: str, content: str, *extra: str) -> dict[str, Any]:
@@ -68,7 +77,8 @@ def put(dd: str, mid: str, content: str, *extra: str) -> dict[str, Any]:
 # -- init, put, query ----------------------------------------------------------------------
 
 
-def test_init_creates_and_is_repeatable(dd: str) -> None:
+def test_init_creates_and_is_repeatable(fresh: str) -> None:
+    dd = fresh
     first = okj("init", "--data-dir", dd)
     assert first["created"] is True
     assert first["data_dir"] == dd
@@ -117,14 +127,20 @@ def test_query_missing_memory_exits_1(dd: str) -> None:
     assert "not found" in msg
 
 
-def test_reads_do_not_create_a_data_dir(dd: str) -> None:
+def test_reads_do_not_create_a_data_dir(fresh: str) -> None:
+    dd = fresh
     for args in (("query", "--id", "x"), ("stats",), ("recall", "x"), ("export", "-o", "-")):
-        msg = fails(1, *args, "--data-dir", dd)
+        msg = fails(3, *args, "--data-dir", dd)
         assert "not an engram data dir" in msg
     assert not os.path.exists(dd)
 
 
-def test_writes_create_a_missing_data_dir(dd: str) -> None:
+def test_writes_need_an_initialized_data_dir(fresh: str) -> None:
+    dd = fresh
+    msg = fails(3, "put", "--data-dir", dd, "--content", "first", "--id", "a")
+    assert "not an engram data dir" in msg and "engram init" in msg
+    assert not os.path.exists(dd)
+    ok("init", "--data-dir", dd)
     put(dd, "a", "first")
     assert okj("stats", "--data-dir", dd)["memories"] == 1
 
@@ -318,6 +334,7 @@ def test_mark(dd: str) -> None:
 
 
 def _graph(dd: str) -> None:
+    ok("init", "--data-dir", dd)
     put(dd, "a", "alpha", "--metadata", '{"tags": ["x"], "n": 1}')
     put(dd, "b", "beta ünïcode", "--strength", "0.9")
     put(dd, "c/with:slash@x", "gamma")
@@ -342,6 +359,7 @@ def test_export_import_round_trip(tmp_path: Path) -> None:
     ops = [json.loads(line) for line in f1.read_text().splitlines()]
     assert [o["op"] for o in ops] == ["create_memory"] * 3 + ["create_edge"] * 2
 
+    ok("init", "--data-dir", dst)
     res = okj("import", "--data-dir", dst, "--file", str(f1))
     assert res["ops"] == 5 and res["batches"] == 1
     ok("export", "--data-dir", dst, "--output", str(f2))
@@ -366,7 +384,7 @@ def test_export_refuses_an_existing_file_unless_forced(dd: str, tmp_path: Path) 
     put(dd, "a", "alpha")
     out = tmp_path / "out.jsonl"
     out.write_text("old\n")
-    assert "already exists" in fails(2, "export", "--data-dir", dd, "-o", str(out))
+    assert "already exists" in fails(3, "export", "--data-dir", dd, "-o", str(out))
     assert out.read_text() == "old\n"
     ok("export", "--data-dir", dd, "-o", str(out), "--force")
     assert json.loads(out.read_text())["id"] == "a"
@@ -375,7 +393,7 @@ def test_export_refuses_an_existing_file_unless_forced(dd: str, tmp_path: Path) 
     link = tmp_path / "link.jsonl"
     link.symlink_to(out)
     out.write_text("old\n")
-    assert "already exists" in fails(2, "export", "--data-dir", dd, "-o", str(link))
+    assert "already exists" in fails(3, "export", "--data-dir", dd, "-o", str(link))
     ok("export", "--data-dir", dd, "-o", str(link), "--force")
     assert link.is_symlink() and json.loads(out.read_text())["id"] == "a"
 
@@ -444,7 +462,7 @@ def test_two_exports_to_one_new_name_one_wins(tmp_path: Path) -> None:
                 fh.write(f"writer {i}\n".encode())
                 barrier.wait()  # both temp files written before either is published
             results.append(f"won {i}")
-        except ValidationError as e:
+        except Refused as e:
             results.append(e.message)
 
     threads = [threading.Thread(target=export, args=(i,)) for i in range(2)]

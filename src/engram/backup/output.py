@@ -26,13 +26,13 @@ from typing import Any
 
 from engram.backup.archive import FileSink, Sink
 from engram.backup.catalog import encode_entry
-from engram.errors import BackupError, UsageError
+from engram.errors import BackupError, Refused
 from engram.format.manifest import encode_sidecar
 from engram.storage import BackupStore, Ref, TempObject, as_ref, info_name, sidecar_name
 
 
-def already_exists(path: Path | str) -> UsageError:
-    return UsageError(f"{path} already exists; choose a new name (backups are never overwritten)")
+def already_exists(path: Path | str) -> Refused:
+    return Refused(f"{path} already exists; choose a new name (backups are never overwritten)")
 
 
 def describe_os_error(e: OSError, output: Path | str) -> str:

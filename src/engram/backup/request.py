@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engram.errors import ValidationError
+from engram.errors import Refused, ValidationError
 from engram.format.manifest import compression_for
 
 KINDS = ("full", "incremental")
@@ -334,7 +334,10 @@ def _check_output(kind: str, value: Any, name: str, backup_dirs: Sequence[Path] 
     path = os.path.join(parent, file)
     for p in (path, path + ".sha256", path + ".info.json"):
         if os.path.lexists(p):
-            raise refuse(f"{p} already exists; choose a new name (backups are never overwritten)")
+            raise Refused(
+                f"{p} already exists; choose a new name (backups are never overwritten)",
+                field="output",
+            )
     return path
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from engram.backup.archive import extract_verified, read_archive_header, sha256_file
 from engram.backup.rowscan import recompute_digest
 from engram.datadir import Layout, read_identity, read_owner
-from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, UsageError
+from engram.errors import BadArchive, CorruptData, EngramError, Refused, RestoreError, UsageError
 from engram.format.manifest import (
     MANIFEST_NAME,
     decode_manifest,
@@ -76,7 +76,7 @@ def check_target(to: Path, force: bool) -> None:
     if to.exists() and not to.is_dir():
         raise UsageError(f"{to} exists and is not a directory; choose another target")
     if to.is_dir() and any(to.iterdir()) and not force:
-        raise UsageError(
+        raise Refused(
             f"{to} is not empty; use --force to move it aside to {to.name}.before-restore-<time> "
             "(nothing is deleted), or choose another target"
         )

@@ -79,11 +79,12 @@ def backend(
     data_dir: Path,
     token_file: Path | None,
     *,
-    write: bool = False,
+    create: bool = False,
     admin_token_file: Path | None = None,
     cacert: Path | None = None,
 ) -> Iterator[Backend]:
-    """The data dir or its server. The admin token (``admin_token_file`` or
+    """The data dir or its server; ``create`` (init only) lays out a new data dir, every other
+    command refuses a directory that is not one. The admin token (``admin_token_file`` or
     ENGRAM_ADMIN_TOKEN) goes with admin requests only; ``cacert`` (or ENGRAM_CACERT, for
     commands without the option) verifies an HTTPS server."""
     if cacert is None and os.environ.get("ENGRAM_CACERT"):
@@ -91,7 +92,7 @@ def backend(
     with open_backend(
         data_dir,
         resolve_token(token_file),
-        write=write,
+        create=create,
         admin_token=resolve_token(admin_token_file, "ENGRAM_ADMIN_TOKEN"),
         cacert=cacert,
     ) as b:
@@ -122,13 +123,21 @@ def configure_logging(level: int, fmt: str = "%(levelname)s: %(message)s") -> No
     log.setLevel(level)
 
 
+class _Console(Console):
+    """A rich console that lets a closed pipe surface as BrokenPipeError (rich would exit 1
+    itself); the CLI's top level decides what it means (cli/main.py)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError()
+
+
 def console() -> Console:
     # Made per call so it writes to whatever sys.stdout is now (tests swap it).
-    return Console(highlight=False, soft_wrap=True)
+    return _Console(highlight=False, soft_wrap=True)
 
 
 def err_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return _Console(stderr=True, highlight=False)
 
 
 def emit_json(obj: Any) -> None:

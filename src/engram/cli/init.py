@@ -20,7 +20,7 @@ def init(
     if created:
         # Opening for writing lays out the directory, creates the warm tier and the first log
         # segment, and refuses a non-empty directory that is not engram's.
-        with backend(data_dir, token_file, write=True, cacert=cacert):
+        with backend(data_dir, token_file, create=True, cacert=cacert):
             pass
     ident = read_identity(data_dir)
     out = {

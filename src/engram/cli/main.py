@@ -1,22 +1,30 @@
 """The ``engram`` command: the typer app, its command modules, and how failures are reported.
 
-Every failure ends as ONE line on stderr, ``error: <message>``, and a stable exit code: 0 ok,
-1 failure, 2 usage (bad options, invalid values), 130 interrupted. ``--debug`` (accepted
-anywhere before ``--``) prints the traceback as well and turns on debug logging.
+Every failure ends as ONE line on stderr, ``error: <message>``, and a stable exit code (README
+"CLI" has the table): 0 ok, 1 failure, 2 usage (bad options, invalid values), 3 refused because
+of the current state (``errors.Refused``), 130 interrupted. ``--debug`` (accepted anywhere
+before ``--``) prints the traceback as well and turns on debug logging.
+
+A reader of stdout that goes away (``engram backup … | head -1``) is not a failure: what a
+command prints comes after its work is done and recorded, so the command ends quietly with
+exit 0 and nothing on stderr.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import traceback
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
+from engram import __version__
 from engram.cli import backups, init, ops, reads, repo, serve, transfer, writes
 from engram.cli.common import configure_logging
 from engram.errors import EngramError
@@ -35,6 +43,10 @@ ClickUsageError: type[Exception] = _MRO["UsageError"]
 
 class _Interrupted(Exception):
     """Carries Ctrl-C past typer, which would otherwise turn it into a silent exit 130."""
+
+
+class _PipeClosed(Exception):
+    """Carries a BrokenPipeError past click, which would otherwise turn it into a silent exit 1."""
 
 
 def _take_debug(args: list[str]) -> tuple[bool, list[str]]:
@@ -58,6 +70,29 @@ def _fail(message: str, code: int, exc: BaseException | None, debug: bool) -> in
     return code
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (so a BrokenPipeError came from
+    it, not from a helper process's pipe or a connection)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away: nothing more can be printed there, and Python's final flush of
+    it at exit must not fail again (it would print a traceback)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _usage_message(e: Any) -> str:
     msg = str(e.format_message())
     ctx = getattr(e, "ctx", None)
@@ -77,9 +112,18 @@ class EngramGroup(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        if os.environ.get("_ENGRAM_COMPLETE"):
+            # A completion request from the script `engram completion` prints: typer's shell
+            # classes answer it (bash, zsh), inside click's main below.
+            from typer._completion_classes import completion_init
+
+            completion_init()
         debug, argv = _take_debug(list(sys.argv[1:] if args is None else args))
         configure_logging(logging.DEBUG if debug else logging.WARNING)
-        code = self._run(argv, prog_name or "engram", complete_var, debug, extra)
+        try:
+            code = self._run(argv, prog_name or "engram", complete_var, debug, extra)
+        except BrokenPipeError:  # from the last flush of a report, after _run's handlers
+            code = _stdout_closed()
         if standalone_mode:
             sys.exit(code)
         return code
@@ -101,6 +145,11 @@ class EngramGroup(TyperGroup):
                 **extra,
             )
             return rv if isinstance(rv, int) else 0
+        except _PipeClosed as e:
+            if _stdout_gone():
+                return _stdout_closed()
+            cause = e.__cause__ or e
+            return _fail(f"unexpected BrokenPipeError: {cause}", 1, cause, debug)
         except EngramError as e:
             return _fail(e.message, e.exit_code, e, debug)
         except ClickException as e:
@@ -125,6 +174,8 @@ class EngramGroup(TyperGroup):
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
             raise _Interrupted() from e
+        except BrokenPipeError as e:
+            raise _PipeClosed() from e
 
 
 app = typer.Typer(
@@ -138,6 +189,12 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"engram {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[
@@ -146,8 +203,38 @@ def _root(
             "--debug", help="Show tracebacks and debug logs (accepted anywhere on the line)."
         ),
     ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print engram's version and exit.", is_eager=True, callback=_version
+        ),
+    ] = False,
 ) -> None:
     """engram: a graph database for memory graphs whose backups cannot be silently broken."""
+
+
+class Shell(StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+
+
+def completion(
+    shell: Annotated[Shell, typer.Argument(help="The shell.")],
+) -> None:
+    """Print the shell completion script for bash or zsh. Load it with
+    `eval "$(engram completion bash)"` (in ~/.bashrc), or `engram completion zsh > ~/.zfunc/_engram`
+    with ~/.zfunc in fpath."""
+    from typer._completion_shared import get_completion_script
+
+    sys.stdout.write(
+        get_completion_script(
+            prog_name="engram", complete_var="_ENGRAM_COMPLETE", shell=shell.value
+        )
+    )
+    sys.stdout.flush()
+
+
+app.command("completion")(completion)
 
 
 for _module in COMMAND_MODULES:

@@ -21,7 +21,7 @@ from engram.cli.common import (
     parse_duration,
     resolve_token,
 )
-from engram.errors import EngramError, UsageError
+from engram.errors import EngramError, Refused
 
 
 def quiesce(
@@ -207,7 +207,7 @@ def test(
     if url is None:
         owner = read_owner(Path(data_dir))
         if not owner or not owner.get("url"):
-            raise UsageError(f"no engram server is running on {data_dir}; start one, or give --url")
+            raise Refused(f"no engram server is running on {data_dir}; start one, or give --url")
         url = owner["url"]
     steps = _smoke(url, resolve_token(token_file), cacert)
     if as_json:

@@ -41,7 +41,7 @@ from engram.cli.common import (
     emit_json,
     err_console,
 )
-from engram.errors import EngramError, RemoteError, ValidationError
+from engram.errors import EngramError, Refused, RemoteError, ValidationError
 from engram.fsutil import fsync_dir, rename_noreplace
 from engram.model import ExportStream
 
@@ -172,7 +172,7 @@ def import_(
     as_json: Json = False,
 ) -> None:
     """Apply ops from a JSON-lines file (as written by `export`), in atomic batches."""
-    with _input(file) as (fh, total), backend(data_dir, token_file, write=True, cacert=cacert) as b:
+    with _input(file) as (fh, total), backend(data_dir, token_file, cacert=cacert) as b:
         imp = _Importer(b, batch_size)
         with _progress(total, sys.stderr.isatty()) as advance:
             for lineno, raw in enumerate(fh, 1):
@@ -231,7 +231,7 @@ def _output_kind(path: Path, force: bool) -> str:
         return "stream"
     if stat.S_ISREG(st.st_mode):
         if not force:
-            raise ValidationError(
+            raise Refused(
                 f"{path} already exists; use --force to replace it, or name a new file",
                 field="output",
             )
@@ -282,7 +282,7 @@ def _output(path: Path, kind: str) -> Iterator[IO[bytes]]:
             try:
                 rename_noreplace(tmp, target)
             except FileExistsError:
-                raise ValidationError(
+                raise Refused(
                     f"{path} already exists (it was created while the export ran); nothing was "
                     "written — name a new file, or use --force to replace it",
                     field="output",

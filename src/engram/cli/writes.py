@@ -29,7 +29,7 @@ Kind = Annotated[str | None, typer.Option("--kind", help="Edge kind.", show_defa
 
 
 def _one(data_dir: Any, token_file: Any, cacert: Any, op: dict[str, Any]) -> dict[str, Any]:
-    with backend(data_dir, token_file, write=True, cacert=cacert) as b:
+    with backend(data_dir, token_file, cacert=cacert) as b:
         res = b.apply([op])
     out = {k: v for k, v in res["results"][0].items() if k != "op"}
     out["lsn"] = res["lsn"]
@@ -158,7 +158,7 @@ def mark(
 ) -> None:
     """Write a named restore point into the log (a target for point-in-time recovery). A name
     is used once: a name already marked is refused with the LSN and time it stands for."""
-    with backend(data_dir, token_file, write=True, cacert=cacert) as b:
+    with backend(data_dir, token_file, cacert=cacert) as b:
         out = b.mark(name)
     _report(out, as_json, f"marked {out['name']} at lsn {out['lsn']}")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from engram import query
 from engram.datadir import read_owner
-from engram.errors import EngramError, Unavailable, ValidationError
+from engram.errors import Conflict, EngramError, NotFound, Unavailable, ValidationError
 from engram.graph import Engine, WriteResult
 from engram.model import ExportStream
 from engram.server import admin
@@ -233,8 +233,7 @@ class EngramApp:
         expected = self._expected_admin_auth if admin else self._expected_auth
         if expected is None:
             return
-        got = req.header(b"authorization") or b""
-        if not hmac.compare_digest(got, expected):
+        if not hmac.compare_digest(_credentials(req.header(b"authorization")), expected):
             raise Unauthorized(
                 "a valid admin token is required; pass Authorization: Bearer <admin token>"
                 if admin and expected is not self._expected_auth
@@ -348,7 +347,17 @@ class EngramApp:
             raise ValidationError(f"unknown field {unknown[0]!r} for batch", field=unknown[0])
         if "ops" not in body:
             raise ValidationError("ops is required", field="ops")
-        res = await self._write(eng, body["ops"])
+        ops = body["ops"]
+        try:
+            res = await self._write(eng, ops)
+        except (ValidationError, NotFound, Conflict) as e:
+            # The engine names no index for a lone op (the single-op routes' messages); a batch
+            # always names the bad op's index, also when it holds one.
+            if isinstance(ops, list) and len(ops) == 1 and "index" not in e.details:
+                e.details["index"] = 0
+                e.message = f"op 0: {e.message}"
+                e.args = (e.message,)
+            raise
         return 200, {"lsn": res.lsn, "results": res.results}
 
     async def _mark(self, req: Request, eng: Engine) -> Result:
@@ -418,7 +427,16 @@ def create_app(
 
 
 def _bearer(token: str | None) -> bytes | None:
-    return b"Bearer " + token.encode() if token else None
+    """What a request's Authorization header must carry, as ``_credentials`` gives it."""
+    return b"bearer " + token.encode() if token else None
+
+
+def _credentials(header: bytes | None) -> bytes:
+    """The Authorization header with its scheme lower-cased: the scheme is case-insensitive
+    (RFC 7235: ``Bearer``, ``bearer``, ``BEARER``), the token is not. One space separates them,
+    as every client sends it."""
+    scheme, sep, rest = (header or b"").strip().partition(b" ")
+    return scheme.lower() + sep + rest
 
 
 def _export_chunks(snap: ExportStream) -> Generator[bytes, None, None]:
