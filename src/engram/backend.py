@@ -143,7 +143,7 @@ class RemoteBackend:
     def backup(self, req: BackupRequest, progress: Progress | None = None) -> dict[str, Any]:
         # The server makes the cut and streams the backup; this process writes the file, with
         # the rights of whoever runs the command (the server never writes where a client says).
-        from engram.backup.incremental import chain_of, nothing_to_continue
+        from engram.backup.incremental import chain_for, nothing_to_continue
         from engram.backup.output import BackupOutput
 
         req = req.validate()
@@ -155,7 +155,7 @@ class RemoteBackend:
             if req.kind == "incremental":
                 # "Never a gap" is about this directory, which only this side can see: the
                 # server is told where the range must start at the latest.
-                after = chain_of(output.parent, str(self.client.status()["database_id"]))
+                after = chain_for(output.parent, self.client.status())
                 if after is not None:
                     stream = replace(stream, start_by_lsn=after.to_lsn + 1, parent=after.name)
                 elif req.since_s is None and req.since_lsn is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import DataDirError, DataDirLocked, NotInitialized
+from engram.format import history as hist
 from engram.format.record import FORMAT_VERSION
 from engram.fsutil import atomic_write, ensure_private_dir
 
@@ -55,16 +56,37 @@ class Layout:
 
 @dataclass(frozen=True)
 class Identity:
+    """``identity.json``. ``lineage``: the data dir's history and its ancestors (the original
+    history alone for a data dir that never branched, and for one written before histories).
+    ``recovered``: set by restore, restore-pitr and apply-log (``{command, target}``): the data
+    dir holds records replayed from elsewhere, whose history may have gone on there, so its
+    first write of its own starts a new history (``Engine``)."""
+
     database_id: str
     created_at: str
     format_version: int
+    lineage: hist.Lineage = ()
+    recovered: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lineage:
+            object.__setattr__(self, "lineage", (hist.original(self.database_id),))
+
+    @property
+    def history(self) -> str:
+        return self.lineage[-1].id
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "database_id": self.database_id,
             "created_at": self.created_at,
             "format_version": self.format_version,
+            "history": self.history,
+            "lineage": hist.lineage_to_json(self.lineage),
         }
+        if self.recovered is not None:
+            out["recovered"] = self.recovered
+        return out
 
 
 def is_initialized(root: Path) -> bool:
@@ -90,8 +112,15 @@ def init_data_dir(root: Path, database_id: str | None = None) -> Identity:
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         format_version=FORMAT_VERSION,
     )
-    atomic_write(lay.identity, (json.dumps(ident.to_json(), indent=2) + "\n").encode())
+    write_identity(root, ident)
     return ident
+
+
+def write_identity(root: Path, ident: Identity) -> None:
+    """Replace ``identity.json`` durably (temp, fsync, rename, fsync of the directory)."""
+    atomic_write(
+        Layout(Path(root)).identity, (json.dumps(ident.to_json(), indent=2) + "\n").encode()
+    )
 
 
 def _init_leftover(p: Path) -> bool:
@@ -105,7 +134,16 @@ def read_identity(root: Path) -> Identity:
     p = Path(root) / IDENTITY
     try:
         d = json.loads(p.read_text())
-        return Identity(str(d["database_id"]), str(d["created_at"]), int(d["format_version"]))
+        db = str(d["database_id"])
+        lineage = hist.lineage_from_json(d.get("lineage"), db)
+        recovered = d.get("recovered")
+        return Identity(
+            db,
+            str(d["created_at"]),
+            int(d["format_version"]),
+            lineage,
+            dict(recovered) if isinstance(recovered, dict) else None,
+        )
     except FileNotFoundError:
         raise NotInitialized(
             f"{root} is not an engram data dir (no {IDENTITY}); run `engram init --data-dir {root}`"

@@ -24,8 +24,16 @@ from typing import Any
 
 from engram import digest as dg
 from engram.cut import Cut, Cutter, Quiesce
-from engram.datadir import DirLock, Layout, init_data_dir, is_initialized, read_identity
+from engram.datadir import (
+    DirLock,
+    Layout,
+    init_data_dir,
+    is_initialized,
+    read_identity,
+    write_identity,
+)
 from engram.errors import CorruptLog, LogGap, NotFound, Unavailable, ValidationError
+from engram.format import history as hist
 from engram.format import record as fmt
 from engram.model import MEMORY_OPS, Edge, Memory, OpType, check_id
 from engram.oplog.reader import iter_log_files, list_segments, read_range
@@ -138,6 +146,7 @@ class Engine:
             durability=self.config.durability,
             segment_bytes=self.config.segment_bytes,
             batch_interval=self.config.batch_interval,
+            lineage=self.identity.lineage,
         )
         if not self.warm.marks_kept:
             self._fill_marks()
@@ -305,7 +314,9 @@ class Engine:
         """(lsn, ts, txid, framed bytes) of the written records ``from_lsn..to_lsn``, found
         through the writer's sparse index rather than a scan (``oplog.reader.read_range``)."""
         hint = self.writer.offset_hint if self.writer is not None else None
-        return read_range(self.layout.oplog, self.database_id, from_lsn, to_lsn, hint)
+        return read_range(
+            self.layout.oplog, self.database_id, from_lsn, to_lsn, hint, lineage=self.lineage
+        )
 
     def lsn_since(self, ts_ns: int) -> int | None:
         """An LSN at or before the first record at or after ``ts_ns``, from the writer's index."""
@@ -396,8 +407,84 @@ class Engine:
             lsn = self._commit(planner.out, ts)
             return WriteResult(lsn, planner.results)
 
+    # -- histories (docs/DESIGN.md "Histories") ------------------------------------------------
+
+    @property
+    def lineage(self) -> hist.Lineage:
+        """This data dir's history and its ancestors (the original history first)."""
+        return self.identity.lineage
+
+    @property
+    def history(self) -> str:
+        return self.identity.history
+
+    def _set_lineage(self, lineage: hist.Lineage, recovered: dict[str, Any] | None) -> None:
+        """Record the history the next records belong to, durably, before any of them is
+        appended; they go into a segment of their own (caller holds the lock)."""
+        assert self.writer is not None
+        ident = self.identity
+        new = type(ident)(
+            ident.database_id, ident.created_at, ident.format_version, lineage, recovered
+        )
+        try:
+            write_identity(self.root, new)
+        except OSError as e:
+            raise Unavailable(
+                f"cannot record the new history in {self.layout.identity} ({e.strerror}); "
+                "free space or fix the disk, then retry",
+                retry_after=5,
+            ) from None
+        self.identity = new
+        self.writer.lineage = lineage
+        try:
+            self.writer.start_segment(self.last_lsn + 1, self.digest.hex)
+        except Unavailable:
+            # The identity names the new history but the current segment is the old one's:
+            # only a restart (recovery starts the segment) may append again.
+            self._fail("a new history could not start its op log segment")
+            raise
+
+    def _begin_history(self) -> None:
+        """The first write of a recovered data dir: a new history branches after the last
+        replayed record (its source may have gone on with other records at the same LSNs)."""
+        why = self.identity.recovered or {}
+        new = hist.new_history(
+            self.history, self.last_lsn, str(why.get("command") or "recovery"), why.get("target")
+        )
+        self._set_lineage((*self.lineage, new), None)
+        log.info("a new history %s begins after LSN %d", new.id, self.last_lsn)
+
+    def follow(self, lineage: hist.Lineage, lsn: int) -> None:
+        """Before replayed record ``lsn`` (apply-log, PITR) is appended: take the history that
+        owns it on ``lineage`` (a path that holds the same records as this data dir up to its
+        LSN, which the caller has checked), so each segment holds records of one history."""
+        with self.lock:
+            want = hist.upto(lineage, lsn)
+            if want[-1].id != self.history:
+                self._set_lineage(want, self.identity.recovered)
+
+    def mark_recovered(self, command: str, target: str | None) -> None:
+        """Record that ``command`` replayed records into this data dir from elsewhere: its next
+        write of its own starts a new history (``Identity.recovered``)."""
+        rec = {"command": command, "target": target}
+        with self.lock:
+            # A restored copy may name histories that began after its last record (its
+            # source's): it is on the history that owns that record.
+            lineage = hist.upto(self.lineage, self.last_lsn)
+            if lineage != self.lineage:
+                self._set_lineage(lineage, rec)
+            elif self.identity.recovered != rec:
+                ident = self.identity
+                new = type(ident)(
+                    ident.database_id, ident.created_at, ident.format_version, lineage, rec
+                )
+                write_identity(self.root, new)
+                self.identity = new
+
     def _commit(self, planned: list[Planned], ts: int) -> int:
         assert self.writer is not None
+        if self.identity.recovered is not None:
+            self._begin_history()
         first = self.last_lsn + 1
         if self.writer.needs_rotation():
             self.writer.start_segment(first, self.digest.hex)
@@ -622,6 +709,8 @@ class Engine:
                 "quiesce": self._quiesce_state(),
                 "durability": self.config.durability,
                 "data_dir": str(self.root),
+                "history": self.history,
+                "lineage": hist.lineage_to_json(self.lineage),
             }
 
     def stats(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engram import digest as dg
 from engram.errors import CorruptData, CorruptLog, DataDirError, ForeignLog, LogGap
+from engram.format import history as hist
 from engram.format.record import Record
 from engram.oplog.reader import LogFile, iter_log_files, list_segments, read_header
 from engram.oplog.writer import LogWriter
@@ -50,7 +51,12 @@ def _fsync_file(path: Path) -> None:
         ) from None
 
 
-def check_segment_headers(segs: list[tuple[int, Path]], database_id: str) -> None:
+def check_segment_headers(
+    segs: list[tuple[int, Path]], database_id: str, lineage: hist.Lineage | None = None
+) -> None:
+    """Every segment is of this database, named by its first LSN and, with a ``lineage``, of a
+    history on that path starting where that history still owns records."""
+    caps = hist.caps(lineage) if lineage is not None else None
     for first, path in segs:
         h = read_header(path)
         if h.get("database_id") != database_id:
@@ -58,6 +64,14 @@ def check_segment_headers(segs: list[tuple[int, Path]], database_id: str) -> Non
                 f"{path} belongs to database {h.get('database_id')}, but this data dir is "
                 f"{database_id}; move that file out of oplog/"
             )
+        if caps is not None and lineage is not None:
+            own = hist.history_of(h)
+            cap = caps.get(own, -1)
+            if own not in caps or (cap is not None and first > cap + 1):
+                raise ForeignLog(
+                    f"{path} holds records of history {own} from LSN {first}, which this data "
+                    f"dir's history {lineage[-1].id} does not hold; move that file out of oplog/"
+                )
         if h.get("first_lsn") != first:
             raise CorruptLog(
                 f"{path.name}: header says first LSN {h.get('first_lsn')}, name says {first}",
@@ -76,6 +90,7 @@ def replay(
     torn_tail_last: bool,
     opened: list[LogFile] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lineage: hist.Lineage | None = None,
 ) -> tuple[int, int, int]:
     """Apply records after ``after_lsn`` to ``warm`` in batches, committing on transaction
     boundaries.
@@ -86,7 +101,9 @@ def replay(
 
     def txns(_: object) -> Iterator[list[Record]]:
         txn: list[Record] = []
-        for rec in iter_log_files(files, database_id, after_lsn, torn_tail_last, opened):
+        for rec in iter_log_files(
+            files, database_id, after_lsn, torn_tail_last, opened, lineage=lineage
+        ):
             txn.append(rec)
             if not rec.txn_end:
                 continue
@@ -134,6 +151,10 @@ def recover(
     writer: LogWriter,
     progress: Callable[[int, int], None] | None = None,
 ) -> Recovered:
+    """Replay the log after the warm tier's LSN; the writer appends to the last segment, or to
+    a new one when the last is of another history than the writer's (``writer.lineage``: a new
+    history had begun when the process stopped)."""
+    lineage = writer.lineage
     stored_id = warm.get_meta("database_id")
     if stored_id is None:
         warm.begin()
@@ -152,7 +173,7 @@ def recover(
         writer.start_segment(applied + 1, digest.hex)
         writer.written_lsn = writer.durable_lsn = applied
         return Recovered(digest, applied, last_ts, 0)
-    check_segment_headers(segs, database_id)
+    check_segment_headers(segs, database_id, lineage)
     if segs[0][0] > applied + 1:
         raise LogGap(
             f"the warm tier is at LSN {applied} but the log starts at {segs[0][0]}: records "
@@ -176,6 +197,7 @@ def recover(
         torn_tail_last=True,
         opened=opened,
         progress=progress,
+        lineage=lineage,
     )
     tail = opened[-1]
     log_end = tail.last_lsn if tail.last_lsn is not None else segs[-1][0] - 1
@@ -201,6 +223,8 @@ def recover(
             tail.torn.reason,
         )
     writer.open_existing(tail.path, tail.valid_end, max(last_lsn, log_end))
+    if tail.history != lineage[-1].id:
+        writer.start_segment(max(last_lsn, log_end) + 1, digest.hex)
     if n:
         dt = time.monotonic() - t0
         log.info("recovery replayed %d records in %.2fs (%.0f/s)", n, dt, n / max(dt, 1e-9))

@@ -30,7 +30,7 @@ from engram import digest as dg
 from engram.backup.catalog import read_info
 from engram.backup.full import full_backup
 from engram.backup.incremental import incremental_backup
-from engram.backup.pitr import Target, choose_from_repo, restore_pitr
+from engram.backup.pitr import Target, choose_from_repo, choose_path, restore_pitr
 from engram.errors import ForeignLog, LogGap, UsageError
 from engram.graph import Engine, EngineConfig
 from engram.model import Edge, Memory
@@ -491,3 +491,85 @@ def test_pitr_on_a_longer_history(tmp_path: Path, seed: int) -> None:
     for lsn in sorted(rng.sample(range(h.base_lsn, h.last_lsn + 1), 100)):
         model, boundary = h.model_at(lambda t, lsn=lsn: t.last <= lsn)
         _check(h.base, [h.backups], Target(lsn=lsn), tmp_path / "out", model, boundary)
+
+
+def test_random_histories_with_recoveries_equal_the_model(tmp_path: Path) -> None:
+    """Histories grow at random: writes, incrementals and an occasional full into one repository,
+    and recoveries (``restore-pitr --repo`` of the newest history) to random LSNs of the data
+    dir's own path, each followed by more writes — a new history each time. Then every history of
+    the tree, restored through ``--repo --history`` at random LSNs of its path, must equal the
+    model replayed along that path (its own transactions after its ancestors' up to each branch),
+    and the default (no ``--history``) is the history that began last."""
+    rng = random.Random(4242)
+    gen = OpGen(rng)
+    repo, src = tmp_path / "repo", tmp_path / "src"
+    repo.mkdir()
+    paths: dict[str, list[Txn]] = {}  # history id -> the transactions on its path
+    first_full = 0
+    n_inc = n_full = 0
+    path: list[Txn] = []
+    live = Model()  # the model of the data dir's path
+    current = ""
+
+    def write(eng: Engine, n: int) -> None:
+        nonlocal n_inc, n_full, first_full
+        for _ in range(n):
+            ops = gen.batch((1, 1, 2, 3))
+            res = eng.apply(ops)
+            k = live.apply(ops, eng.last_ts)
+            path.append(Txn(res.lsn - k + 1, res.lsn, eng.last_ts, ops, []))
+            if not first_full and len(path) == 8:
+                n_full += 1
+                full_backup(eng, repo / f"full-{n_full:02d}.tar.zst")
+                first_full = eng.last_lsn
+            elif first_full and rng.random() < 0.08:
+                n_inc += 1
+                incremental_backup(eng, repo / f"inc-{n_inc:03d}.log")
+            elif first_full and rng.random() < 0.01:
+                n_full += 1
+                full_backup(eng, repo / f"full-{n_full:02d}.tar.zst")
+        n_inc += 1
+        incremental_backup(eng, repo / f"inc-{n_inc:03d}.log")  # everything is backed up
+
+    for round_ in range(4):
+        with Engine.open(src, CFG) as eng:
+            write(eng, 40)
+            current = eng.history
+            paths[current] = list(path)
+        if round_ == 3:
+            break
+        # Recover the data dir itself to a random LSN of its path after the first full.
+        lsn = rng.randint(first_full, path[-1].last)
+        c = choose_path(repo, Target(lsn=lsn))
+        assert c.lineage[-1].id == current, c.says
+        restore_pitr(c.base, c.logs, Target(lsn=lsn), src, force=True, lineage=c.lineage)
+        path = [t for t in path if t.last <= lsn]
+        live = _model(path)
+        gen.mems = sorted(live.mems)  # the generator continues from the recovered graph
+        gen.edges = set(live.edges)
+
+    assert len(paths) == 4
+    assert choose_path(repo, Target(lsn=first_full)).lineage[-1].id == current
+    out = tmp_path / "out"
+    for hid, txns in paths.items():
+        end = txns[-1].last
+        lsns = {first_full, end, *(rng.randint(first_full, end) for _ in range(6))}
+        for lsn in sorted(lsns):
+            c = choose_path(repo, Target(lsn=lsn), hid)
+            kept = [t for t in txns if t.last <= lsn]
+            model = _model(kept)
+            res = restore_pitr(c.base, c.logs, Target(lsn=lsn), out, lineage=c.lineage)
+            try:
+                assert res.reached_lsn == (kept[-1].last if kept else 0), (hid, lsn, c.says)
+                _, got_digest, mems, edges = _restored(out)
+                assert (mems, edges) == (model.mems, model.edges), (hid, lsn, c.says)
+                assert got_digest == model.digest()
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+
+
+def _model(txns: list[Txn]) -> Model:
+    m = Model()
+    for t in txns:
+        m.apply(t.ops, t.ts)
+    return m

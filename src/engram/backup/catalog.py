@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engram.backup.archive import ARCHIVE_HEAD_BYTES, parse_archive_header
+from engram.backup.history import publish_lineage
 from engram.errors import EngramError
 from engram.format import record as fmt
+from engram.format.history import history_of
 from engram.format.manifest import compression_for, decode_sidecar
 from engram.model import ns_to_iso
 from engram.storage import BackupStore, LocalBackupStore, Ref, as_ref, as_store, sidecar_name
@@ -99,6 +101,8 @@ def encode_entry(info: dict[str, Any]) -> bytes:
 def write_info(backup: Path | Ref, info: dict[str, Any], writer: EntryWriter = LOCAL) -> None:
     """Create the catalog entry of ``backup``; FileExistsError if it has one (never replaced)."""
     ref = as_ref(backup)
+    if info.get("lineage") is not None:  # the histories it refers to exist before it does
+        publish_lineage(ref.store, str(info["database_id"]), info["lineage"])
     if isinstance(writer, LocalEntries):
         ref.store.create(_info(ref), encode_entry(info))
     else:
@@ -168,6 +172,7 @@ def facts_from_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "snapshot_time": manifest["snapshot_time"],
         "digest": manifest["digest"],
         "counts": manifest["counts"],
+        "history": history_of(manifest),
     }
 
 
@@ -184,6 +189,7 @@ def facts_from_log_header(h: dict[str, Any]) -> dict[str, Any]:
         "digest": h["digest"],
         "parent": h.get("parent"),
         "counts": {"records": h["record_count"]},
+        "history": history_of(h),
     }
 
 
@@ -229,6 +235,10 @@ def check_entry(
         for k in (*keys, "counts"):
             if info.get(k) != facts.get(k):
                 problems.append(f"{k} is {info.get(k)!r}, the file says {facts.get(k)!r}")
+        # An entry without a history (written before histories) is on the original one.
+        ih = info.get("history") or info.get("database_id")
+        if ih != facts["history"]:
+            problems.append(f"history is {ih!r}, the file says {facts['history']!r}")
     side = sidecar_name(ref.name).rsplit("/", 1)[-1]
     try:
         expected: str | None = decode_sidecar(ref.store.read(sidecar_name(ref.name)), side)
@@ -301,6 +311,7 @@ class Entry:
     status: str = NOT_VALIDATED  # validation: passed, failed, pending, not validated
     verified: bool = True  # False: a legacy entry that no header could confirm
     ref: Ref | None = field(default=None, compare=False)  # the backup in its store
+    history: str = ""  # its history (the database id: the original history)
     # The entry as stored, when it is trusted (size, parent, the validation's reason, …).
     info: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -351,6 +362,7 @@ def _entry(
         status=status,
         verified=verified,
         ref=ref,
+        history=history_of(f) if "history" in f else str(f["database_id"]),
         info=info,
     )
 
@@ -400,6 +412,16 @@ def read_catalog(where: Path | BackupStore) -> Catalog:
 def scan(where: Path | BackupStore) -> list[Entry]:
     """The trusted entries of ``where`` (``read_catalog``), oldest end first."""
     return read_catalog(where).entries
+
+
+def backups_of(where: Path | BackupStore, database_id: str) -> list[Entry]:
+    """Every backup of ``database_id`` in ``where`` by what the files' own headers say: a backup
+    whose entry is damaged still counts (with a warning), so a range that continues the newest
+    one starts right after its true end."""
+    cat = read_catalog(where)
+    for p in cat.problems:
+        log.warning(p.message)
+    return [e for e in cat.entries + cat.from_files if e.database_id == database_id]
 
 
 def newest_end(where: Path | BackupStore, database_id: str) -> Entry | None:

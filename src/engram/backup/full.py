@@ -35,6 +35,7 @@ from engram.backup.worker import (
     write_plan,
 )
 from engram.errors import BackupError
+from engram.format import history as hist
 from engram.format import record as fmt
 from engram.format.manifest import MANIFEST_VERSION
 from engram.graph import Cut, Engine
@@ -161,7 +162,9 @@ def take_full(
     t0 = time.monotonic()
     cut = engine.cut()
     try:
-        total = cut.db_size + cut.wal_size
+        plan = _plan(engine, cut, compression, priority)
+        # What progress counts: the bytes of every member (the manifest, last, comes on top).
+        total = sum(len(m.data or b"") if m.path is None else m.size for m in plan.members)
         done = [0]
 
         def tick(n: int) -> None:
@@ -169,7 +172,6 @@ def take_full(
             if progress:
                 progress(done[0], total)
 
-        plan = _plan(engine, cut, compression, priority)
         paused: float | None = None
         if priority == "low":
             req = Request(
@@ -218,6 +220,8 @@ def take_full(
                 "snapshot_time_ns": cut.snapshot_ts,
                 "from_time_ns": 0,
                 "marks": engine.marks(cut.snapshot_lsn),  # restore points up to the snapshot
+                "history": plan.manifest["history"],
+                "lineage": plan.manifest["lineage"],
             },
         )
     finally:
@@ -228,6 +232,7 @@ def _log_segment_bytes(engine: Engine, cut: Cut) -> bytes | None:
     """The records (W, S] as one segment file whose header carries the digest at W."""
     if cut.snapshot_lsn == cut.warm_lsn:
         return None
+    lineage = hist.upto(engine.lineage, cut.snapshot_lsn)
     parts = [
         fmt.encode_file_header(
             fmt.KIND_SEGMENT,
@@ -237,6 +242,8 @@ def _log_segment_bytes(engine: Engine, cut: Cut) -> bytes | None:
                 "first_lsn": cut.warm_lsn + 1,
                 "created_at_ns": cut.taken_ns,
                 "base_digest": cut.warm_digest,
+                "history": lineage[-1].id,
+                "lineage": hist.lineage_to_json(lineage),
             },
         )
     ]
@@ -266,10 +273,14 @@ def _plan(engine: Engine, cut: Cut, compression: str, priority: str) -> Plan:
     cold = sorted(p for p in engine.layout.cold.glob("*.seg") if p.is_file())
     for p in cold:
         members.append(PlanMember(f"cold/{p.name}", path=str(p), size=p.stat().st_size))
+    # The history that owns the snapshot's last record, and its ancestors.
+    lineage = hist.upto(engine.lineage, cut.snapshot_lsn)
     manifest: dict[str, Any] = {
         "format_version": MANIFEST_VERSION,
         "kind": "full",
         "database_id": cut.database_id,
+        "history": lineage[-1].id,
+        "lineage": hist.lineage_to_json(lineage),
         "engram_version": __version__,
         "created_at": ns_to_iso(time.time_ns()),
         "snapshot_lsn": cut.snapshot_lsn,

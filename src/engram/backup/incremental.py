@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engram.backup.archive import Sink
-from engram.backup.catalog import newest_end
+from engram.backup.catalog import backups_of
 from engram.backup.full import BackupResult
 from engram.backup.output import BackupOutput
 from engram.backup.request import output_compression
 from engram.errors import BackupError, UsageError
+from engram.format import history as hist
 from engram.format import record as fmt
 from engram.graph import Engine
 from engram.model import ns_to_iso
@@ -41,13 +43,35 @@ class After:
     where: str
 
 
-def chain_of(where: Path | BackupStore, database_id: str) -> After | None:
-    """The newest backup of ``database_id`` in ``where`` (a directory or a store), if any."""
+def chain_of(
+    where: Path | BackupStore, database_id: str, lineage: hist.Lineage | None = None
+) -> After | None:
+    """The backup of ``database_id`` in ``where`` (a directory or a store) that reaches furthest
+    on the path of ``lineage`` (default: the original history), if any: a backup of an ancestor
+    counts up to the LSN where the path leaves that history, one of another history not at all
+    (after a recovery, the next incremental starts at the new history's first record after its
+    base, not after the abandoned history's newest backup)."""
     store = as_store(where)
-    newest = newest_end(store, database_id)
-    if newest is None:
+    caps = hist.caps(lineage or (hist.original(database_id),))
+    best: tuple[int, str] | None = None
+    for e in backups_of(store, database_id):
+        if e.history not in caps:
+            continue
+        cap = caps[e.history]
+        end = e.to_lsn if cap is None else min(e.to_lsn, cap)
+        if e.kind == "incremental" and e.from_lsn > end + 1:
+            continue  # none of its records is on this path
+        if best is None or (end, e.name) > best:
+            best = (end, e.name)
+    if best is None:
         return None
-    return After(newest.name, newest.to_lsn, store.describe())
+    return After(best[1], best[0], store.describe())
+
+
+def chain_for(where: Path | BackupStore, status: dict[str, Any]) -> After | None:
+    """``chain_of`` for the database a server's ``status`` describes (its id and lineage)."""
+    db = str(status["database_id"])
+    return chain_of(where, db, hist.lineage_from_json(status.get("lineage"), db))
 
 
 def check_incremental_name(output: Path) -> None:
@@ -99,7 +123,7 @@ def incremental_backup(
     ref = as_ref(output)
     check_incremental_name(Path(ref.name))
     with BackupOutput(ref) as out:
-        after = chain_of(ref.store, engine.database_id)
+        after = chain_of(ref.store, engine.database_id, engine.lineage)
         if after is None and since_s is None and since_lsn is None:
             raise nothing_to_continue(ref.store.describe())
         sink = out.open()
@@ -148,8 +172,12 @@ def take_incremental(
         if head is not None:
             first_ts, start = head[1], head[2]
     count = max(0, end - start + 1)  # LSNs have no gaps
+    # The history that owns the range's last record, and its ancestors.
+    lineage = hist.upto(engine.lineage, end)
     header = {
         "database_id": db,
+        "history": lineage[-1].id,
+        "lineage": hist.lineage_to_json(lineage),
         "format_version": fmt.FORMAT_VERSION,
         "from_lsn": start,
         "to_lsn": end,
@@ -194,5 +222,7 @@ def take_incremental(
             "snapshot_time_ns": end_ts,
             "from_time_ns": first_ts,
             "parent": header["parent"],
+            "history": header["history"],
+            "lineage": header["lineage"],
         },
     )

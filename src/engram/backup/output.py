@@ -26,6 +26,7 @@ from typing import Any
 
 from engram.backup.archive import FileSink, Sink
 from engram.backup.catalog import encode_entry
+from engram.backup.history import publish_lineage
 from engram.errors import BackupError, Refused
 from engram.format.manifest import encode_sidecar
 from engram.storage import BackupStore, Ref, TempObject, as_ref, info_name, sidecar_name
@@ -121,6 +122,8 @@ class BackupOutput:
         temp = self._temp
         base = self.name.rsplit("/", 1)[-1]
         entry = info | {"path": base, "sidecar": sidecar_name(base)}
+        if info.get("lineage") is not None:  # the histories it names exist before it does
+            publish_lineage(self.store, str(info["database_id"]), info["lineage"])
         try:
             self.store.publish(temp)
             self.store.create(sidecar_name(self.name), encode_sidecar(sha256, self.name), temp)

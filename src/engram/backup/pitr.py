@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engram import digest as dg
 from engram.backup.archive import sha256_file
 from engram.backup.catalog import FAILED, PENDING, Entry, read_catalog, read_info
+from engram.backup.history import read_tree
 from engram.backup.restore import (
     check_target,
     extract_backup,
@@ -36,6 +38,7 @@ from engram.errors import (
     RestoreError,
     UsageError,
 )
+from engram.format import history as hist
 from engram.format import record as fmt
 from engram.format.manifest import decode_sidecar
 from engram.format.record import Record
@@ -43,7 +46,7 @@ from engram.graph import Engine
 from engram.model import OpType, ns_to_iso
 from engram.oplog.reader import iter_log_files, read_header
 from engram.procs import Resources
-from engram.replay import ReplayBatch
+from engram.replay import ReplayBatch, prepare_replay
 from engram.replay import batches as replay_batches
 from engram.storage import BackupStore, as_store
 
@@ -203,6 +206,11 @@ class LogSource:
     kind: int
     database_id: str
     first_lsn: int
+    lineage: hist.Lineage = ()  # its history and that history's ancestors
+
+    @property
+    def history(self) -> str:
+        return self.lineage[-1].id if self.lineage else self.database_id
 
 
 def collect_logs(paths: list[Path], database_id: str) -> list[LogSource]:
@@ -232,11 +240,50 @@ def collect_logs(paths: list[Path], database_id: str) -> list[LogSource]:
                 f"checksum mismatch: {side.name} does not match {f.name}; the log is damaged"
             )
         first = int(h["from_lsn"] if kind == fmt.KIND_INCREMENTAL else h["first_lsn"])
-        out.append(LogSource(f, kind, database_id, first))
+        try:
+            lineage = hist.header_lineage(h)
+        except ValueError as e:
+            raise BadArchive(
+                f"{f}: its header's history is malformed ({e}); the log is damaged"
+            ) from None
+        out.append(LogSource(f, kind, database_id, first, lineage))
     if not out:
         raise UsageError(f"no log files found in {', '.join(map(str, paths))}")
     out.sort(key=lambda s: (s.first_lsn, s.path.name))
     return out
+
+
+def replay_path(
+    start: hist.Lineage,
+    start_lsn: int,
+    sources: list[LogSource],
+    chosen: hist.Lineage | None = None,
+    what: str = "the data dir",
+) -> hist.Lineage:
+    """The history path a replay follows from ``what`` (on ``start`` at ``start_lsn``) through
+    ``sources``: ``chosen`` when given, else the longest lineage among them. Every source must
+    lie on it, and ``what`` must hold the same records as the path up to its LSN; otherwise
+    ForeignLog names both histories. Nothing ever combines records of two histories."""
+    here = hist.upto(start, start_lsn)
+    lineages = [here, *(s.lineage for s in sources if s.lineage)]
+    path = chosen or max(lineages, key=len)
+    ids = [h.id for h in path]
+    for src in sources:
+        if src.lineage and [h.id for h in src.lineage] != ids[: len(src.lineage)]:
+            raise ForeignLog(
+                f"{src.path} is of history {src.history}, which is not on the path of history "
+                f"{path[-1].id} (the two diverged); give the logs of one history, or choose one "
+                "with restore-pitr --repo --history (`engram history` shows the tree)"
+            )
+    if not hist.agree(start, path, start_lsn):
+        mine = hist.owner(start, start_lsn)
+        theirs = hist.owner(path, start_lsn)
+        raise ForeignLog(
+            f"{what} is at LSN {start_lsn} of history {mine.id}, but the logs are of history "
+            f"{theirs.id} there: they hold other records at those LSNs — use the logs of history "
+            f"{mine.id}, or restore a backup of history {path[-1].id}"
+        )
+    return path
 
 
 @dataclass
@@ -254,11 +301,17 @@ def _iter(
     database_id: str,
     after: int,
     on_skip: Callable[[Record], None] | None = None,
+    lineage: hist.Lineage | None = None,
 ) -> Any:
     # A data dir's last segment may end in a torn tail; other files must be whole.
     last_is_segment = bool(sources) and sources[-1].kind == fmt.KIND_SEGMENT
     return iter_log_files(
-        [s.path for s in sources], database_id, after, last_is_segment, on_skip=on_skip
+        [s.path for s in sources],
+        database_id,
+        after,
+        last_is_segment,
+        on_skip=on_skip,
+        lineage=lineage,
     )
 
 
@@ -271,24 +324,61 @@ def _diverged(lsn: int, theirs: int, ours: int) -> ForeignLog:
     )
 
 
+def _digests_recorded(
+    sources: list[LogSource], lineage: hist.Lineage, after: int
+) -> dict[int, tuple[str, str]]:
+    """LSN -> (digest, file) for every digest the logs' headers record on the path at or after
+    ``after``: an incremental's at its end, a segment's before its first record."""
+    caps = hist.caps(lineage)
+    out: dict[int, tuple[str, str]] = {}
+    for src in sources:
+        cap = caps.get(src.history)
+        h = read_header(src.path)
+        if src.kind == fmt.KIND_INCREMENTAL:
+            at, d = int(h["to_lsn"]), h.get("digest")
+        else:
+            at, d = src.first_lsn - 1, h.get("base_digest")
+        if isinstance(d, str) and at >= after and (cap is None or at <= cap):
+            out.setdefault(at, (d, src.path.name))
+    return out
+
+
+def _digest_differs(lsn: int, ours: str, theirs: str, name: str) -> CorruptData:
+    return CorruptData(
+        f"replaying up to LSN {lsn} would give digest {ours[:16]}…, but {name} recorded "
+        f"{theirs[:16]}… there: the log is of another history of this database or damaged; "
+        "nothing was applied — use the logs of this data dir's history"
+    )
+
+
 def scan_logs(
     sources: list[LogSource],
     database_id: str,
     after: int,
     target: Target | None = None,
     after_ts: int = 0,
+    lineage: hist.Lineage | None = None,
+    digest: str | None = None,
 ) -> Coverage:
     """Verify every record after ``after`` and measure what the logs cover. With a target, stop
     once it is reached: what lies beyond (even a gap) does not matter for it. With ``after_ts``
     (the timestamp of the data dir's last write), refuse a log of another branch of history:
-    its record at ``after`` must carry that timestamp and the next ones may not be older."""
+    its record at ``after`` must carry that timestamp and the next ones may not be older. With
+    a ``lineage``, only records of that history path are read (``iter_log_files``). With the
+    ``digest`` at ``after``, the digest each record leads to is computed from its images, and
+    every digest a log's header records on the path must equal it: a log whose records would
+    lead elsewhere is refused before anything is applied."""
     cov = Coverage(first_lsn=after + 1, last_lsn=after)
+    recorded = _digests_recorded(sources, lineage, after) if digest and lineage else {}
+    running = dg.Digest.from_hex(digest).value if digest else 0
+    if after in recorded and digest and recorded[after][0] != digest:
+        raise _digest_differs(after, digest, *recorded[after])
 
     def boundary(rec: Record) -> None:
         if rec.lsn == after and after_ts and rec.ts_ns != after_ts:
             raise _diverged(rec.lsn, rec.ts_ns, after_ts)
 
-    for rec in _iter(sources, database_id, after, boundary):
+    for rec in _iter(sources, database_id, after, boundary, lineage):
         if target is not None and target.past(rec):
             cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
             break
@@ -298,6 +388,14 @@ def scan_logs(
                 raise _diverged(rec.lsn, rec.ts_ns, after_ts)
         cov.records += 1
         cov.last_lsn, cov.last_ts = rec.lsn, rec.ts_ns
+        if recorded:
+            if rec.op != OpType.MARKER:
+                before, after_img = rec.decode_before(), rec.decode_after()
+                running = (running + dg.item_hash(after_img) - dg.item_hash(before)) % dg.MOD
+            if rec.txn_end and rec.lsn in recorded:
+                ours = dg.Digest(running).hex
+                if ours != recorded[rec.lsn][0]:
+                    raise _digest_differs(rec.lsn, ours, *recorded[rec.lsn])
         if rec.op == OpType.MARKER:  # a name marked twice (allowed once) means the first
             cov.markers.setdefault(rec.target, rec.lsn)
         if (
@@ -398,15 +496,18 @@ def apply_sources(
     target: Target,
     progress: Progress | None = None,
     expected_total: int = 0,
+    lineage: hist.Lineage | None = None,
 ) -> ApplyResult:
-    """Append and apply whole transactions after the engine's LSN, stopping at ``target``."""
+    """Append and apply whole transactions after the engine's LSN, stopping at ``target``; with
+    a ``lineage``, only records of that history path, the data dir taking the history of each
+    record as it appends it (``Engine.follow``)."""
     t0 = time.monotonic()
     start = engine.last_lsn
     counted = [0, 0]  # records applied, records at the last progress report
 
     def txns(stop: threading.Event) -> Iterator[list[Record]]:
         txn: list[Record] = []
-        for rec in _iter(sources, engine.database_id, start):
+        for rec in _iter(sources, engine.database_id, start, lineage=lineage):
             txn.append(rec)
             if not rec.txn_end:
                 continue
@@ -423,7 +524,13 @@ def apply_sources(
                 return
 
     def apply(batch: ReplayBatch) -> None:
-        engine.append_prepared(batch)
+        if lineage is not None:
+            # A batch may cross the LSN where the path leaves a history: split it there.
+            for part in _by_history(batch, lineage):
+                engine.follow(lineage, part.records[0].lsn)
+                engine.append_prepared(part)
+        else:
+            engine.append_prepared(batch)
         counted[0] += len(batch.records)
         if progress and counted[0] - counted[1] >= 8192:
             progress(counted[0], expected_total)
@@ -432,7 +539,7 @@ def apply_sources(
     replay_batches(txns, apply)
     n = counted[0]
     engine.checkpoint()
-    _check_header_digests(engine, sources)
+    _check_header_digests(engine, sources, lineage)
     if progress:
         progress(n, expected_total)
     dur = time.monotonic() - t0
@@ -448,10 +555,31 @@ def apply_sources(
     )
 
 
-def _check_header_digests(engine: Engine, sources: list[LogSource]) -> None:
-    """An incremental that ends where the replay ended records the digest there: compare."""
+def _by_history(batch: ReplayBatch, lineage: hist.Lineage) -> list[ReplayBatch]:
+    """``batch`` cut where the history owning its records changes on ``lineage`` (always on a
+    transaction boundary: a history branches between transactions)."""
+    branches = {h.branch_lsn for h in lineage[1:]}
+    recs = batch.records
+    cuts = [i for i, r in enumerate(recs) if i and r.lsn - 1 in branches]
+    if not cuts:
+        return [batch]
+    out = []
+    for a, b in zip([0, *cuts], [*cuts, len(recs)], strict=False):
+        out.append(prepare_replay(recs[a:b]))
+    return out
+
+
+def _check_header_digests(
+    engine: Engine, sources: list[LogSource], lineage: hist.Lineage | None = None
+) -> None:
+    """An incremental that ends where the replay ended records the digest there: compare (one
+    of another history on the path only when its end is still on the path)."""
+    caps = hist.caps(lineage) if lineage is not None else {}
     for src in sources:
         if src.kind != fmt.KIND_INCREMENTAL:
+            continue
+        cap = caps.get(src.history)
+        if cap is not None and engine.last_lsn > cap:
             continue
         h = read_header(src.path)
         if h.get("to_lsn") == engine.last_lsn and h.get("digest") not in (None, engine.digest.hex):
@@ -487,14 +615,27 @@ def apply_log(
         ) from None
     try:
         sources = collect_logs(logs, engine.database_id)
+        # Everything that can be checked is checked before a record is applied: the history
+        # path, continuity and the covered range, and the digests the logs record along it.
+        path = replay_path(engine.lineage, engine.last_lsn, sources)
         target = named(engine, target, "the data dir is already; restore an older backup instead")
         early = _scan_stop(target, engine.last_lsn, engine.last_ts)
-        cov = scan_logs(sources, engine.database_id, engine.last_lsn, early, engine.last_ts)
+        cov = scan_logs(
+            sources,
+            engine.database_id,
+            engine.last_lsn,
+            early,
+            engine.last_ts,
+            lineage=path,
+            digest=engine.digest.hex,
+        )
         target = in_logs(target, cov)
         if target.given:
             check_target_range(target, cov, engine.last_lsn, engine.last_ts)
-        result = apply_sources(engine, sources, target, progress, cov.records)
+        result = apply_sources(engine, sources, target, progress, cov.records, path)
         check_digest(engine)
+        if result.records:
+            engine.mark_recovered("apply-log", target.describe())
         return result
     finally:
         engine.close()
@@ -519,19 +660,45 @@ class PitrResult:
     moved_aside: str | None
     duration_s: float
     target_note: str | None = None  # how an ambiguous or skipped local target time was read
+    history: str = ""  # the history of the records replayed (the result's own begins later)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class RepoChoice:
+    """What ``choose_path`` chose: a base, the incrementals after it, the history path the
+    replay follows, and a sentence saying so (and what was skipped and why)."""
+
+    base: Path
+    logs: list[Path]
+    says: str
+    lineage: hist.Lineage
+
+
 def choose_from_repo(
-    repo: Path | BackupStore, target: Target
+    repo: Path | BackupStore, target: Target, history: str | None = None
 ) -> tuple[Path, list[Path], str]:
-    """The newest full backup before the target and the incrementals after it in ``repo`` (a
-    directory or a store, read through its catalog only), with a sentence saying which were
-    chosen and which were skipped and why: a backup whose catalog entry is damaged or disagrees
-    with its file, whose validation failed, or whose validation is pending (never finished, or
-    its verdict could not be recorded) is never chosen."""
+    """``choose_path`` as (base, incrementals, sentence)."""
+    c = choose_path(repo, target, history)
+    return c.base, c.logs, c.says
+
+
+def choose_path(
+    repo: Path | BackupStore,
+    target: Target,
+    history: str | None = None,
+    known: hist.Lineage = (),
+) -> RepoChoice:
+    """The newest full backup before the target on a history's path and the incrementals after
+    it in ``repo`` (a directory or a store, read through its catalog and history files only).
+    The history is ``history``, else the newest one (the one that began last); its path is its
+    own records and its ancestors' up to each branch point, and only backups on that path are
+    used (an ancestor's incremental up to the branch point). A backup whose catalog entry is
+    damaged or disagrees with its file, whose validation failed, or whose validation is pending
+    (never finished, or its verdict could not be recorded) is never chosen. ``known``: histories
+    to use where the repository lacks their files (a lineage read from a backup's header)."""
     store = as_store(repo)
     repo_name = store.describe()
     entries, skipped = usable_entries(store)
@@ -540,11 +707,35 @@ def choose_from_repo(
             f"no usable backups with catalog entries (*.info.json) in {repo_name}"
             + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
         )
-    fulls = [e for e in entries if e.kind == "full"]
+    tree = read_tree(store, {e.database_id for e in entries})
+    for h in known:  # a lineage the caller read from a backup's own header
+        tree.histories.setdefault(h.id, h)
+    skipped += tree.problems
+    if history is None:
+        chosen = tree.newest({e.history for e in entries} | set(tree.histories))
+    elif history in tree.histories:
+        chosen = tree.histories[history]
+    else:
+        there = ", ".join(sorted(tree.histories)) or "none"
+        raise UsageError(f"no history {history} in {repo_name} (histories there: {there})")
+    lineage = tree.lineage(chosen.id)
+    caps = hist.caps(lineage)
+
+    def end_on_path(e: Entry) -> int | None:
+        """The last LSN of ``e`` on the path (None: not on it)."""
+        if e.history not in caps:
+            return None
+        cap = caps[e.history]
+        if cap is None or e.to_lsn <= cap:
+            return e.to_lsn
+        return cap if e.kind == "incremental" and e.from_lsn <= cap + 1 else None
+
+    on_path = [e for e in entries if end_on_path(e) is not None]
+    fulls = [e for e in on_path if e.kind == "full" and end_on_path(e) == e.to_lsn]
     if target.name is not None and target.lsn is None:
         # The name's LSN first, then the same choice as for that LSN: a base at the mark
         # (replaying nothing) is chosen as readily as for --target-lsn.
-        target = target.resolved(_repo_mark(repo_name, entries, target.name))
+        target = target.resolved(_repo_mark(repo_name, on_path, target.name, lineage))
 
     def before(e: Entry) -> bool:
         if target.time_ns is not None:
@@ -556,7 +747,7 @@ def choose_from_repo(
     candidates = [e for e in fulls if before(e)]
     if not candidates:
         raise UsageError(
-            f"no full backup in {repo_name} before {target.describe()}"
+            f"no full backup in {repo_name} before {target.describe()} on history {chosen.id}"
             + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
         )
     base = max(candidates, key=lambda e: (e.to_lsn, e.name))
@@ -571,21 +762,22 @@ def choose_from_repo(
     incs = sorted(
         (
             e
-            for e in entries
+            for e in on_path
             if e.kind == "incremental"
             and e.database_id == base.database_id
-            and e.to_lsn > base.to_lsn
+            and (end_on_path(e) or 0) > base.to_lsn
             and starts_before(e)
         ),
         key=lambda e: (e.from_lsn, e.name),
     )
-    says = f"base {base.name} (LSN {base.to_lsn})"
+    says = f"history {chosen.id}: " if len(lineage) > 1 or history is not None else ""
+    says += f"base {base.name} (LSN {base.to_lsn})"
     says += f" + {len(incs)} incremental(s)" + (
         f": {', '.join(e.name for e in incs)}" if incs else ""
     )
     if skipped:
         says += f"; skipped: {'; '.join(skipped)}"
-    return base.path, [e.path for e in incs], says
+    return RepoChoice(base.path, [e.path for e in incs], says, lineage)
 
 
 def usable_entries(repo: Path | BackupStore) -> tuple[list[Entry], list[str]]:
@@ -606,10 +798,13 @@ def usable_entries(repo: Path | BackupStore) -> tuple[list[Entry], list[str]]:
     return entries, skipped
 
 
-def _repo_mark(repo: str, entries: list[Entry], name: str) -> int:
-    """The LSN of restore point ``name`` in a backup directory: from the full backups' catalog
-    entries (``marks``: those up to each one's snapshot), else from scanning the incrementals.
-    A name marked twice (allowed once) means its first marker."""
+def _repo_mark(
+    repo: str, entries: list[Entry], name: str, lineage: hist.Lineage | None = None
+) -> int:
+    """The LSN of restore point ``name`` on a history path in a backup directory (``entries``:
+    the backups on it): from the full backups' catalog entries (``marks``: those up to each
+    one's snapshot), else from scanning the incrementals' records on the path. A name marked
+    twice (allowed once) means its first marker."""
     found: list[int] = []
     for e in entries:
         if e.kind != "full":
@@ -622,7 +817,12 @@ def _repo_mark(repo: str, entries: list[Entry], name: str) -> int:
         for e in entries:
             if e.kind != "incremental":
                 continue
-            cov = scan_logs(collect_logs([e.path], e.database_id), e.database_id, e.from_lsn - 1)
+            cov = scan_logs(
+                collect_logs([e.path], e.database_id),
+                e.database_id,
+                e.from_lsn - 1,
+                lineage=lineage,
+            )
             if name in cov.markers:
                 found.append(cov.markers[name])
     if not found:
@@ -642,10 +842,14 @@ def restore_pitr(
     progress: Progress | None = None,
     durable: bool = True,
     resources: Resources | None = None,
+    lineage: hist.Lineage | None = None,
 ) -> PitrResult:
     """Restore ``base`` and replay ``logs`` up to ``target`` into ``output``. ``durable=False``
     skips fsyncing the extracted base and the result (a restore test that is thrown away);
-    ``resources``: what the digest recompute may use (default: a command at normal priority)."""
+    ``resources``: what the digest recompute may use (default: a command at normal priority).
+    ``lineage``: the history path to follow (``choose_path``); default the longest lineage of
+    the base and the logs, on which all of them must lie (``replay_path``). The result is
+    marked recovered: its first write of its own starts a new history."""
     base, output = Path(base).absolute(), Path(output).absolute()
     t0 = time.monotonic()
     check_target(output, force)
@@ -655,6 +859,9 @@ def restore_pitr(
         try:
             base_lsn = engine.last_lsn
             sources = collect_logs(logs, engine.database_id) if logs else []
+            path = replay_path(
+                engine.lineage, base_lsn, sources, lineage, what=f"the base backup {base.name}"
+            )
             target = named(
                 engine,
                 target,
@@ -668,15 +875,18 @@ def restore_pitr(
                     base_lsn,
                     _scan_stop(target, base_lsn, manifest["snapshot_time_ns"]),
                     engine.last_ts,
+                    lineage=path,
                 )
                 if sources
                 else Coverage(first_lsn=base_lsn + 1, last_lsn=base_lsn)
             )
             target = in_logs(target, cov)
             check_target_range(target, cov, base_lsn, manifest["snapshot_time_ns"])
-            res = apply_sources(engine, sources, target, progress, cov.records)
+            res = apply_sources(engine, sources, target, progress, cov.records, path)
             check_digest(engine, resources)
             digest = engine.digest.hex
+            history = engine.history
+            engine.mark_recovered("restore-pitr", target.describe())
         finally:
             engine.close()
         if durable:
@@ -697,4 +907,5 @@ def restore_pitr(
         moved_aside=aside,
         duration_s=round(time.monotonic() - t0, 3),
         target_note=target.note,
+        history=history,
     )

@@ -378,6 +378,8 @@ def restore(
         warnings = [] if checked else [sidecar_absent(archive)]
         repairs: list[str] = []
         eng = open_and_check(staging, manifest, index_repairs=repairs)
+        # Its first write of its own starts a new history (docs/DESIGN.md "Histories").
+        eng.mark_recovered("restore", archive.name)
         eng.close()
         fsync_tree(staging)
         aside = place(staging, to, force)

@@ -47,12 +47,13 @@ from engram.backup.catalog import (
     replace_info,
     validation_status,
 )
-from engram.backup.pitr import Target, choose_from_repo, collect_logs, restore_pitr, scan_logs
+from engram.backup.pitr import Target, choose_path, collect_logs, restore_pitr, scan_logs
 from engram.backup.readbench import run_benchmark
 from engram.backup.restore import extract_backup, open_and_check, sidecar_absent, sidecar_hash
 from engram.backup.verify import verify_data_dir
 from engram.errors import BadArchive, EngramError, UsageError
 from engram.format import record as fmt
+from engram.format.history import header_lineage
 from engram.format.manifest import compression_for, decode_sidecar
 from engram.fsutil import Owned, create_owned_dir, remove_stale
 from engram.model import ns_to_iso
@@ -305,16 +306,26 @@ def _validate_incremental(
 
     def restore_chain() -> str:
         h = holder["h"]
-        # Prefer a base from before this incremental, so that its own records are replayed.
+        # On the incremental's own history's path (its parent there, not another history's
+        # backups at the same LSNs), preferring a base from before it, so that its own records
+        # are replayed.
+        own = header_lineage(h)
         try:
-            base, incs, _ = choose_from_repo(path.parent, Target(lsn=h["from_lsn"] - 1))
+            chosen = choose_path(path.parent, Target(lsn=h["from_lsn"] - 1), own[-1].id, own)
         except UsageError:
-            base, incs, _ = choose_from_repo(path.parent, Target(lsn=h["to_lsn"]))
+            chosen = choose_path(path.parent, Target(lsn=h["to_lsn"]), own[-1].id, own)
+        base, incs = chosen.base, chosen.logs
         if path not in incs:
             incs.append(path)
         says = f"base {base.name} + {', '.join(p.name for p in incs)}"
         res = restore_pitr(
-            base, incs, Target(lsn=h["to_lsn"]), out, durable=False, resources=run.resources
+            base,
+            incs,
+            Target(lsn=h["to_lsn"]),
+            out,
+            durable=False,
+            resources=run.resources,
+            lineage=chosen.lineage,
         )
         if res.digest != h["digest"]:
             raise EngramError(

@@ -25,12 +25,12 @@ import typer
 from typer.core import TyperGroup
 
 from engram import __version__
-from engram.cli import backups, init, ops, reads, repo, serve, transfer, writes
+from engram.cli import backups, history, init, ops, reads, repo, serve, transfer, writes
 from engram.cli.common import configure_logging
 from engram.errors import EngramError
 
 # Command modules, each with ``register(app)``; add new command groups here.
-COMMAND_MODULES = (init, writes, reads, transfer, backups, repo, ops, serve)
+COMMAND_MODULES = (init, writes, reads, transfer, backups, repo, history, ops, serve)
 
 EXIT_INTERRUPTED = 130
 

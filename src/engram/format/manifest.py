@@ -133,6 +133,8 @@ HEADER_FIELDS = (
     "digest",
     "counts",
 )
+# Repeated when the manifest has them (archives written before histories have none).
+OPTIONAL_HEADER_FIELDS = ("history",)
 MAX_ARCHIVE_HEADER = 16 << 10
 _HEAD = struct.Struct("<8sHI")
 
@@ -142,7 +144,9 @@ def archive_header(manifest: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in HEADER_FIELDS if k not in manifest]
     if missing:
         raise ValueError(f"an archive header needs {', '.join(missing)}")
-    return {k: manifest[k] for k in HEADER_FIELDS}
+    out = {k: manifest[k] for k in HEADER_FIELDS}
+    out.update({k: manifest[k] for k in OPTIONAL_HEADER_FIELDS if k in manifest})
+    return out
 
 
 def encode_archive_header(fields: dict[str, Any]) -> bytes:
@@ -180,7 +184,7 @@ def decode_archive_header(data: bytes, name: str) -> dict[str, Any]:
 def header_disagreements(header: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
     """The header fields whose value differs from the manifest's, as ``field (a vs b)``."""
     return [
-        f"{k} ({header[k]!r} vs {manifest.get(k)!r})"
-        for k in HEADER_FIELDS
-        if header[k] != manifest.get(k)
+        f"{k} ({header.get(k)!r} vs {manifest.get(k)!r})"
+        for k in (*HEADER_FIELDS, *OPTIONAL_HEADER_FIELDS)
+        if header.get(k) != manifest.get(k)
     ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from engram.errors import CorruptLog, ForeignLog, LogGap
+from engram.format import history as hist
 from engram.format import record as fmt
 from engram.format.record import Record
 
@@ -59,6 +60,11 @@ class LogFile:
     @property
     def database_id(self) -> str:
         return str(self.header["database_id"])
+
+    @property
+    def history(self) -> str:
+        """The history whose records the file holds (docs/FORMAT.md "Histories")."""
+        return hist.history_of(self.header)
 
     def _damage(self, off: int, what: str) -> CorruptLog:
         return CorruptLog(
@@ -204,13 +210,18 @@ def iter_log_files(
     torn_tail_last: bool = False,
     opened: list[LogFile] | None = None,
     on_skip: Callable[[Record], None] | None = None,
+    lineage: hist.Lineage | None = None,
 ) -> Iterator[Record]:
     """Records of consecutive log files with LSN > after_lsn, checking ids and continuity.
 
     Files are read one at a time. They may overlap (records already seen are skipped, O3); a gap
-    raises LogGap naming the missing range. Each opened file is appended to ``opened``.
+    raises LogGap naming the missing range. Each opened file is appended to ``opened``. With a
+    ``lineage``, only records of that path are yielded: a file of a history not on it is refused
+    naming both histories, and a file of an ancestor gives its records only up to the LSN where
+    the path leaves it (its later records belong to another history).
     """
     expect = after_lsn + 1
+    caps = hist.caps(lineage) if lineage is not None else None
     for i, f in enumerate(files):
         lf = f if isinstance(f, LogFile) else LogFile.open(cast(Path, f))
         if opened is not None:
@@ -220,8 +231,19 @@ def iter_log_files(
                 f"{lf.path} belongs to database {lf.database_id}, not {database_id}; "
                 "use the log of this database"
             )
+        cap: int | None = None
+        if caps is not None and lineage is not None:
+            if lf.history not in caps:
+                raise ForeignLog(
+                    f"{lf.path} holds records of history {lf.history}, which is not on the path "
+                    f"of history {lineage[-1].id}; use the logs of that history (`engram "
+                    "history` shows the tree)"
+                )
+            cap = caps[lf.history]
         last = torn_tail_last and i == len(files) - 1
         for rec in lf.records(allow_torn_tail=last):
+            if cap is not None and rec.lsn > cap:
+                break  # the rest belongs to a history that branched off this path
             if rec.lsn < expect:
                 if on_skip is not None:
                     on_skip(rec)
@@ -243,6 +265,7 @@ def read_range(
     from_lsn: int,
     to_lsn: int,
     hint: Callable[[Path, int], int | None] | None = None,
+    lineage: hist.Lineage | None = None,
 ) -> Iterator[tuple[int, int, int, bytes]]:
     """(lsn, ts_ns, txid, framed bytes) of records ``from_lsn..to_lsn`` of a live data dir's
     log, each CRC-checked, in order, without decoding or checking the records before the range
@@ -264,6 +287,7 @@ def read_range(
     for i, (first, _) in enumerate(segs):
         if first <= from_lsn:
             start = i
+    caps = hist.caps(lineage) if lineage is not None else None
     expect = from_lsn
     for first, path in segs[start:]:
         if first > to_lsn:
@@ -273,6 +297,14 @@ def read_range(
             _, header, hsize = fmt.decode_file_header(head, str(path))
             if header["database_id"] != database_id:
                 raise ForeignLog(f"{path} belongs to database {header['database_id']}")
+            if caps is not None:
+                h = hist.history_of(header)
+                cap = caps.get(h, -1)
+                if cap is not None and cap < first:
+                    raise ForeignLog(
+                        f"{path} holds records of history {h}, not of this data dir's history "
+                        f"{lineage[-1].id if lineage else ''}; move that file out of oplog/"
+                    )
             off = (hint(path, expect) if hint is not None else None) or hsize
             f.seek(off)
             data = f.read()

@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from engram.errors import Unavailable
+from engram.errors import CorruptLog, Unavailable
+from engram.format import history as hist
 from engram.format import record as fmt
 from engram.fsutil import fsync_dir
 
@@ -47,11 +48,15 @@ class LogWriter:
         durability: str = "sync",
         segment_bytes: int = 64 << 20,
         batch_interval: float = 0.01,
+        lineage: hist.Lineage | None = None,
     ) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}")
         self.dir = oplog_dir
         self.database_id = database_id
+        # The history every new segment's header names (with its ancestors): the records of one
+        # segment are all of one history (``Engine`` starts a new segment when it branches).
+        self.lineage: hist.Lineage = lineage or (hist.original(database_id),)
         self.durability = durability
         self.segment_bytes = segment_bytes
         self.batch_interval = batch_interval
@@ -104,6 +109,8 @@ class LogWriter:
                 "first_lsn": first_lsn,
                 "created_at_ns": time.time_ns(),
                 "base_digest": base_digest,
+                "history": self.lineage[-1].id,
+                "lineage": hist.lineage_to_json(self.lineage),
             },
         )
         path = self.dir / fmt.segment_name(first_lsn)
@@ -113,7 +120,10 @@ class LogWriter:
             self._fsync_to(target)
             if self.failed is not None:
                 raise self._failed_error()
-        if path.exists():
+        # A current segment without records that starts at the same LSN (a new history begins
+        # before anything was appended to it) is replaced whole, by the rename below.
+        empty_current = path == self._path and self._holds_no_records()
+        if path.exists() and not empty_current:
             raise Unavailable(
                 f"{path} already exists but is not the current segment; restart engram so that "
                 "recovery checks the op log",
@@ -131,7 +141,8 @@ class LogWriter:
             if fd >= 0:
                 os.close(fd)
             tmp.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+            if not empty_current:
+                path.unlink(missing_ok=True)
             raise Unavailable(
                 f"cannot start a new op log segment ({e.strerror}); free space or fix the disk, "
                 "then retry",
@@ -143,6 +154,17 @@ class LogWriter:
             self.marks, self._next_mark = [], 0
             if old >= 0:
                 os.close(old)
+
+    def _holds_no_records(self) -> bool:
+        """Whether the current segment is its header alone."""
+        if self._path is None or self._size > fmt.max_header_size():
+            return False
+        try:
+            with open(self._path, "rb") as f:
+                head = f.read(self._size + 1)
+            return fmt.decode_file_header(head, str(self._path))[2] == len(head)
+        except (OSError, CorruptLog):
+            return False
 
     @property
     def current_path(self) -> Path | None:

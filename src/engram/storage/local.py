@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from engram.errors import UsageError
-from engram.fsutil import Owned, create_owned_file, fsync_dir, remove_stale, rename_noreplace
+from engram.fsutil import (
+    Owned,
+    create_owned_file,
+    ensure_private_dir,
+    fsync_dir,
+    remove_stale,
+    rename_noreplace,
+)
 from engram.storage.base import BackupStore, Ref, TempObject
 
 log = logging.getLogger("engram.backup")
@@ -167,6 +174,11 @@ class LocalBackupStore:
         self._rename_new(t, t.path, t.name)
 
     def create(self, name: str, data: bytes, temp: TempObject | None = None) -> None:
+        if "/" in name:  # an object in a subdirectory (histories/<id>.json): create it first
+            parent = self.path(name).parent
+            if not parent.is_dir():
+                ensure_private_dir(parent)
+                fsync_dir(parent.parent)
         tmp = self._temp_path(name)
         fd, lock = create_owned_file(tmp)
         if temp is None:
