@@ -101,7 +101,7 @@ class Rig:
         res = self.backup()
         assert res.snapshot_lsn == lsn and res.digest == digest
         side = self.new.with_name(self.new.name + ".sha256").read_text()
-        assert side == hashlib.sha256(self.new.read_bytes()).hexdigest() + "\n"
+        assert side == f"{hashlib.sha256(self.new.read_bytes()).hexdigest()}  {self.new.name}\n"
         if not restores:
             return
         got = restore(self.base, self.root / "check-base")
