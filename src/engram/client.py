@@ -367,16 +367,17 @@ class EngramClient:
                     raise RemoteError(
                         f"{self.url} did not answer with a backup stream; upgrade the server"
                     )
+                shown = _Progress(progress)
                 for chunk in resp.iter_bytes():
                     for kind, payload in dec.feed(chunk):
                         if kind == bstream.DATA:
                             sink.write(payload)
                         elif kind == bstream.PROGRESS:
                             p = bstream.decode_json(payload, "progress")
-                            if progress is not None:
-                                progress(int(p.get("done", 0)), int(p.get("total", 0)))
+                            shown.report(int(p.get("done", 0)), int(p.get("total", 0)))
                         elif kind == bstream.RESULT:
                             result = bstream.decode_json(payload, "result")
+                            shown.finish(int(result.get("size") or 0))
                         else:
                             raise error_from_response(500, payload, resp.headers, self.url)
                 dec.finish()
@@ -458,6 +459,36 @@ class EngramClient:
                 resp.close()
 
         return ExportStream(lsn, digest, ops())
+
+
+class _Progress:
+    """What a progress callback is shown of a backup stream's PROGRESS frames: ``done`` never
+    decreases and never exceeds ``total``, and the end is shown as ``(total, total)``.
+
+    The server's total is its estimate (the bytes of the files it archives), while its done
+    also counts the archive's own members, so done may pass total near the end; and frames are
+    sent at most a few times a second, so the last one may be short of the end."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None) -> None:
+        self.callback = callback
+        self.done = 0
+        self.total = 0
+
+    def report(self, done: int, total: int) -> None:
+        if self.callback is None:
+            return
+        self.total = max(total, self.total, 0)
+        self.done = max(self.done, min(done, self.total) if self.total else done)
+        self.callback(self.done, self.total)
+
+    def finish(self, size: int) -> None:
+        """The stream ended with its RESULT: all of it is done (``size``: the bytes received,
+        the total when no PROGRESS frame came)."""
+        if self.callback is None:
+            return
+        total = self.total or size
+        self.done = self.total = total
+        self.callback(total, total)
 
 
 def _is_certificate_error(e: BaseException) -> bool:

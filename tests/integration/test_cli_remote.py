@@ -97,7 +97,7 @@ def test_cli_goes_through_the_server(
     ops = [{"op": "create_memory", "id": f"i{n}", "content": f"imported {n}"} for n in range(5)]
     ops.append({"op": "create_edge", "src": "i0", "dst": "i4"})
     f.write_text("\n".join(json.dumps(o) for o in ops) + "\n" + "{oops\n")
-    msg = one_line_error(cli("import", "--data-dir", dd, "-f", str(f), "--batch-size", "4"), 2)
+    msg = one_line_error(cli("import", "--data-dir", dd, "-f", str(f), "--batch-size", "3"), 2)
     assert "line 7: not valid JSON" in msg and "6 ops before it were applied" in msg
     remote = tmp_path / "remote.jsonl"
     exported = okj("export", "--data-dir", dd, "--output", str(remote))

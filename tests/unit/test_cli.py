@@ -420,7 +420,7 @@ def test_export_refuses_what_is_not_a_file(dd: str, tmp_path: Path) -> None:
 def test_export_writes_through_a_device_and_a_fifo(dd: str, tmp_path: Path) -> None:
     put(dd, "a", "alpha")
     res = ok("export", "--data-dir", dd, "-o", "/dev/null")
-    assert "exported 1 memories" in res.stdout
+    assert "exported 1 memory and 0 edges" in res.stdout
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -483,7 +483,7 @@ def test_import_in_batches_with_progress_free_output(dd: str, tmp_path: Path) ->
     ops.append({"op": "create_edge", "src": "m0", "dst": "m6"})
     f.write_text("\n".join(json.dumps(o) for o in ops) + "\n\n")
     res = okj("import", "--data-dir", dd, "--file", str(f), "--batch-size", "3")
-    assert res == {"ops": 8, "batches": 3, "lsn": 8}
+    assert res == {"ops": 8, "batches": 3, "lsn": 8, "skipped": 0, "created_memories": 7}
     assert okj("stats", "--data-dir", dd)["edges"] == 1
     assert "imported 0 ops" in ok("import", "--data-dir", dd, "--file", os.devnull).stdout
 
@@ -492,7 +492,7 @@ def test_import_bad_json_line_names_it_and_what_was_applied(dd: str, tmp_path: P
     f = tmp_path / "ops.jsonl"
     good = [json.dumps({"op": "create_memory", "id": f"m{i}", "content": "x"}) for i in range(3)]
     f.write_text("\n".join([*good, "{not json", good[0]]) + "\n")
-    msg = fails(2, "import", "--data-dir", dd, "--file", str(f), "--batch-size", "2")
+    msg = fails(2, "import", "--data-dir", dd, "--file", str(f), "--batch-size", "3")
     assert "line 4: not valid JSON" in msg
     assert "3 ops before it were applied" in msg and "from line 4" in msg
     assert okj("stats", "--data-dir", dd)["memories"] == 3
@@ -507,10 +507,10 @@ def test_import_bad_op_names_its_line(dd: str, tmp_path: Path) -> None:
         {"op": "create_memory", "id": "d", "content": "w"},
     ]
     f.write_text("\n".join(json.dumps(o) for o in lines) + "\n")
-    msg = fails(2, "import", "--data-dir", dd, "--file", str(f))
+    msg = fails(2, "import", "--data-dir", dd, "--file", str(f), "--batch-size", "2")
     assert msg.startswith("error: line 3: strength must be in [0, 1]")
     assert "2 ops before it were applied" in msg
-    assert okj("stats", "--data-dir", dd)["memories"] == 2  # a, b: the batch up to the bad op
+    assert okj("stats", "--data-dir", dd)["memories"] == 2  # a, b: the batch before the bad one
 
     f.write_text(json.dumps({"op": "create_edge", "src": "a", "dst": "ghost"}) + "\n")
     msg = fails(1, "import", "--data-dir", dd, "--file", str(f))

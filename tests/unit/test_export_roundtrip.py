@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engram.cli.main import app
+from engram.datadir import init_data_dir
 from engram.graph import Engine, EngineConfig
 from engram.model import effective_strength
 from engram.query import export
@@ -65,6 +66,7 @@ def test_export_import_keeps_every_field(tmp_path: Path) -> None:
     faded = json.loads(f1.read_text().splitlines()[0])
     assert faded["id"] == "faded" and faded["strength"] == 0.8 and faded["activation_count"] == 3
 
+    init_data_dir(dst)  # import writes only into an initialized data dir
     okj("import", "--data-dir", str(dst), "--file", str(f1))
     after = okj("stats", "--data-dir", str(dst))
     assert after["digest"] == before["digest"]

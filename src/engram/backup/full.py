@@ -162,7 +162,9 @@ def take_full(
     t0 = time.monotonic()
     cut = engine.cut()
     try:
-        total = cut.db_size + cut.wal_size
+        plan = _plan(engine, cut, compression, priority)
+        # What progress counts: the bytes of every member (the manifest, last, comes on top).
+        total = sum(len(m.data or b"") if m.path is None else m.size for m in plan.members)
         done = [0]
 
         def tick(n: int) -> None:
@@ -170,7 +172,6 @@ def take_full(
             if progress:
                 progress(done[0], total)
 
-        plan = _plan(engine, cut, compression, priority)
         paused: float | None = None
         if priority == "low":
             req = Request(

@@ -22,7 +22,9 @@ from engram.cli.common import (
     backend,
     console,
     emit_json,
+    lsn_range,
     parse_duration,
+    plural,
     progress_bar,
 )
 from engram.errors import UsageError
@@ -50,6 +52,9 @@ TargetLsn = Annotated[int | None, typer.Option("--target-lsn", help="Stop at thi
 TargetName = Annotated[
     str | None, typer.Option("--target-name", help="Stop after this restore point (engram mark).")
 ]
+
+# The singular of each count a backup reports.
+_ONE = {"memories": "memory", "edges": "edge", "records": "record"}
 
 
 def _size(n: int) -> str:
@@ -188,13 +193,17 @@ def backup(
     else:
         con = console()
         con.print(f"{kind} backup written: {res['path']} ({_size(res['size'])})", markup=False)
-        lsn = (
-            f"LSN {res['from_lsn']}..{res['snapshot_lsn']}"
-            if kind == "incremental"
-            else f"snapshot LSN {res['snapshot_lsn']}"
-        )
-        counts = ", ".join(f"{v} {k}" for k, v in res["counts"].items())
-        con.print(f"  {lsn} at {res['snapshot_time'] or '-'}; {counts}", markup=False)
+        if kind == "incremental":
+            lsn = lsn_range(res["from_lsn"], res["snapshot_lsn"])
+            if res["from_lsn"] > res["snapshot_lsn"]:
+                lsn += f": nothing was written after LSN {res['snapshot_lsn']}"
+            con.print(f"  {lsn}, up to {res['snapshot_time'] or '-'}", markup=False)
+        else:
+            counts = ", ".join(plural(v, _ONE.get(k, k)) for k, v in res["counts"].items())
+            con.print(
+                f"  snapshot LSN {res['snapshot_lsn']} at {res['snapshot_time'] or '-'}; {counts}",
+                markup=False,
+            )
         con.print(f"  digest {res['digest']}", markup=False)
         con.print(f"  sha256 {res['sha256']} (in {Path(res['sidecar']).name})", markup=False)
         took = f"  took {res['duration_s']} s"
@@ -274,7 +283,8 @@ def restore(
     con.print(f"restored {res.archive} into {res.path}", markup=False)
     con.print(
         f"  snapshot LSN {res.snapshot_lsn} at {res.snapshot_time}; "
-        f"{res.counts.get('memories', 0)} memories, {res.counts.get('edges', 0)} edges",
+        f"{plural(res.counts.get('memories', 0), 'memory')}, "
+        f"{plural(res.counts.get('edges', 0), 'edge')}",
         markup=False,
     )
     side = "sidecar checked" if res.sidecar_checked else "sidecar absent"
@@ -308,11 +318,17 @@ def apply_log(
         return
     if res.target_note:  # a local time a clock change made ambiguous or skipped
         console().print(f"note: {res.target_note}", markup=False)
-    console().print(
-        f"applied {res.records} records (LSN {res.from_lsn}..{res.to_lsn}, up to "
-        f"{res.to_time or '-'}) to {data_dir}, {res.rate:.0f} records/s; target: {res.target}",
-        markup=False,
-    )
+    if res.records:
+        text = (
+            f"applied {lsn_range(res.from_lsn, res.to_lsn)} up to {res.to_time or '-'} to "
+            f"{data_dir}, {res.rate:.0f} records/s; target: {res.target}"
+        )
+    else:
+        text = (
+            f"applied 0 records to {data_dir}: nothing to apply (it is at LSN {res.to_lsn}); "
+            f"target: {res.target}"
+        )
+    console().print(text, markup=False)
 
 
 def restore_pitr(
@@ -347,7 +363,8 @@ def restore_pitr(
     data_dir: DataDir = _DD,
     as_json: Json = False,
 ) -> None:
-    """Recover to a moment: base backup + logs replayed up to the target, on a txn boundary."""
+    """Recover to a moment: a full backup, then the logs replayed up to the target (never
+    half of a write: a batch is replayed whole or not at all)."""
     from engram.backup.pitr import Target, choose_path
     from engram.backup.pitr import restore_pitr as do_pitr
     from engram.model import ns_to_iso
@@ -383,7 +400,8 @@ def restore_pitr(
         markup=False,
     )
     con.print(
-        f"  base LSN {res.base_lsn}, replayed {res.records} records at {res.rate:.0f}/s; "
+        f"  base LSN {res.base_lsn}, replayed {plural(res.records, 'record')} at "
+        f"{res.rate:.0f}/s; "
         f"digest {res.digest} recomputed and equal",
         markup=False,
     )

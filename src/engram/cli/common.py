@@ -209,3 +209,29 @@ def progress_bar(label: str, unit: str = "bytes") -> Iterator[Callable[[int, int
             p.update(task, completed=done, total=total or None)
 
         yield update
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and ``word`` agreeing in number: "1 edge", "0 edges", "2 memories", "3 batches".
+    ``many`` gives an irregular plural."""
+    if n == 1:
+        return f"{n} {word}"
+    if many is None:
+        if word.endswith("y") and word[-2:-1] not in ("a", "e", "i", "o", "u"):
+            many = word[:-1] + "ies"
+        elif word.endswith(("s", "x", "ch", "sh")):
+            many = word + "es"
+        else:
+            many = word + "s"
+    return f"{n} {many}"
+
+
+def lsn_range(first: int, last: int, what: str = "record") -> str:
+    """Records ``first``..``last`` said right: "no records" when the range is empty,
+    "1 record (LSN 5)", "3 records (LSN 5..7)"; never a backwards range like "LSN 5..4"."""
+    n = last - first + 1
+    if n <= 0:
+        return f"no {plural(2, what).split(' ', 1)[1]}"
+    if n == 1:
+        return f"1 {what} (LSN {first})"
+    return f"{plural(n, what)} (LSN {first}..{last})"

@@ -19,6 +19,7 @@ from engram.cli.common import (
     console,
     emit_json,
     parse_duration,
+    plural,
     resolve_token,
 )
 from engram.errors import EngramError, Refused
@@ -72,7 +73,8 @@ def status(
     cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
-    """What the data dir (or its server) is doing: LSN, counts, tiers, quiesce, health."""
+    """What the data dir (or its server) is doing: the last write's LSN, how many memories
+    and edges, each storage tier, whether writes are paused, health."""
     with backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert) as b:
         st = b.status()
     if as_json:
@@ -88,11 +90,14 @@ def status(
         f"lsn        {st['lsn']} (warm tier checkpointed at {st['tiers']['warm']['applied_lsn']})",
         markup=False,
     )
-    con.print(f"graph      {st['memories']} memories, {st['edges']} edges", markup=False)
+    con.print(
+        f"graph      {plural(st['memories'], 'memory')}, {plural(st['edges'], 'edge')}",
+        markup=False,
+    )
     fast = st["tiers"]["fast"]
     con.print(
-        f"fast tier  {fast['memories']} memories, {fast['bytes']} of {fast['budget_bytes']} "
-        f"bytes, {fast['dirty']} dirty",
+        f"fast tier  {plural(fast['memories'], 'memory')}, "
+        f"{fast['bytes']} of {fast['budget_bytes']} bytes, {fast['dirty']} dirty",
         markup=False,
     )
     q = st["quiesce"]
@@ -111,7 +116,8 @@ def verify(
     ] = False,
     as_json: Json = False,
 ) -> None:
-    """Check a data dir: SQLite, edges, strengths, cold stubs, log CRCs, LSNs, digest."""
+    """Check a data dir: its SQLite files, edges, strengths, archived memories, the log's
+    checksums and LSN order, and the graph's digest."""
     from engram.backup.verify import render_text, verify_data_dir
 
     rep = verify_data_dir(Path(data_dir), check_all=check_all)
@@ -133,8 +139,8 @@ def rebuild_index(data_dir: DataDir = _DD, as_json: Json = False) -> None:
         return
     was = f"it did not match them: {res.problem}" if res.problem else "it matched them already"
     console().print(
-        f"rebuilt the full-text index of {res.data_dir} from {res.memories} memories ({was}); "
-        f"checked against the rows ({res.seconds:.2f}s)",
+        f"rebuilt the full-text index of {res.data_dir} from "
+        f"{plural(res.memories, 'memory')} ({was}); checked against the rows ({res.seconds:.2f}s)",
         markup=False,
     )
 

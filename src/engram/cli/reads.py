@@ -138,7 +138,8 @@ def stats(
     cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
-    """Counts, the last LSN, the logical digest and the tiers."""
+    """How many memories and edges, the last write's LSN (log sequence number), the graph's
+    digest and what each storage tier (memory, disk, archive) holds."""
     with backend(data_dir, token_file, cacert=cacert) as b:
         s = b.stats()
         where = b.where

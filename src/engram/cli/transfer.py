@@ -40,8 +40,9 @@ from engram.cli.common import (
     console,
     emit_json,
     err_console,
+    plural,
 )
-from engram.errors import EngramError, Refused, RemoteError, ValidationError
+from engram.errors import Conflict, EngramError, Refused, RemoteError, ValidationError
 from engram.fsutil import fsync_dir, rename_noreplace
 from engram.model import ExportStream
 
@@ -83,10 +84,16 @@ def _input(path: Path) -> Iterator[tuple[BinaryIO, int | None]]:
 
 
 class _Importer:
-    """Sends ops in atomic batches and keeps the promise of the error messages: everything
-    before a bad line is applied, nothing from it on, so a fixed file resumes at that line."""
+    """Sends ops in atomic batches: a batch is applied whole or not at all, so after a failure
+    everything before the failed batch is applied and nothing from its first line on, and a
+    fixed file resumes at that line (``--resume-from``).
 
-    def __init__(self, b: Backend, batch_size: int) -> None:
+    With ``skip_existing``, a ``create_memory`` or ``create_edge`` whose target already existed
+    when the import started is skipped (and counted) if every field the line gives equals the
+    stored one, and is an error naming the line if one differs: a re-run of the same file is a
+    no-op for what it already created."""
+
+    def __init__(self, b: Backend, batch_size: int, skip_existing: bool = False) -> None:
         self.b = b
         self.batch_size = batch_size
         self.ops: list[dict[str, Any]] = []
@@ -94,9 +101,58 @@ class _Importer:
         self.bytes = 0
         self.applied = 0
         self.batches = 0
+        self.skipped = 0
+        self.created: list[str] = []  # the first few ids of the memories this import created
+        self.n_created = 0
         self.lsn: int | None = None
+        self.memories: dict[str, dict[str, Any]] = {}
+        self.edges: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.had_memories = b.stats().get("memories", 0) > 0
+        if skip_existing and self.had_memories:
+            self._load_existing()
+        self.skip_existing = skip_existing
+
+    def _load_existing(self) -> None:
+        """What the graph holds now, as the ops that would recreate it (one export)."""
+        stream = self.b.export()
+        try:
+            for op in stream:
+                if op.get("op") == "create_memory":
+                    self.memories[op["id"]] = op
+                elif op.get("op") == "create_edge":
+                    self.edges[(op["src"], op["dst"], op["kind"])] = op
+        finally:
+            stream.close()
+
+    def _existing(self, op: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """(what, stored op) when ``op`` creates something that already exists."""
+        kind = op.get("op")
+        if kind == "create_memory" and isinstance(op.get("id"), str):
+            old = self.memories.get(op["id"])
+            return None if old is None else (f"memory {op['id']}", old)
+        if kind == "create_edge":
+            key = (op.get("src"), op.get("dst"), op.get("kind", "related"))
+            old = self.edges.get(key)  # type: ignore[arg-type]
+            return None if old is None else (f"edge {key[0]} -> {key[1]} ({key[2]})", old)
+        return None
 
     def add(self, op: dict[str, Any], lineno: int, size: int) -> None:
+        if self.skip_existing:
+            found = self._existing(op)
+            if found is not None:
+                what, old = found
+                differs = sorted(k for k in op if k != "op" and op[k] != old.get(k))
+                if differs:
+                    raise self.failed(
+                        Conflict(
+                            f"line {lineno}: {what} already exists with a different {differs[0]}",
+                            field=differs[0],
+                        ),
+                        lineno,
+                        "fix or remove that line, then import again",
+                    )
+                self.skipped += 1
+                return
         self.ops.append(op)
         self.lines.append(lineno)
         self.bytes += size
@@ -108,6 +164,11 @@ class _Importer:
         self.lsn = res["lsn"]
         self.applied += len(ops)
         self.batches += 1
+        for op, r in zip(ops, res.get("results") or [], strict=False):
+            if op.get("op") == "create_memory":
+                self.n_created += 1
+                if len(self.created) < 5 and isinstance(r, dict):
+                    self.created.append(str(r.get("id")))
 
     def flush(self) -> None:
         if not self.ops:
@@ -117,31 +178,45 @@ class _Importer:
         try:
             self._send(ops)
         except EngramError as e:
+            first, last = lines[0], lines[-1]
             idx = e.details.get("index")
             if idx is None and len(ops) == 1:
                 idx = 0
             if not isinstance(idx, int) or not 0 <= idx < len(ops):
-                # Not one op's fault (server unavailable, connection lost, ...).
-                msg = f"{e.message} (batch from line {lines[0]})"
+                # Not one op's fault (server unavailable, connection lost, disk full, ...).
                 if isinstance(e, RemoteError):
-                    msg += "; that batch may or may not have been applied"
-                raise self.failed(e, msg, lines[0], fix=False) from None
-            if idx > 0:
-                self._send(ops[:idx])  # the ops before the bad one are good on their own
+                    msg = f"{e.message}; the batch of {_lines(first, last)} may or may not "
+                    msg += "have been applied"
+                    todo = "import again with --skip-existing"
+                else:
+                    msg = f"{e.message}; the batch of {_lines(first, last)} was not applied"
+                    todo = "import again"
+                raise self.failed(e, first, todo, msg) from None
             msg = e.message.removeprefix(f"op {idx}: ")
-            raise self.failed(e, f"line {lines[idx]}: {msg}", lines[idx]) from None
+            msg = f"line {lines[idx]}: {msg}; nothing of its batch ({_lines(first, last)}) "
+            raise self.failed(e, first, "fix it and import again", msg + "was applied") from None
 
     def failed(
-        self, e: EngramError, message: str, resume_line: int, fix: bool = True
+        self, e: EngramError, resume_line: int, todo: str, message: str | None = None
     ) -> EngramError:
         n = self.applied
-        todo = "fix it and import again" if fix else "import again"
-        done = "1 op before it was applied" if n == 1 else f"{n} ops before it were applied"
-        e.message = f"{message}; {done} — {todo} from line {resume_line}"
+        done = f"{plural(n, 'op')} before it {'was' if n == 1 else 'were'} applied"
+        e.message = (
+            f"{message or e.message}; {done} — {todo} from line {resume_line} "
+            f"(--resume-from {resume_line})"
+        )
         e.args = (e.message,)
         e.details["line"] = resume_line
         e.details["applied"] = self.applied
         return e
+
+    def pending_first(self, lineno: int) -> int:
+        """The line a re-run starts from when ``lineno`` is bad: its batch's first line."""
+        return self.lines[0] if self.lines else lineno
+
+
+def _lines(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}-{last}"
 
 
 def _parse(raw: bytes, lineno: int) -> dict[str, Any] | None:
@@ -164,33 +239,86 @@ def import_(
         Path, typer.Option("--file", "-f", help="JSON-lines file of ops, or - for stdin.")
     ],
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=100_000, help="Ops per atomic batch.")
+        int,
+        typer.Option(
+            "--batch-size",
+            min=1,
+            max=100_000,
+            help="Ops per batch. A batch is applied whole or not at all.",
+        ),
     ] = 1000,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing",
+            help="Skip a create_memory or create_edge line whose memory or edge already "
+            "exists with the same fields (counted); one that exists with different fields is "
+            "an error naming the line. Makes a re-run of the same file safe.",
+        ),
+    ] = False,
+    resume_from: Annotated[
+        int,
+        typer.Option(
+            "--resume-from",
+            min=1,
+            metavar="LINE",
+            help="Skip the lines before LINE: the line a failed import said to resume from.",
+        ),
+    ] = 1,
     data_dir: DataDir = _DD,
     token_file: TokenFile = None,
     cacert: CaCert = None,
     as_json: Json = False,
 ) -> None:
-    """Apply ops from a JSON-lines file (as written by `export`), in atomic batches."""
+    """Apply ops from a JSON-lines file (as written by `export`), in batches applied whole or
+    not at all.
+
+    A bad line applies nothing of its batch; the error names the line, says how many ops
+    before it were applied, and the line to resume from with --resume-from. Into a graph that
+    already held memories, the import says how many memories it created that were not there:
+    a memory deleted since an earlier import of the same file comes back, and this is where
+    it says so.
+    """
     with _input(file) as (fh, total), backend(data_dir, token_file, cacert=cacert) as b:
-        imp = _Importer(b, batch_size)
+        imp = _Importer(b, batch_size, skip_existing)
         with _progress(total, sys.stderr.isatty()) as advance:
             for lineno, raw in enumerate(fh, 1):
                 advance(len(raw))
+                if lineno < resume_from:
+                    continue
                 try:
                     op = _parse(raw, lineno)
                 except ValidationError as e:
-                    imp.flush()
-                    raise imp.failed(e, e.message, lineno) from None
+                    first = imp.pending_first(lineno)
+                    e.message += f"; nothing of its batch ({_lines(first, lineno)}) was applied"
+                    raise imp.failed(e, first, "fix it and import again") from None
                 if op is not None:
                     imp.add(op, lineno, len(raw))
             imp.flush()
-    out = {"ops": imp.applied, "batches": imp.batches, "lsn": imp.lsn}
+    created = imp.n_created
+    out = {
+        "ops": imp.applied,
+        "batches": imp.batches,
+        "lsn": imp.lsn,
+        "skipped": imp.skipped,
+        "created_memories": created,
+    }
     if as_json:
         emit_json(out)
     else:
-        lsn = "" if imp.lsn is None else f" (lsn {imp.lsn})"
-        console().print(f"imported {imp.applied} ops in {imp.batches} batches{lsn}", markup=False)
+        lsn = "" if imp.lsn is None else f" (LSN {imp.lsn})"
+        skipped = f", skipped {plural(imp.skipped, 'existing line')}" if imp.skipped else ""
+        console().print(
+            f"imported {plural(imp.applied, 'op')} in {plural(imp.batches, 'batch')}{skipped}{lsn}",
+            markup=False,
+        )
+    if imp.had_memories and created:
+        ids = ", ".join(imp.created) + (", ..." if created > len(imp.created) else "")
+        err_console().print(
+            f"note: {plural(created, 'memory')} did not exist before this import ({ids}); "
+            "if one was deleted on purpose since an earlier import, delete it again",
+            markup=False,
+        )
 
 
 # -- export ------------------------------------------------------------------------------
@@ -346,8 +474,9 @@ def export(
         emit_json(out)
         return
     text = (
-        f"exported {out['memories']} memories and {out['edges']} edges as of LSN {out['lsn']} "
-        f"to {output} ({out['bytes']} bytes, sha256 {out['sha256']})"
+        f"exported {plural(out['memories'], 'memory')} and {plural(out['edges'], 'edge')} "
+        f"as of LSN {out['lsn']} to {output} ({plural(out['bytes'], 'byte')}, "
+        f"sha256 {out['sha256']})"
     )
     if to_stdout:  # stdout carries the data; the report goes beside it
         err_console().print(json.dumps(out) if as_json else text, markup=False)

@@ -20,6 +20,7 @@ from engram.cli.common import (
     console,
     emit_json,
     parse_json_object,
+    plural,
 )
 
 Id = Annotated[str, typer.Option("--id", help="Memory id.", show_default=False)]
@@ -124,7 +125,7 @@ def delete(
     """Delete a memory and, in the same transaction, every edge to or from it."""
     out = _one(data_dir, token_file, cacert, {"op": "delete_memory", "id": id})
     n = out["edges_deleted"]
-    text = f"deleted memory {out['id']} and {n} edge{'s' if n != 1 else ''} (lsn {out['lsn']})"
+    text = f"deleted memory {out['id']} and {plural(n, 'edge')} (lsn {out['lsn']})"
     _report(out, as_json, text)
 
 

@@ -24,7 +24,7 @@ from engram.datadir import read_owner
 from engram.errors import Conflict, EngramError, NotFound, Unavailable, ValidationError
 from engram.graph import Engine, WriteResult
 from engram.model import ExportStream
-from engram.server import admin
+from engram.server import admin, openapi
 from engram.server.asgi import (
     CT_NDJSON,
     BodyTooLarge,
@@ -148,6 +148,23 @@ class EngramApp:
             "status": {"GET": self._admin_status},
         }
 
+    def routes(self) -> set[tuple[str, str]]:
+        """(path, METHOD) of every route this app dispatches: the fixed ones of ``_dispatch``
+        and ``_route``, and every entry of the route tables (``openapi.py`` describes exactly
+        these)."""
+        out = {
+            ("/health/live", "GET"),
+            ("/health/ready", "GET"),
+            ("/openapi.json", "GET"),
+            ("/v1/memories", "POST"),
+            ("/v1/memories/{id}/activate", "POST"),
+            ("/v1/memories/{id}/neighbors", "GET"),
+        }
+        out |= {("/v1/memories/{id}", m) for m in self._one_memory}
+        out |= {(f"/v1/{name}", m) for name, table in self._static.items() for m in table}
+        out |= {(f"/v1/admin/{name}", m) for name, table in self._admin.items() for m in table}
+        return out
+
     # -- ASGI entry ----------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -182,6 +199,9 @@ class EngramApp:
 
     async def _dispatch(self, req: Request) -> Result | Stream | admin.BackupStream:
         seg = req.segments
+        if seg == ["openapi.json"]:  # like /health, without auth: it describes, never reveals
+            _only(req, "GET")
+            return 200, openapi.spec()
         if len(seg) == 2 and seg[0] == "health":
             if seg[1] == "live":
                 _only(req, "GET")
