@@ -91,6 +91,7 @@ def test_export_is_one_state_under_concurrent_writes(
     lsn, digest, body = exports[-1]
     f = tmp_path / "export.jsonl"
     f.write_bytes(body)
+    okj("init", "--data-dir", str(tmp_path / "fresh"))
     okj("import", "--data-dir", str(tmp_path / "fresh"), "--file", str(f))
     assert okj("stats", "--data-dir", str(tmp_path / "fresh"))["digest"] == digest
 
@@ -114,6 +115,7 @@ def test_cli_export_through_the_server_keeps_any_string(
     assert (out["lsn"], out["digest"]) == (stats["lsn"], stats["digest"])
     first = json.loads(f.read_bytes().split(b"\n")[0])
     assert first["content"] == odd and first["metadata"] == {odd: [odd]}
+    okj("init", "--data-dir", str(tmp_path / "copy"))
     okj("import", "--data-dir", str(tmp_path / "copy"), "--file", str(f))
     assert okj("stats", "--data-dir", str(tmp_path / "copy"))["digest"] == stats["digest"]
 

@@ -205,9 +205,9 @@ def test_restore_into_a_non_empty_dir_needs_force_and_keeps_the_old(tmp_path: Pa
     target = tmp_path / "t"
     target.mkdir()
     (target / "precious.txt").write_text("keep me")
-    from engram.errors import UsageError
+    from engram.errors import Refused
 
-    with pytest.raises(UsageError, match="--force"):
+    with pytest.raises(Refused, match="--force"):
         restore(tmp_path / "b.tar.zst", target)
     assert sorted(p.name for p in target.iterdir()) == ["precious.txt"]
     res = restore(tmp_path / "b.tar.zst", target, force=True)

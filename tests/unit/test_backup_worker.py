@@ -139,7 +139,8 @@ def test_low_priority_archive_equals_the_in_process_one(
     assert (low.snapshot_lsn, low.digest) == (normal.snapshot_lsn, normal.digest)
     for r in (low, normal):
         p = Path(r.path)
-        assert Path(r.sidecar).read_text() == hashlib.sha256(p.read_bytes()).hexdigest() + "\n"
+        sha = hashlib.sha256(p.read_bytes()).hexdigest()
+        assert Path(r.sidecar).read_text() == f"{sha}  {p.name}\n"  # sha256sum's format
         assert r.size == p.stat().st_size
         info = json.loads(p.with_name(p.name + ".info.json").read_text())
         assert info["priority"] == r.priority and info["sha256"] == r.sha256

@@ -119,6 +119,7 @@ def test_a_mark_replayed_by_recovery_is_still_taken(tmp_path: Path) -> None:
 
 def test_the_cli_refuses_a_used_name_with_exit_1(tmp_path: Path) -> None:
     dd = f"--data-dir={tmp_path / 'd'}"
+    ok("init", dd)
     out = json.loads(ok("mark", "before-migration", dd, "--json").stdout)
     line = fails(1, "mark", "before-migration", dd)
     assert "already exists" in line and f"LSN {out['lsn']}" in line
@@ -133,6 +134,7 @@ def _runbook(root: Path) -> dict[str, Any]:
     d, repo = root / "d", root / "repo"
     repo.mkdir()
     dd = f"--data-dir={d}"
+    ok("init", dd)
     for i in range(5):
         ok("put", f"--id=m{i}", f"--content=memory {i}", dd)
     at = json.loads(ok("mark", "before-migration", dd, "--json").stdout)["lsn"]
