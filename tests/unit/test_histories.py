@@ -222,6 +222,17 @@ def test_apply_log_follows_a_history_from_a_restored_base(tmp_path: Path) -> Non
         assert eng.lineage[-1].parent == r["new"] and eng.lineage[-1].branch_lsn == 7
 
 
+def test_apply_log_of_the_whole_directory_follows_the_newest_history(tmp_path: Path) -> None:
+    """docs/RUNBOOK.md scenario 1 gives apply-log the backup directory: the abandoned history's
+    incremental is used up to the branch only, the newest history's after it."""
+    r = _repo_with_a_recovery(tmp_path)
+    d = tmp_path / "restored"
+    restore(r["repo"] / "full.tar.zst", d)
+    apply_log(d, [r["repo"]], Target())
+    assert ids(d) == {"a", *(f"new{i}" for i in range(1, 6))}
+    assert read_identity(d).history == r["new"]
+
+
 def test_a_crash_between_the_identity_and_the_segment_is_repaired(tmp_path: Path) -> None:
     """A new history is recorded in identity.json before its first segment exists: opening
     such a data dir starts the segment, so no record of the new history lands in the old one's
