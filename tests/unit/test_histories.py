@@ -233,6 +233,23 @@ def test_apply_log_of_the_whole_directory_follows_the_newest_history(tmp_path: P
     assert read_identity(d).history == r["new"]
 
 
+def test_restore_pitr_latest_recovers_the_end_of_a_history(tmp_path: Path) -> None:
+    """`restore-pitr --repo R --latest`: the last record of the newest history, or of the one
+    --history names; a target beside it, or no --repo, is a usage error."""
+    r = _repo_with_a_recovery(tmp_path)
+    env: dict[str, str] = {}
+    repo = str(r["repo"])
+    ok("restore-pitr", f"--repo={repo}", "--latest", f"--output={tmp_path / 'newest'}", env=env)
+    assert ids(tmp_path / "newest") == {"a", *(f"new{i}" for i in range(1, 6))}
+    ok("restore-pitr", f"--repo={repo}", "--latest", f"--history={r['old']}",
+       f"--output={tmp_path / 'old'}", env=env)
+    assert ids(tmp_path / "old") == {"a", "old1", "old2", "old3"}
+    both = runner.invoke(app, ["restore-pitr", f"--repo={repo}", "--latest", "--target-lsn=3",
+                               f"--output={tmp_path / 'x'}"])
+    alone = runner.invoke(app, ["restore-pitr", "--latest", f"--output={tmp_path / 'x'}"])
+    assert (both.exit_code, alone.exit_code) == (2, 2) and not (tmp_path / "x").exists()
+
+
 def test_a_crash_between_the_identity_and_the_segment_is_repaired(tmp_path: Path) -> None:
     """A new history is recorded in identity.json before its first segment exists: opening
     such a data dir starts the segment, so no record of the new history lands in the old one's

@@ -360,6 +360,14 @@ def restore_pitr(
             help="With --repo: follow this history (see `engram history`); default the newest.",
         ),
     ] = None,
+    latest: Annotated[
+        bool,
+        typer.Option(
+            "--latest",
+            help="With --repo: recover to the last record of the history (the newest one, or "
+            "--history), instead of a target.",
+        ),
+    ] = False,
     data_dir: DataDir = _DD,
     as_json: Json = False,
 ) -> None:
@@ -369,7 +377,11 @@ def restore_pitr(
     from engram.backup.pitr import restore_pitr as do_pitr
     from engram.model import ns_to_iso
 
-    target = Target.from_options(target_time, target_lsn, target_name, required=True)
+    if latest and repo is None:
+        raise UsageError("--latest recovers from a repository: give --repo DIR")
+    target = Target.from_options(target_time, target_lsn, target_name, required=not latest)
+    if latest and target.given:
+        raise UsageError("give --latest or a target (--target-time, -lsn, -name), not both")
     con = console()
     if target.time_ns is not None and not as_json:
         con.print(f"target time {target_time!r} is {ns_to_iso(target.time_ns)} UTC", markup=False)
