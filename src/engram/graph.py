@@ -32,7 +32,7 @@ from engram.datadir import (
     read_identity,
     write_identity,
 )
-from engram.errors import CorruptLog, LogGap, NotFound, Unavailable, ValidationError
+from engram.errors import CorruptLog, LogGap, NotFound, Refused, Unavailable, ValidationError
 from engram.format import history as hist
 from engram.format import record as fmt
 from engram.model import MEMORY_OPS, Edge, Memory, OpType, check_id
@@ -282,6 +282,14 @@ class Engine:
         if not timeout_s > 0:
             raise ValidationError("the quiesce timeout must be positive", field="timeout")
         with self.lock:
+            if self.pause.until is not None:
+                # Two pauses would share one resume: the first job's `engram resume` would end
+                # the second's pause under it. The second is told instead.
+                until = self.pause.state()["until"]
+                raise Refused(
+                    f"writes are already paused by an earlier `engram quiesce` (until {until}); "
+                    "run `engram resume` first, or wait for that pause to end"
+                )
             self._check_writable()
             self.pause.pause(timeout_s)
             last = self.last_lsn

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engram.cut import Quiesce
-from engram.errors import Unavailable
+from engram.errors import Refused, Unavailable
 from engram.graph import Engine, EngineConfig
 
 
@@ -82,5 +82,7 @@ def test_quiesced_engine_refuses_writes_until_resumed(tmp_path: Path) -> None:
         with pytest.raises(Unavailable) as info:
             e.apply([{"op": "create_memory", "id": "b", "content": "x"}])
         assert info.value.retry_after == 5.0
+        with pytest.raises(Refused, match="already paused"):  # one pause at a time
+            e.quiesce(30)
         e.resume()
         e.apply([{"op": "create_memory", "id": "b", "content": "x"}])
