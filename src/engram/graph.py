@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engram import digest as dg
+from engram.config import EngineConfig
 from engram.cut import Cut, Cutter, Quiesce
 from engram.datadir import (
     DirLock,
@@ -48,18 +49,6 @@ log = logging.getLogger("engram")
 # Page size of the engine's own scans (``iter_memories``, ``iter_edges``): the lock is held
 # for one page at a time.
 SCAN_PAGE = 1000
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    durability: str = "sync"
-    segment_bytes: int = 64 << 20
-    fast_tier_bytes: int = 256 << 20
-    half_life_s: float = 7 * 86400.0
-    checkpoint_interval: float = 1.0
-    checkpoint_ops: int = 50_000
-    cache_mib: int = 64
-    batch_interval: float = 0.01
 
 
 @dataclass

@@ -10,13 +10,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from engram.backend import Backend, open_backend
 from engram.errors import UsageError, ValidationError
+
+if TYPE_CHECKING:  # the engine and the HTTP client load when a command opens a backend
+    from engram.backend import Backend
 
 DataDir = Annotated[
     Path,
@@ -87,6 +89,8 @@ def backend(
     command refuses a directory that is not one. The admin token (``admin_token_file`` or
     ENGRAM_ADMIN_TOKEN) goes with admin requests only; ``cacert`` (or ENGRAM_CACERT, for
     commands without the option) verifies an HTTPS server."""
+    from engram.backend import open_backend
+
     if cacert is None and os.environ.get("ENGRAM_CACERT"):
         cacert = Path(os.environ["ENGRAM_CACERT"])
     with open_backend(

@@ -11,7 +11,7 @@ import typer
 
 from engram.cli.common import DEFAULT_DATA_DIR as _DD
 from engram.cli.common import DataDir, configure_logging, resolve_token
-from engram.graph import EngineConfig
+from engram.config import EngineConfig
 
 log = logging.getLogger("engram")
 _DEFAULTS = EngineConfig()

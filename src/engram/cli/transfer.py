@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Annotated, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Annotated, Any, BinaryIO
 
 import typer
 from rich.progress import (
@@ -29,7 +29,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from engram.backend import Backend
 from engram.cli.common import DEFAULT_DATA_DIR as _DD
 from engram.cli.common import (
     CaCert,
@@ -45,6 +44,9 @@ from engram.cli.common import (
 from engram.errors import Conflict, EngramError, Refused, RemoteError, ValidationError
 from engram.fsutil import fsync_dir, rename_noreplace
 from engram.model import ExportStream
+
+if TYPE_CHECKING:
+    from engram.backend import Backend
 
 # A batch is also capped in bytes so that it stays well under the server's body limit.
 MAX_BATCH_BYTES = 4 << 20
