@@ -14,6 +14,7 @@ from typing import Any
 
 from engram import __version__
 from engram.format.stream import CONTENT_TYPE as BACKUP_STREAM_TYPE
+from engram.planner import OP_NAMES
 
 _JSON = "application/json"
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
@@ -119,17 +120,7 @@ _OP = {
     "type": "object",
     "required": ["op"],
     "properties": {
-        "op": {
-            "enum": [
-                "create_memory",
-                "update_memory",
-                "activate",
-                "delete_memory",
-                "create_edge",
-                "delete_edge",
-                "mark",
-            ]
-        }
+        "op": {"enum": list(OP_NAMES)}
     },
     "description": "One op: `op` and the fields of its route's body (an export's lines are "
     "create_memory and create_edge ops).",
