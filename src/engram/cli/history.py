@@ -45,11 +45,12 @@ def history(
                 markup=False,
             )
         for b in h["backups"]:
-            lsn = (
-                f"LSN {b['to_lsn']}"
-                if b["kind"] == "full"
-                else f"LSN {b['from_lsn']}..{b['to_lsn']}"
-            )
+            if b["kind"] == "full":
+                lsn = f"LSN {b['to_lsn']}"
+            elif b["from_lsn"] > b["to_lsn"]:  # an incremental that holds no record
+                lsn = "no records"
+            else:
+                lsn = f"LSN {b['from_lsn']}..{b['to_lsn']}"
             con.print(f"{pad}  {b['kind']:<11} {b['name']}  {lsn}  {b['validation']}", markup=False)
     for p in report["problems"]:
         con.print(f"warning: {p}", markup=False)

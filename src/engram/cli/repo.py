@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from engram.cli.backups import _size
-from engram.cli.common import Json, console, emit_json
+from engram.cli.common import Json, console, emit_json, plural
 
 Repo = Annotated[Path, typer.Option("--repo", help="The backup directory (repository).")]
 
@@ -63,7 +63,13 @@ def backups(repo: Repo, as_json: Json = False) -> None:
     con = console()
     rows = [_COLUMNS]
     for b in listing.backups:
-        lsn = "-" if b.to_lsn is None else f"{b.from_lsn or 1}..{b.to_lsn}"
+        first = b.from_lsn or 1
+        if b.to_lsn is None:
+            lsn = "-"
+        elif first > b.to_lsn:  # an incremental that holds no record
+            lsn = "none"
+        else:
+            lsn = f"{first}..{b.to_lsn}"
         when = _time(b.to_time_ns)
         if b.kind == "incremental" and b.from_time_ns:
             when = f"{_time(b.from_time_ns)} .. {when}"
@@ -90,9 +96,10 @@ def backups(repo: Repo, as_json: Json = False) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
     fulls = sum(1 for b in listing.backups if b.kind == "full")
     flagged = [b for b in listing.backups if b.problem is not None or not b.usable]
+    incrementals = len(listing.backups) - fulls
     con.print(
-        f"{len(listing.backups)} backup(s) in {listing.repository}: {fulls} full, "
-        f"{len(listing.backups) - fulls} other; {len(flagged)} not usable",
+        f"{plural(len(listing.backups), 'backup')} in {listing.repository}: {fulls} full, "
+        f"{plural(incrementals, 'incremental')}; {len(flagged)} not usable",
         markup=False,
     )
     for b in flagged:
