@@ -177,9 +177,58 @@ def _claim(path: Path, fd: int) -> Owned:
     return Owned(path, fd)
 
 
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _load_linkat() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_linkat = _load_linkat()
+
+
+def _link_fd(fd: int, path: Path) -> None:
+    """Give the nameless (O_TMPFILE) file open at ``fd`` the name ``path``; FileExistsError
+    if the name is taken. (os.link would link /proc's symlink itself, not the file.)"""
+    if _linkat is None:
+        raise OSError(errno.ENOSYS, "linkat is not available")
+    src = f"/proc/self/fd/{fd}".encode()
+    if _linkat(_AT_FDCWD, src, _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
 def create_owned_file(path: Path, mode: int = 0o600) -> tuple[int, Owned]:
-    """Create ``path`` (O_EXCL) for writing and hold its owner lock: (write fd, lock).
-    Close the write fd as usual; ``release`` the lock once the file is published or removed."""
+    """Create ``path`` (never replacing anything) for writing and hold its owner lock:
+    (write fd, lock). Close the write fd as usual; ``release`` the lock once the file is
+    published or removed.
+
+    Where the file system offers O_TMPFILE the file is made nameless, locked, and only then
+    linked at ``path``: a cleaner never sees it unlocked, so no live writer's file is ever
+    taken for a dead one's. Elsewhere it is created by name and locked right after."""
+    try:
+        wfd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, mode)
+    except (AttributeError, OSError):
+        wfd = -1
+    if wfd >= 0:
+        try:
+            fcntl.flock(wfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_fd = os.dup(wfd)  # the lock lives on while the write fd is closed
+            try:
+                _link_fd(wfd, path)  # FileExistsError: never replaces
+            except BaseException:
+                os.close(lock_fd)
+                raise
+        except BaseException:
+            os.close(wfd)
+            raise
+        return wfd, Owned(path, lock_fd)
     wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         lock = _claim(path, os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
