@@ -225,10 +225,17 @@ def create_owned_file(path: Path, mode: int = 0o600) -> tuple[int, Owned]:
             except BaseException:
                 os.close(lock_fd)
                 raise
+        except FileExistsError:
+            os.close(wfd)
+            raise
+        except OSError:  # no /proc or no linkat: create it by name below
+            os.close(wfd)
+            wfd = -1
         except BaseException:
             os.close(wfd)
             raise
-        return wfd, Owned(path, lock_fd)
+        else:
+            return wfd, Owned(path, lock_fd)
     wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         lock = _claim(path, os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
