@@ -31,12 +31,13 @@ from common import Report, median
 from engram.backup.catalog import PASSED, update_info
 from engram.backup.full import full_backup
 from engram.backup.incremental import incremental_backup
-from engram.backup.pitr import Target, choose_from_repo
+from engram.backup.pitr import Target, choose_from_repo, choose_path
 from engram.backup.repository import choose_fulls, list_backups
 from engram.graph import Engine, EngineConfig
 from engram.model import ns_to_iso
 
 SUFFIXES = ("", ".sha256", ".info.json")
+MARK = "halfway"  # a restore point in an incremental halfway through the repository
 
 
 def parse_args(argv: list[str] | None) -> Any:
@@ -52,23 +53,26 @@ def parse_args(argv: list[str] | None) -> Any:
     return args
 
 
-def build(rep: Report, root: Path, n: int, every: int) -> tuple[Path, int]:
-    """A repository of ``n`` backups of one data dir; returns it and its newest LSN. Each backup
-    is written into a scratch directory of its own (so that none reads a growing catalog to
-    find where its range starts) and its three files are then moved into the repository."""
+def build(rep: Report, root: Path, n: int, every: int) -> tuple[Path, int, int]:
+    """A repository of ``n`` backups of one data dir, with one restore point halfway; returns
+    it, its newest LSN and the restore point's LSN. Each backup is written into a scratch
+    directory of its own (so that none reads a growing catalog to find where its range starts)
+    and its three files are then moved into the repository."""
     repo, scratch = root / "repo", root / "scratch"
     repo.mkdir()
     scratch.mkdir()
     cfg = EngineConfig(**common.NO_CHECKPOINTS)
     t0 = time.perf_counter()
     with Engine.open(root / "data", cfg, create=True) as eng:
-        end = 0
+        end = mark_lsn = 0
         for i in range(n):
             ops = [
                 {"op": "create_memory", "id": f"m{i}-{j}", "content": f"backup {i} write {j}"}
                 for j in range(3)
             ]
             eng.submit(ops)
+            if i == n // 2:
+                mark_lsn = eng.submit([{"op": "mark", "name": MARK}]).lsn
             if i % every == 0:
                 name = f"full-{i:05d}.tar.zst"
                 full_backup(eng, scratch / name)
@@ -99,7 +103,7 @@ def build(rep: Report, root: Path, n: int, every: int) -> tuple[Path, int]:
         f"built {n} backups ({len(fulls)} full) in {built:.1f} s; verdicts recorded in "
         f"{time.perf_counter() - t0:.1f} s",
     )
-    return repo, end
+    return repo, end, mark_lsn
 
 
 def engram_cmd(*args: str) -> list[str]:
@@ -119,7 +123,7 @@ def run_timed(cmd: list[str]) -> tuple[float, str]:
     return took, r.stdout
 
 
-def bench(rep: Report, args: Any, repo: Path, end: int) -> None:
+def bench(rep: Report, args: Any, repo: Path, end: int, mark_lsn: int) -> None:
     n = args.backups
     rep.section(f"listing {n} backups")
     cli, out = [], ""
@@ -183,6 +187,27 @@ def bench(rep: Report, args: Any, repo: Path, end: int) -> None:
         round(median(pitr), 3),
         " s",
     )
+    by_name, by_lsn = [], []
+    for _ in range(args.reps):  # the same target by name and by its LSN, alternating
+        t0 = time.perf_counter()
+        named = choose_path(repo, Target(name=MARK))
+        by_name.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        numbered = choose_path(repo, Target(lsn=mark_lsn))
+        by_lsn.append(time.perf_counter() - t0)
+    rep.check(
+        (named.base, named.logs) == (numbered.base, numbered.logs),
+        "the mark and its LSN choose the same base and incrementals",
+    )
+    ratio = median(by_name) / median(by_lsn)
+    rep.figure(
+        "pitr_choice_by_name_s",
+        round(median(by_name), 3),
+        f"restore-pitr --repo --target-name base selection: {median(by_name):.3f} s, the same "
+        f"target by LSN {median(by_lsn):.3f} s ({ratio:.2f}x)",
+    )
+    rep.goal("--target-name's base selection vs the same target by LSN", "<=", 1.5,
+             round(ratio, 2), "x")
     rep.goal(
         f"restore --repo --latest's choice over {n:,} backups",
         "<",
@@ -198,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_repo on {common.machine()}{' (quick)' if args.quick else ''}")
     with common.workdir(args, "engram-bench-repo-") as work:
         rep.section(f"building a repository of {args.backups} backups")
-        repo, end = build(rep, work, args.backups, args.every)
-        bench(rep, args, repo, end)
+        repo, end, mark_lsn = build(rep, work, args.backups, args.every)
+        bench(rep, args, repo, end, mark_lsn)
     rc = rep.summary()
     rep.write_json(args.json_out)
     return rc

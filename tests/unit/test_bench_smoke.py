@@ -44,6 +44,7 @@ GOALS = {
         "engram backups --repo over",
         "base selection for restore-pitr --repo over",
         "restore --repo --latest's choice over",
+        "--target-name's base selection vs the same target by LSN",
     ],
 }
 

@@ -13,6 +13,7 @@ the LSN of its marker record; PITR stops right after the transaction holding it.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from engram.backup.catalog import read_info
+from engram.backup.catalog import read_info, replace_info
 from engram.backup.full import full_backup
 from engram.backup.pitr import Target, apply_log, choose_from_repo, restore_pitr
 from engram.cli.main import app
@@ -198,6 +199,51 @@ def test_a_name_means_the_same_lsn_through_repo_and_base(runbook: dict[str, Any]
     assert a["reached_lsn"] == b["reached_lsn"] == after
     assert a["digest"] == b["digest"]
     assert "m0" in _ids(tmp_path / "a") and "after2" in _ids(tmp_path / "a")
+
+
+def test_an_incremental_entry_records_the_marks_in_its_range(runbook: dict[str, Any]) -> None:
+    repo, after = runbook["repo"], runbook["after"]
+    inc1, inc2 = read_info(repo / "inc-1.log"), read_info(repo / "inc-2.log")
+    assert inc1 is not None and inc2 is not None
+    assert set(inc1["marks"]) == {"after-migration"}  # not the one before its range
+    assert inc1["marks"]["after-migration"]["lsn"] == after
+    assert inc2["marks"] == {}
+
+
+def _copy_repo(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_name_resolves_from_the_catalog_without_reading_the_incrementals(
+    runbook: dict[str, Any], tmp_path: Path
+) -> None:
+    """inc-2's records are damaged (same size, so its entry is still trusted): a name resolved
+    from the catalog never reads them, and the target's path does not include inc-2."""
+    repo = _copy_repo(runbook["repo"], tmp_path / "repo")
+    inc2 = repo / "inc-2.log"
+    raw = bytearray(inc2.read_bytes())
+    raw[-5] ^= 0xFF
+    inc2.write_bytes(bytes(raw))
+    base, logs, _ = choose_from_repo(repo, Target(name="after-migration"))
+    assert (base.name, [p.name for p in logs]) == ("full.tar.zst", ["inc-1.log"])
+
+
+def test_an_entry_without_marks_is_scanned(runbook: dict[str, Any], tmp_path: Path) -> None:
+    """An incremental's entry from before entries kept marks (or rebuilt from its file) has no
+    ``marks``: its records are scanned for the name instead."""
+    repo = _copy_repo(runbook["repo"], tmp_path / "repo")
+    for name in ("inc-1.log", "inc-2.log"):
+        info = read_info(repo / name)
+        assert info is not None
+        del info["marks"]
+        replace_info(repo / name, info)
+    base, logs, _ = choose_from_repo(repo, Target(name="after-migration"))
+    assert (base.name, [p.name for p in logs]) == ("full.tar.zst", ["inc-1.log"])
+    res = _pitr(f"--repo={repo}", "--target-name=after-migration", f"--output={tmp_path / 'o'}")
+    assert res["reached_lsn"] == runbook["after"]
+    with pytest.raises(UsageError, match="no restore point named 'nowhere'"):
+        choose_from_repo(repo, Target(name="nowhere"))
 
 
 def test_a_mark_inside_the_base_is_refused(tmp_path: Path) -> None:

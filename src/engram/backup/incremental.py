@@ -224,5 +224,9 @@ def take_incremental(
             "parent": header["parent"],
             "history": header["history"],
             "lineage": header["lineage"],
+            # The restore points in the range, so a name resolves from the catalog alone.
+            "marks": {
+                name: at for name, at in engine.marks(end).items() if at["lsn"] >= start
+            },
         },
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 from engram import digest as dg
 from engram.backup.archive import sha256_file
-from engram.backup.catalog import FAILED, PENDING, Entry, read_catalog, read_info
+from engram.backup.catalog import FAILED, PENDING, Entry, read_catalog
 from engram.backup.history import read_tree
 from engram.backup.restore import (
     check_target,
@@ -802,33 +802,40 @@ def _repo_mark(
     repo: str, entries: list[Entry], name: str, lineage: hist.Lineage | None = None
 ) -> int:
     """The LSN of restore point ``name`` on a history path in a backup directory (``entries``:
-    the backups on it): from the full backups' catalog entries (``marks``: those up to each
-    one's snapshot), else from scanning the incrementals' records on the path. A name marked
-    twice (allowed once) means its first marker."""
+    the backups on it), from the catalog entries' ``marks`` (a full backup's: those up to its
+    snapshot; an incremental's: those in its range). Only an entry without ``marks`` (written
+    before incrementals kept them, or rebuilt from its file by validate-backup) has its records
+    scanned. A mark past the point where the path leaves an ancestor's history is not on the
+    path. A name marked twice (allowed once) means its first marker."""
+    caps = hist.caps(lineage) if lineage else {}
     found: list[int] = []
+
+    def keep(lsn: int, history: str) -> None:
+        cap = caps.get(history)
+        if cap is None or lsn <= cap:
+            found.append(lsn)
+
     for e in entries:
-        if e.kind != "full":
+        marks = (e.info or {}).get("marks")
+        if isinstance(marks, dict):
+            at = marks.get(name)
+            lsn = at.get("lsn") if isinstance(at, dict) else None
+            if isinstance(lsn, int) and not isinstance(lsn, bool):
+                keep(lsn, e.history)
             continue
-        marks = (read_info(e.ref or e.path) or {}).get("marks")
-        at = marks.get(name) if isinstance(marks, dict) else None
-        if isinstance(at, dict) and isinstance(at.get("lsn"), int):
-            found.append(at["lsn"])
-    if not found:
-        for e in entries:
-            if e.kind != "incremental":
-                continue
-            cov = scan_logs(
-                collect_logs([e.path], e.database_id),
-                e.database_id,
-                e.from_lsn - 1,
-                lineage=lineage,
-            )
-            if name in cov.markers:
-                found.append(cov.markers[name])
+        if e.kind != "incremental":
+            continue  # a full backup's restore points are known only through its entry
+        cov = scan_logs(
+            collect_logs([e.path], e.database_id),
+            e.database_id,
+            e.from_lsn - 1,
+            lineage=lineage,
+        )
+        if name in cov.markers:
+            keep(cov.markers[name], e.history)
     if not found:
         raise UsageError(
-            f"no restore point named {name!r} in the full backups' catalog entries or the "
-            f"incrementals of {repo}"
+            f"no restore point named {name!r} in the catalog entries or the incrementals of {repo}"
         )
     return min(found)
 
