@@ -23,13 +23,12 @@ from engram.backup.catalog import (
     check_entry,
     file_facts,
     info_path,
-    newest_end,
     read_catalog,
     read_info,
     write_info,
 )
 from engram.backup.full import full_backup
-from engram.backup.incremental import incremental_backup
+from engram.backup.incremental import chain_of, incremental_backup
 from engram.backup.pitr import Target, choose_from_repo
 from engram.backup.validate import validate_backup
 from engram.cli.backups import _check_recorded
@@ -100,8 +99,8 @@ def test_a_flipped_bit_in_an_incremental_entry_is_reported_and_repaired(
     assert key in cat.problems[0].reason or "checksum" in cat.problems[0].reason
     assert inc2 not in [e.path for e in cat.entries]
     # The next incremental's start comes from the file's own header.
-    newest = newest_end(d, repo["engine"].database_id)
-    assert newest is not None and newest.path == inc2 and newest.to_lsn == true_end
+    after = chain_of(d, repo["engine"].database_id)
+    assert after is not None and after.name == inc2.name and after.to_lsn == true_end
 
     # restore-pitr --repo leaves it out, says why, and still chooses the rest correctly.
     base, incs, says = choose_from_repo(d, Target(lsn=read_header(inc1)["to_lsn"]))

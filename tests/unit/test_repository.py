@@ -189,6 +189,22 @@ def test_listing_flags_damaged_pending_failed_and_orphans(repo: dict[str, Any]) 
     assert b["full-1.tar.zst"].flags == ["no sidecar"] and b["full-1.tar.zst"].usable
 
 
+def test_a_foreign_log_beside_the_backups_is_not_listed(repo: dict[str, Any]) -> None:
+    """A server's own log kept in the repository is no backup; an engram log whose header was
+    destroyed still is one (it has a sidecar), and is flagged, not hidden."""
+    r: Path = repo["repo"]
+    (r / "server.log").write_text("2026-11-29 08:00:00 INFO started\n")
+    (r / "empty.log").write_bytes(b"")
+    (r / "inc-1.log.info.json").unlink()
+    raw = bytearray((r / "inc-1.log").read_bytes())
+    raw[:8] = b"XXXXXXXX"
+    (r / "inc-1.log").write_bytes(bytes(raw))
+    b = _by_name(r)
+    assert "server.log" not in b and "empty.log" not in b
+    assert b["inc-1.log"].flags[0] == NO_ENTRY and not b["inc-1.log"].usable
+    assert "header cannot be read" in (b["inc-1.log"].problem or "")
+
+
 # -- choosing and restoring -----------------------------------------------------------------------
 
 

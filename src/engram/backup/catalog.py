@@ -422,14 +422,3 @@ def backups_of(where: Path | BackupStore, database_id: str) -> list[Entry]:
     for p in cat.problems:
         log.warning(p.message)
     return [e for e in cat.entries + cat.from_files if e.database_id == database_id]
-
-
-def newest_end(where: Path | BackupStore, database_id: str) -> Entry | None:
-    """The backup of ``database_id`` in ``where`` that ends at the highest LSN, by what the
-    files' own headers say: a backup whose entry is damaged still counts (with a warning), so the
-    next incremental starts right after the true end."""
-    cat = read_catalog(where)
-    for p in cat.problems:
-        log.warning(p.message)
-    entries = [e for e in cat.entries + cat.from_files if e.database_id == database_id]
-    return max(entries, key=lambda e: (e.to_lsn, e.name)) if entries else None

@@ -35,6 +35,7 @@ from engram.backup.catalog import (
     read_catalog,
 )
 from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, UsageError
+from engram.format import record as fmt
 from engram.format.manifest import compression_for
 from engram.model import ns_to_iso
 from engram.storage import BackupStore, LocalBackupStore, Ref, as_store, info_name, sidecar_name
@@ -250,6 +251,8 @@ def list_backups(where: Path | str | BackupStore) -> Listing:
         if n in listed:
             continue
         if is_backup_name(n) and info_name(n) not in present:
+            if _foreign_log(store, n, present):
+                continue
             out.append(_no_entry(store, n, present))
         elif n.endswith(INFO_SUFFIX) and n[: -len(INFO_SUFFIX)] not in present:
             gone = n[: -len(INFO_SUFFIX)]
@@ -258,6 +261,19 @@ def list_backups(where: Path | str | BackupStore) -> Listing:
                 out.append(_bare(gone, _kind_by_name(gone), why, FILE_MISSING, present))
     out.sort(key=lambda b: (b.to_time_ns or 0, b.to_lsn or 0, b.kind != "full", b.name))
     return Listing(store.describe(), out)
+
+
+def _foreign_log(store: BackupStore, name: str, present: set[str]) -> bool:
+    """A ``.log`` with neither catalog entry nor sidecar that is no engram log (a server's or
+    an application's log kept beside the backups): not a backup, so not listed. One with a
+    sidecar is a backup whatever its first bytes say (damage is reported, not hidden)."""
+    if not name.endswith(".log") or sidecar_name(name) in present:
+        return False
+    try:
+        with store.open(name) as f:
+            return bool(f.read(len(fmt.MAGIC)) != fmt.MAGIC)
+    except OSError:
+        return False
 
 
 def _no_entry(store: BackupStore, name: str, present: set[str]) -> Backup:
