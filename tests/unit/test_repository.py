@@ -249,6 +249,27 @@ def test_no_intact_full_backup_is_an_error_naming_each(repo: dict[str, Any]) -> 
     assert not (tmp / "out").exists()
 
 
+def test_a_directory_without_backups_is_a_usage_error_and_untrusted_ones_a_failure(
+    repo: dict[str, Any],
+) -> None:
+    """restore --latest and restore-pitr --repo agree: no backups at all is the wrong directory
+    (exit 2); backups none of which can be used is a failure (exit 1), naming each."""
+    empty, tmp = repo["tmp"] / "empty", repo["tmp"]
+    empty.mkdir()
+    with pytest.raises(UsageError, match="no full backup in") as u1:
+        restore_from_repo(empty, tmp / "out")
+    with pytest.raises(UsageError, match="no backups with catalog entries") as u2:
+        choose_from_repo(empty, Target())
+    assert u1.value.exit_code == u2.value.exit_code == 2
+    r = repo["repo"]
+    for n in ("full-1.tar.zst", "full-2.tar.zst", "full-3.tar.zst", "inc-1.log", "inc-2.log"):
+        update_info(r / n, validation=_verdict(False))
+    with pytest.raises(RestoreError, match="no usable backup in .*inc-2.log: it failed") as f:
+        choose_from_repo(r, Target())
+    assert f.value.exit_code == 1
+    assert not (tmp / "out").exists()
+
+
 def test_a_named_backup(repo: dict[str, Any]) -> None:
     r, tmp = repo["repo"], repo["tmp"]
     got = restore_from_repo(r, tmp / "a", name="full-2.tar.zst")

@@ -703,9 +703,11 @@ def choose_path(
     repo_name = store.describe()
     entries, skipped = usable_entries(store)
     if not entries:
+        if skipped:  # backups are there, but none can be trusted: a failure, not a usage error
+            raise RestoreError(f"no usable backup in {repo_name}; skipped: {'; '.join(skipped)}")
         raise UsageError(
-            f"no usable backups with catalog entries (*.info.json) in {repo_name}"
-            + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
+            f"no backups with catalog entries (*.info.json) in {repo_name} — give the directory "
+            f"that holds the backups (`engram backups --repo {repo_name}` lists what is there)"
         )
     tree = read_tree(store, {e.database_id for e in entries})
     for h in known:  # a lineage the caller read from a backup's own header

@@ -439,7 +439,12 @@ def restore_from_repo(
             skipped.append(Skipped(b.name, f"the restore refused it: {e.message}"))
             continue
         return RepoRestore(res, listing.repository, b.name, skipped, [])
-    why = f"; skipped: {'; '.join(s.text() for s in skipped)}" if skipped else ""
+    if not skipped:
+        raise UsageError(
+            f"no full backup in {listing.repository} — give the directory that holds the backups"
+            f" (`engram backups --repo {listing.repository}` lists what is there)"
+        )
+    why = f"; skipped: {'; '.join(s.text() for s in skipped)}"
     raise RestoreError(
         f"no intact full backup in {listing.repository} to restore{why} — see `engram backups "
         f"--repo {listing.repository}`"
