@@ -40,7 +40,7 @@ from engram.model import MEMORY_OPS, Edge, Memory, OpType, check_id
 from engram.oplog.reader import iter_log_files, list_segments, read_range
 from engram.oplog.writer import LogWriter
 from engram.planner import Planned, Planner
-from engram.recovery import recover
+from engram.recovery import LOG_POSITION, log_position, recover
 from engram.replay import ReplayBatch, prepare_replay
 from engram.tiers.fast import FastTier
 from engram.tiers.warm import WarmTier
@@ -236,6 +236,11 @@ class Engine:
                 self.writer.sync()
                 if self.writer.failed is not None:
                     raise self.writer._failed_error()
+                # Where the next open starts reading the log (recovery.LOG_POSITION).
+                mark = log_position(self.last_lsn, self.writer.position())
+                if mark is not None:
+                    self.warm.begin()
+                    self.warm.set_meta(LOG_POSITION, mark)
                 self.warm.commit(self.last_lsn, self.digest.hex, self.last_ts)
             except Unavailable:
                 raise

@@ -1,13 +1,19 @@
 """Recovery on open (docs/DESIGN.md O5): warm tier at ``applied_lsn``, then replay the log
 after it.
 
-Only the segments that hold records past ``applied_lsn`` are read; every segment's header is
-checked (database id, first LSN). A torn tail of the last segment is cut with a warning; any
-other damage stops start-up with the segment and offset named.
+Every segment's header is checked (database id, first LSN, history); only the records after
+``applied_lsn`` are read, verified and replayed. The warm tier records, with ``applied_lsn``,
+where in its segment the transaction holding that LSN starts (``LOG_POSITION``); recovery
+begins reading there once the record found at that offset proves it (a whole, checksummed record
+of the LSN named, starting a transaction), and reads the segment from its start otherwise. So an
+open costs what is unapplied, not the size of the log; a scan of every record is `engram
+verify`'s. A torn tail of the last segment is cut with a warning; any other damage in what is
+read stops start-up with the segment and offset named.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,6 +34,45 @@ from engram.tiers.warm import WarmTier
 log = logging.getLogger("engram")
 
 REPLAY_BATCH = 10_000
+# The warm tier's meta key of the log position that goes with its ``applied_lsn``.
+LOG_POSITION = "log_position"
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """The record of LSN ``lsn`` starts a transaction at ``offset`` of the segment whose first
+    LSN is ``segment``; valid while the warm tier's ``applied_lsn`` is ``at`` (``lsn <= at``)."""
+
+    at: int
+    segment: int
+    offset: int
+    lsn: int
+
+    def to_meta(self) -> str:
+        return json.dumps(
+            {"at": self.at, "segment": self.segment, "offset": self.offset, "lsn": self.lsn},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_meta(cls, text: str | None) -> LogPosition | None:
+        """The position ``text`` names, or None when it is absent or not one."""
+        if not text:
+            return None
+        try:
+            d = json.loads(text)
+            pos = cls(int(d["at"]), int(d["segment"]), int(d["offset"]), int(d["lsn"]))
+        except (ValueError, TypeError, KeyError):
+            return None
+        ok = 0 < pos.segment <= pos.lsn <= pos.at and pos.offset > 0
+        return pos if ok else None
+
+
+def log_position(at: int, pos: tuple[int, int, int] | None) -> str | None:
+    """``LOG_POSITION``'s value for ``applied_lsn`` ``at`` and a writer's ``position()``."""
+    if pos is None or pos[2] > at:
+        return None
+    return LogPosition(at, *pos).to_meta()
 
 
 @dataclass
@@ -82,7 +127,7 @@ def check_segment_headers(
 
 def replay(
     warm: WarmTier,
-    files: list[Path],
+    files: list[Path | LogFile],
     database_id: str,
     digest: dg.Digest,
     after_lsn: int,
@@ -186,11 +231,16 @@ def recover(
     # the log: make them durable before replaying them.
     for p in paths:
         _fsync_file(p)
+    files: list[Path | LogFile] = list(paths)
+    stored = warm.get_meta(LOG_POSITION)
+    first_file = _open_at_position(LogPosition.from_meta(stored), applied, segs[start])
+    if first_file is not None:
+        files[0] = first_file
     opened: list[LogFile] = []
     t0 = time.monotonic()
     last_lsn, ts, n = replay(
         warm,
-        paths,
+        files,
         database_id,
         digest,
         applied,
@@ -222,10 +272,48 @@ def recover(
             tail.torn.offset,
             tail.torn.reason,
         )
-    writer.open_existing(tail.path, tail.valid_end, max(last_lsn, log_end))
+    end = max(last_lsn, log_end)
+    last_txn = None
+    if tail.last_txn_lsn is not None and tail.last_txn_offset is not None:
+        last_txn = (tail.last_txn_lsn, tail.last_txn_offset)
+    writer.open_existing(tail.path, tail.valid_end, end, last_txn)
     if tail.history != lineage[-1].id:
-        writer.start_segment(max(last_lsn, log_end) + 1, digest.hex)
+        writer.start_segment(end + 1, digest.hex)
+    # The next open starts reading where this one ended, when the warm tier is at the log's
+    # end (it is unless the log holds records of a history this data dir left).
+    mark = log_position(end, writer.position()) if end == max(last_lsn, applied) else None
+    if mark is not None and mark != stored:
+        warm.begin()
+        warm.set_meta(LOG_POSITION, mark)
+        warm.commit(end, digest.hex)
     if n:
         dt = time.monotonic() - t0
         log.info("recovery replayed %d records in %.2fs (%.0f/s)", n, dt, n / max(dt, 1e-9))
     return Recovered(digest, max(last_lsn, applied), ts or last_ts, n)
+
+
+def _open_at_position(
+    pos: LogPosition | None, applied: int, seg: tuple[int, Path]
+) -> LogFile | None:
+    """The segment ``seg`` (the one holding the record after ``applied``) read from the
+    position the warm tier recorded, when that position is for ``applied``, lies in ``seg``,
+    and the record there is the one it names; else None (the segment is read from its start).
+    A position is never trusted without that record: a segment replaced or damaged since it
+    was recorded is read whole, and checked as it always was."""
+    first, path = seg
+    if pos is None or pos.at != applied or pos.segment != first or pos.lsn < first:
+        return None
+    try:
+        lf = LogFile.open_at(path, pos.offset)
+    except (ValueError, CorruptLog):
+        return None
+    if not lf.starts_with(pos.lsn):
+        log.warning(
+            "%s: the warm tier's log position (offset %d, LSN %d) does not hold that record; "
+            "reading the segment from its start",
+            path.name,
+            pos.offset,
+            pos.lsn,
+        )
+        return None
+    return lf

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from engram.errors import CorruptLog, ForeignLog, LogGap
 from engram.format import history as hist
@@ -32,7 +32,9 @@ class TornTail:
 
 @dataclass
 class LogFile:
-    """One log file read into memory. ``records()`` verifies as it goes."""
+    """One log file read into memory (from ``base`` on, see ``open_at``). ``records()``
+    verifies as it goes. Every offset it reports (``valid_end``, ``torn``, damage) is an offset
+    in the file."""
 
     path: Path
     data: bytes
@@ -45,6 +47,11 @@ class LogFile:
     last_lsn: int | None = None
     last_ts: int = 0
     count: int = 0
+    base: int = 0  # the file offset of ``data[0]``
+    # Where the last whole transaction read starts (a file offset) and its first LSN: a
+    # position recovery can start at next time (docs/FORMAT.md "Reading and recovery").
+    last_txn_offset: int | None = None
+    last_txn_lsn: int | None = None
     _done: bool = field(default=False, repr=False)
 
     @classmethod
@@ -56,6 +63,39 @@ class LogFile:
             raise CorruptLog(f"{p}: cannot read log file: {e.strerror}", segment=str(p)) from None
         kind, header, hsize = fmt.decode_file_header(data, str(p))
         return cls(p, data, kind, header, hsize, valid_end=hsize)
+
+    @classmethod
+    def open_at(cls, path: str | os.PathLike[str], offset: int) -> LogFile:
+        """The file's header, and its records from ``offset`` (a frame boundary the caller
+        knows) on, without reading the bytes between them. ``starts_with`` checks that a
+        record the caller expects is there before it relies on the offset."""
+        p = Path(path)
+        try:
+            with open(p, "rb") as f:
+                kind, header, hsize = _read_head(f, p)
+                if offset < hsize:
+                    raise ValueError(f"offset {offset} is inside the header of {p}")
+                f.seek(offset)
+                data = f.read()
+        except OSError as e:
+            raise CorruptLog(f"{p}: cannot read log file: {e.strerror}", segment=str(p)) from None
+        return cls(p, data, kind, header, hsize, valid_end=offset, base=offset)
+
+    def starts_with(self, lsn: int) -> bool:
+        """Whether ``data`` begins with a whole, checksummed record of LSN ``lsn`` that starts
+        a transaction: the proof that an offset given to ``open_at`` is where that record is."""
+        data = self.data
+        if len(data) < fmt.FRAME_SIZE + fmt.BODY_FIXED:
+            return False
+        blen, crc = fmt.unpack_frame(data, 0)
+        end = fmt.FRAME_SIZE + blen
+        if blen < fmt.BODY_FIXED or blen > fmt.MAX_RECORD or end > len(data):
+            return False
+        body = memoryview(data)[fmt.FRAME_SIZE : end]
+        if fmt.crc32c(body) != crc:
+            return False
+        got, _, txid = fmt.unpack_head(body)
+        return got == lsn and txid == lsn
 
     @property
     def database_id(self) -> str:
@@ -106,12 +146,15 @@ class LogFile:
     def records(self, allow_torn_tail: bool = False) -> Iterator[Record]:
         """Yield verified records, whole transactions only."""
         # Reset what a previous pass (verify() then records()) left behind.
-        self.valid_end, self.torn = self.header_size, None
+        base = self.base
+        self.valid_end, self.torn = max(self.header_size, base), None
         self.first_lsn = self.last_lsn = None
+        self.last_txn_offset = self.last_txn_lsn = None
         self.last_ts = self.count = 0
         data = self.data
         n = len(data)
-        off = self.header_size
+        # ``off`` indexes ``data``; ``base + off`` is the offset in the file.
+        off = max(self.header_size - base, 0)
         pending: list[Record] = []
         pending_start = off
         mv = memoryview(data)
@@ -119,9 +162,9 @@ class LogFile:
         while off < n:
             if n - off < fmt.FRAME_SIZE:
                 if allow_torn_tail:
-                    self.torn = TornTail(off, "partial record frame")
+                    self.torn = TornTail(base + off, "partial record frame")
                     break
-                raise self._damage(off, "truncated record frame")
+                raise self._damage(base + off, "truncated record frame")
             blen, crc = fmt.unpack_frame(mv, off)
             end = off + fmt.FRAME_SIZE + blen
             if blen < fmt.BODY_FIXED or blen > fmt.MAX_RECORD or end > n:
@@ -131,25 +174,25 @@ class LogFile:
                     self._tail_is_torn(off, off)
                     or (end > n and not self._record_follows(off + 1, prev_lsn or 0))
                 ):
-                    self.torn = TornTail(off, "record extends past the end of the file")
+                    self.torn = TornTail(base + off, "record extends past the end of the file")
                     break
-                raise self._damage(off, f"invalid record length {blen}")
+                raise self._damage(base + off, f"invalid record length {blen}")
             body = mv[off + fmt.FRAME_SIZE : end]
             if fmt.crc32c(body) != crc:
                 if allow_torn_tail and self._tail_is_torn(off, end):
-                    self.torn = TornTail(off, "checksum mismatch in the last record")
+                    self.torn = TornTail(base + off, "checksum mismatch in the last record")
                     break
-                raise self._damage(off, "record checksum mismatch")
+                raise self._damage(base + off, "record checksum mismatch")
             try:
                 rec = fmt.decode_body(body, data[off:end])
             except (ValueError, UnicodeDecodeError) as e:
-                raise self._damage(off, f"undecodable record ({e})") from None
+                raise self._damage(base + off, f"undecodable record ({e})") from None
             if prev_lsn is not None and rec.lsn != prev_lsn + 1:
-                raise self._damage(off, f"LSN {rec.lsn} follows {prev_lsn}")
+                raise self._damage(base + off, f"LSN {rec.lsn} follows {prev_lsn}")
             if rec.ts_ns < self.last_ts:
-                raise self._damage(off, f"timestamp of LSN {rec.lsn} goes backwards")
+                raise self._damage(base + off, f"timestamp of LSN {rec.lsn} goes backwards")
             if pending and rec.txid != pending[0].txid:
-                raise self._damage(off, f"transaction {pending[0].txid} has no end marker")
+                raise self._damage(base + off, f"transaction {pending[0].txid} has no end marker")
             prev_lsn = rec.lsn
             self.last_ts = rec.ts_ns
             if not pending:
@@ -160,17 +203,20 @@ class LogFile:
                 if self.first_lsn is None:
                     self.first_lsn = pending[0].lsn
                 self.last_lsn = rec.lsn
+                self.last_txn_offset, self.last_txn_lsn = base + pending_start, pending[0].lsn
                 self.count += len(pending)
-                self.valid_end = off
+                self.valid_end = base + off
                 yield from pending
                 pending = []
         if pending:
             if not allow_torn_tail:
-                raise self._damage(pending_start, f"transaction {pending[0].txid} is incomplete")
+                raise self._damage(
+                    base + pending_start, f"transaction {pending[0].txid} is incomplete"
+                )
             if self.torn is None:
-                self.torn = TornTail(pending_start, "incomplete transaction at the end")
+                self.torn = TornTail(base + pending_start, "incomplete transaction at the end")
             else:
-                self.torn = TornTail(pending_start, self.torn.reason)
+                self.torn = TornTail(base + pending_start, self.torn.reason)
         self._done = True
 
     def verify(self, allow_torn_tail: bool = False) -> None:
@@ -182,12 +228,17 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The header of a log file (a segment or an incremental backup), read without the records;
     CorruptLog when it is not one."""
     with open(path, "rb") as f:
-        head = f.read(4096)
-        try:
-            return fmt.decode_file_header(head, str(path))[1]
-        except CorruptLog:
-            f.seek(0)
-            return fmt.decode_file_header(f.read(fmt.max_header_size()), str(path))[1]
+        return _read_head(f, path)[1]
+
+
+def _read_head(f: BinaryIO, path: str | os.PathLike[str]) -> tuple[int, dict[str, Any], int]:
+    """(kind, header, header size) of the log file open as ``f``, read from its start."""
+    head = f.read(4096)
+    try:
+        return fmt.decode_file_header(head, str(path))
+    except CorruptLog:
+        f.seek(0)
+        return fmt.decode_file_header(f.read(fmt.max_header_size()), str(path))
 
 
 def list_segments(oplog_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
@@ -204,7 +255,7 @@ def list_segments(oplog_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
 
 
 def iter_log_files(
-    files: list[Path] | list[LogFile],
+    files: Sequence[Path | LogFile],
     database_id: str | None,
     after_lsn: int = 0,
     torn_tail_last: bool = False,

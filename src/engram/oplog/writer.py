@@ -65,6 +65,9 @@ class LogWriter:
         self._size = 0
         self.marks: list[tuple[int, int, int]] = []
         self._next_mark = 0
+        # (first LSN, offset) of the last append to the current segment: where a transaction
+        # starts, so that recovery can begin reading there (``position``).
+        self._last_append: tuple[int, int] | None = None
         self.written_lsn = 0
         self.durable_lsn = 0
         self.failed: BaseException | None = None
@@ -82,14 +85,22 @@ class LogWriter:
 
     # -- segment files -------------------------------------------------------------------
 
-    def open_existing(self, path: Path, valid_end: int, last_lsn: int) -> None:
-        """Continue appending to ``path``, cutting anything after ``valid_end`` (a torn tail)."""
+    def open_existing(
+        self,
+        path: Path,
+        valid_end: int,
+        last_lsn: int,
+        last_txn: tuple[int, int] | None = None,
+    ) -> None:
+        """Continue appending to ``path``, cutting anything after ``valid_end`` (a torn tail).
+        ``last_txn``: (first LSN, offset) of the last transaction in it, when known."""
         fd = os.open(path, os.O_RDWR | os.O_APPEND)
         if os.fstat(fd).st_size != valid_end:
             os.ftruncate(fd, valid_end)
             os.fsync(fd)
         self._fd, self._path, self._size = fd, path, valid_end
         self.marks, self._next_mark = [], 0
+        self._last_append = last_txn
         self.written_lsn = self.durable_lsn = last_lsn
 
     def start_segment(self, first_lsn: int, base_digest: str) -> None:
@@ -152,6 +163,7 @@ class LogWriter:
             old = self._fd
             self._fd, self._path, self._size = fd, path, len(header)
             self.marks, self._next_mark = [], 0
+            self._last_append = None
             if old >= 0:
                 os.close(old)
 
@@ -187,6 +199,18 @@ class LogWriter:
         i = bisect.bisect_left([m[1] for m in marks], ts_ns) - 1
         return marks[max(i, 0)][0]
 
+    def position(self) -> tuple[int, int, int] | None:
+        """(first LSN of the current segment, offset, LSN) of the start of the last append to
+        it: a frame boundary where a transaction starts, at or before ``written_lsn`` (docs/
+        FORMAT.md "Reading and recovery"); None when nothing was appended to it yet."""
+        if self._path is None or self._last_append is None:
+            return None
+        first = fmt.parse_segment_name(self._path.name)
+        if first is None:
+            return None
+        lsn, offset = self._last_append
+        return first, offset, lsn
+
     def needs_rotation(self) -> bool:
         return self._size >= self.segment_bytes
 
@@ -221,6 +245,7 @@ class LogWriter:
             ts = int.from_bytes(data[16:24], "little")
             self.marks.append((self.written_lsn + 1, ts, self._size))
             self._next_mark = self._size + INDEX_EVERY
+        self._last_append = (self.written_lsn + 1, self._size)
         self._size += len(data)
         with self._cond:
             self.written_lsn = last_lsn
