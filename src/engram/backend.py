@@ -13,15 +13,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engram import query as queries  # a Backend method takes a `query` argument
 from engram.backup.request import BackupRequest
-from engram.client import EngramClient
 from engram.datadir import LOCK, read_owner
 from engram.errors import BackupError, DataDirError, DataDirLocked, Refused
 from engram.graph import Engine, EngineConfig
 from engram.model import ExportStream
+
+if TYPE_CHECKING:  # the HTTP client loads only when a server owns the data dir
+    from engram.client import EngramClient
 
 Progress = Callable[[int, int], None]
 
@@ -253,5 +255,7 @@ def open_backend(
             engine.close()
         return
     assert url is not None
+    from engram.client import EngramClient
+
     with EngramClient(url, token, admin_token=admin_token, cacert=cacert) as client:
         yield RemoteBackend(client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -13,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from engram.errors import UsageError, ValidationError
 
-if TYPE_CHECKING:  # the engine and the HTTP client load when a command opens a backend
+if TYPE_CHECKING:  # the engine, the HTTP client and rich load when a command uses them
+    from rich.console import Console
+
     from engram.backend import Backend
 
 DataDir = Annotated[
@@ -127,21 +129,27 @@ def configure_logging(level: int, fmt: str = "%(levelname)s: %(message)s") -> No
     log.setLevel(level)
 
 
-class _Console(Console):
+@functools.cache
+def _console_class() -> type[Console]:
     """A rich console that lets a closed pipe surface as BrokenPipeError (rich would exit 1
-    itself); the CLI's top level decides what it means (cli/main.py)."""
+    itself); the CLI's top level decides what it means (cli/main.py). Made on first use, so
+    that a command printing JSON does not load rich."""
+    from rich.console import Console
 
-    def on_broken_pipe(self) -> None:
-        raise BrokenPipeError()
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError()
+
+    return _Console
 
 
 def console() -> Console:
     # Made per call so it writes to whatever sys.stdout is now (tests swap it).
-    return _Console(highlight=False, soft_wrap=True)
+    return _console_class()(highlight=False, soft_wrap=True)
 
 
 def err_console() -> Console:
-    return _Console(stderr=True, highlight=False)
+    return _console_class()(stderr=True, highlight=False)
 
 
 def emit_json(obj: Any) -> None:

@@ -12,12 +12,13 @@ exit 0 and nothing on stderr.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import select
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -25,12 +26,28 @@ import typer
 from typer.core import TyperGroup
 
 from engram import __version__
-from engram.cli import backups, history, init, ops, reads, repo, serve, transfer, writes
 from engram.cli.common import configure_logging
 from engram.errors import EngramError
 
-# Command modules, each with ``register(app)``; add new command groups here.
-COMMAND_MODULES = (init, writes, reads, transfer, backups, repo, history, ops, serve)
+# Every command, in the order `engram --help` lists them, and the module of engram.cli whose
+# ``register(app)`` defines it. A module is imported only when one of its commands is looked up
+# (run, or its help shown), so a command pays for its own imports alone; `engram --help` looks
+# up every command. Add a new command here and in its module's ``register``.
+COMMANDS: dict[str, str] = {
+    "init": "init",
+    **dict.fromkeys(("put", "link", "unlink", "delete", "activate", "mark"), "writes"),
+    **dict.fromkeys(("query", "neighbors", "recall", "stats"), "reads"),
+    **dict.fromkeys(("import", "export"), "transfer"),
+    **dict.fromkeys(
+        ("backup", "restore", "apply-log", "restore-pitr", "validate-backup"), "backups"
+    ),
+    "backups": "repo",
+    "history": "history",
+    **dict.fromkeys(
+        ("quiesce", "resume", "status", "verify", "rebuild-index", "benchmark", "test"), "ops"
+    ),
+    **dict.fromkeys(("serve", "start"), "serve"),
+}
 
 EXIT_INTERRUPTED = 130
 
@@ -101,8 +118,56 @@ def _usage_message(e: Any) -> str:
     return msg
 
 
+class LazyCommands(MutableMapping[str, Any]):
+    """A group's commands by name: the ones built already, and those of ``COMMANDS``, built
+    when first looked up by importing their module. Listing the names (help's order, command
+    suggestions, completion of names) imports nothing."""
+
+    def __init__(self, built: MutableMapping[str, Any], rich_markup_mode: Any) -> None:
+        self._built = dict(built)
+        self._markup = rich_markup_mode
+
+    def _load(self, name: str) -> None:
+        module = importlib.import_module(f"engram.cli.{COMMANDS[name]}")
+        sub = typer.Typer(rich_markup_mode=self._markup)
+        module.register(sub)
+        for n, cmd in typer.main.get_group(sub).commands.items():
+            self._built.setdefault(n, cmd)
+        if name not in self._built:
+            raise RuntimeError(f"engram.cli.{COMMANDS[name]} does not register {name!r}")
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built and name in COMMANDS:
+            self._load(name)
+        return self._built[name]
+
+    def __setitem__(self, name: str, cmd: Any) -> None:
+        self._built[name] = cmd
+
+    def __delitem__(self, name: str) -> None:
+        del self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._built
+        yield from (n for n in COMMANDS if n not in self._built)
+
+    def __len__(self) -> int:
+        return len(self._built.keys() | COMMANDS.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._built or name in COMMANDS
+
+
 class EngramGroup(TyperGroup):
-    """Runs a command and reports its failure as one line with a stable exit code."""
+    """Runs a command and reports its failure as one line with a stable exit code; builds a
+    command only when it is looked up (``LazyCommands``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = LazyCommands(self.commands, getattr(self, "rich_markup_mode", None))
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self.commands)
 
     def main(  # type: ignore[override]
         self,
@@ -235,10 +300,6 @@ def completion(
 
 
 app.command("completion")(completion)
-
-
-for _module in COMMAND_MODULES:
-    _module.register(app)
 
 
 def run() -> None:
