@@ -21,7 +21,12 @@ from pathlib import Path
 from common import Goal
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHES = {"core": "bench_core.py", "backup": "bench_backup.py", "repo": "bench_repo.py"}
+BENCHES = {
+    "core": "bench_core.py",
+    "backup": "bench_backup.py",
+    "repo": "bench_repo.py",
+    "open": "bench_open.py",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

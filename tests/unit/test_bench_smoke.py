@@ -46,6 +46,10 @@ GOALS = {
         "restore --repo --latest's choice over",
         "--target-name's base selection vs the same target by LSN",
     ],
+    "open": [
+        "engram stats, log of",
+        "engram query, log of",
+    ],
 }
 
 
