@@ -8,7 +8,7 @@ DATA_DIR ?= ./engram-data
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install dev run test test-slow lint bench clean
+.PHONY: install dev run test test-slow lint bench bench-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,13 @@ lint: dev
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# The peers bench/bench_peers.py compares engram with (Debian packages); `make bench` runs
+# without them and prints their goals as SKIPPED.
+bench-deps:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	set -x; $$SUDO apt-get update && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y restic borgbackup zstd
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

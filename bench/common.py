@@ -276,6 +276,29 @@ def dir_bytes(root: Path, *, exclude: tuple[str, ...] = ()) -> int:
     return total
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``: what makes a restored tree durable (the
+    peers leave it to the kernel's writeback; engram's restore does this itself)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load() -> str:
+    """The machine's load averages now (1, 5, 15 minutes): how shared it was during a run."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} cores"
+
+
 def drop_file(path: Path) -> None:
     path.unlink(missing_ok=True)
     for suffix in (".sha256", ".info.json"):
@@ -316,6 +339,17 @@ def missing_tools() -> str | None:
     out = subprocess.run([tar, "--version"], capture_output=True, text=True).stdout
     if "GNU tar" not in out:
         return "tar is not GNU tar (install it: `sudo apt-get install -y tar`)"
+    return None
+
+
+def missing_peer(tool: str, package: str) -> str | None:
+    """Why peer ``tool`` (restic, borg) cannot run here, with the install command; None when it
+    can."""
+    if shutil.which(tool) is None:
+        return (
+            f"{tool} is not installed (install it: `make bench-deps`, or "
+            f"`sudo apt-get install -y {package}`)"
+        )
     return None
 
 

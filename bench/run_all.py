@@ -1,9 +1,10 @@
 """Run every benchmark (``make bench``) and print one summary of all the goals.
 
-    .venv/bin/python bench/run_all.py [--quick] [--large] [--only core|backup|repo] [--json-out F]
+    .venv/bin/python bench/run_all.py [--quick] [--large] [--only core|backup|repo|open|peers]
+                                      [--json-out F]
 
 Each benchmark runs in its own process (a fresh interpreter, its own threads and caches) with
-its output streamed as it goes; the summary at the end lists every goal line of issues 2 and 3
+its output streamed as it goes; the summary at the end lists every goal line of the issues
 with met / NOT met. Exit status: 0 unless a benchmark failed to run or a sanity check failed —
 a goal that is not met is a finding, not a failure.
 """
@@ -26,6 +27,7 @@ BENCHES = {
     "backup": "bench_backup.py",
     "repo": "bench_repo.py",
     "open": "bench_open.py",
+    "peers": "bench_peers.py",
 }
 
 

@@ -1,6 +1,6 @@
 """The benchmarks run: each one in its tiny ``--quick`` mode, through ``bench/run_all.py``.
 
-This proves that every figure of issues 2 and 3 is measured and printed as a goal line and that
+This proves that every figure of the issues is measured and printed as a goal line and that
 the sanity checks hold. It never looks at a timing: on a shared 2-core machine a figure is a
 report, not a test.
 """
@@ -8,6 +8,8 @@ report, not a test.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +48,20 @@ GOALS = {
         "restore --repo --latest's choice over",
         "--target-name's base selection vs the same target by LSN",
     ],
+    "peers": [
+        "restore to ready vs restic restore",
+        "restore to ready vs borg extract",
+        "full backup without validation vs borg create",
+        "engram backup with its default validation vs borg create",
+        "engram backup with its default validation vs --no-validate",
+        "extrapolated restore of 100 GB of warm tier",
+    ],
     "open": [
         "engram stats, log of",
         "engram query, log of",
     ],
 }
+PEER_GOALS = {"restic": GOALS["peers"][:1], "borg": GOALS["peers"][1:4]}
 
 
 @pytest.mark.parametrize("bench", sorted(GOALS))
@@ -78,3 +89,40 @@ def test_benchmark_runs_in_quick_mode(bench: str, tmp_path: Path) -> None:
     assert all(ln.rstrip().endswith(("(met)", "(NOT met)", "SKIPPED")) for ln in lines), log
     # The work dir is removed unless --keep.
     assert not any((tmp_path / "work").iterdir()), log
+
+
+def test_peers_absent_are_skipped_with_the_install_command(tmp_path: Path) -> None:
+    """Without restic and borg on the PATH, bench_peers still measures engram and tar, and
+    prints each peer's goals as SKIPPED with the command that installs it."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    for tool in ("tar", "zstd"):  # what the tar baseline needs, and nothing else
+        found = shutil.which(tool)
+        if found is not None:
+            (path / tool).symlink_to(found)
+    out = tmp_path / "peers.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "bench_peers.py"), "--quick",
+         "--workdir", str(tmp_path / "work"), "--json-out", str(out)],
+        capture_output=True, text=True, timeout=280, env=dict(os.environ, PATH=str(path)),
+    )
+    log = f"stdout:\n{r.stdout[-6000:]}\nstderr:\n{r.stderr[-6000:]}"
+    assert r.returncode == 0, log
+    res = json.loads(out.read_text())
+    assert res["checks_failed"] == [], log
+    goals = {g["name"]: g for g in res["goals"]}
+    for tool, wanted in PEER_GOALS.items():
+        why = [s for s in res["skipped"] if s.startswith(f"{tool}: ")]
+        assert why and "make bench-deps" in why[0], log
+        for want in wanted:
+            (name,) = [n for n in goals if want in n]
+            assert goals[name]["measured"] is None, log
+            lines = [ln.strip() for ln in r.stdout.splitlines() if f"goal: {name} " in ln]
+            assert lines and all(ln.endswith("SKIPPED") for ln in lines), log
+    # engram's own goals need no peer.
+    for want in ("vs --no-validate", "extrapolated restore of 100 GB"):
+        (name,) = [n for n in goals if want in n]
+        assert goals[name]["measured"] is not None, log
+    # tar, when installed, is still measured, and restic and borg are in no figure.
+    medians = res["figures"]["medians"]
+    assert set(medians) == {"engram"} | ({"tar"} if (path / "zstd").exists() else set()), log
