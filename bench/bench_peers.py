@@ -84,6 +84,7 @@ class Tool:
     unsynced_output: Callable[[int], Path] | None = None
     fsyncs_restore: bool = False
     version: str = ""
+    env: dict[str, str] = field(default_factory=dict)
     # Each step's figure (seconds; bytes for repo_bytes), one per round.
     per_round: dict[str, list[float]] = field(default_factory=dict)
 
@@ -95,15 +96,24 @@ class Tool:
         return median(xs) if xs else None
 
 
-def make_tools(
-    store: Path, work: Path, files: list[str], rep: Report
-) -> tuple[list[Tool], dict[str, str]]:
-    """The tools that can run here, engram first, and the environment they run in; a missing
-    peer is reported as skipped."""
+def engram_env(work: Path) -> dict[str, str]:
+    """The environment engram's commands run in: this checkout's code, with its bytecode
+    compiled once into the work dir, as an installed engram has it (pip compiles it). An
+    environment with PYTHONDONTWRITEBYTECODE (this machine's) would otherwise compile every
+    module in every command and every helper process it starts."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(common.ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
     )
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    run([sys.executable, "-m", "compileall", "-q", str(common.ROOT / "src" / "engram")], env)
+    return env
+
+
+def make_tools(store: Path, work: Path, files: list[str], rep: Report) -> list[Tool]:
+    """The tools that can run here, engram first; a missing peer is reported as skipped."""
+    env = dict(os.environ)
     # restic always encrypts: its password (and cache) live in the work dir. borg runs
     # without encryption, like engram, and keeps its cache, config and keys there too.
     (work / "restic.pw").write_text("bench\n")
@@ -149,6 +159,7 @@ def make_tools(
             ),
             fsyncs_restore=True,
             version=first_line(engram_cmd("--version")),
+            env=engram_env(work),
         )
     ]
     why = common.missing_tools()
@@ -167,6 +178,7 @@ def make_tools(
                 version=first_line(["tar", "--version"])
                 + ", "
                 + first_line(["zstd", "--version"]).strip("* "),
+                env=env,
             )
         )
     else:
@@ -213,6 +225,7 @@ def make_tools(
                 repo=lambda n: [restic_repo(n)],
                 init=restic_init,
                 version=first_line(["restic", "version"]),
+                env=env,
             )
         )
     else:
@@ -238,11 +251,12 @@ def make_tools(
                 repo=lambda n: [borg_repo(n)],
                 init=borg_init,
                 version=first_line(["borg", "--version"]),
+                env=env,
             )
         )
     else:
         rep.skip("borg", why)
-    return tools, env
+    return tools
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, str]:
@@ -299,7 +313,6 @@ def one_round(
     rep: Report,
     n: int,
     tools: list[Tool],
-    env: dict[str, str],
     work: Path,
     files: list[str],
     source: dict[str, str],
@@ -316,10 +329,10 @@ def one_round(
         os.sync()  # untimed: no step pays for the writeback of the one before
         if step == "backup_validated":
             assert t.backup_validated is not None
-            dt, _ = run(t.backup_validated(n), env)
+            dt, _ = run(t.backup_validated(n), t.env)
         else:
             cmd, cwd = t.backup(n)
-            dt, _ = run(cmd, env, cwd)
+            dt, _ = run(cmd, t.env, cwd)
         t.add(step, dt)
         done.append(f"{t.key}{' (validated)' if step == 'backup_validated' else ''} {dt:.2f} s")
         if step == "backup" and t.unsynced_output is not None:
@@ -346,7 +359,7 @@ def one_round(
             cmd = [*cmd, "--verify=before-ready"]
         if cwd is not None:
             cwd.mkdir()
-        dt, out = run(cmd, env, cwd)
+        dt, out = run(cmd, t.env, cwd)
         t.add(step, dt)
         text = f"{t.key}{' --verify=before-ready' if step != 'restore' else ''} {dt:.2f} s"
         if not t.fsyncs_restore:
@@ -526,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             f"up {', '.join(files)} ({mb(payload)}; the op log is in no archive after a "
             "checkpoint)",
         )
-        tools, env = make_tools(store, work, files, rep)
+        tools = make_tools(store, work, files, rep)
         before_ready = restore_has_before_ready()
         rep.section("tools")
         for t in tools:
@@ -540,9 +553,10 @@ def main(argv: list[str] | None = None) -> int:
             "warm cache: every file of the store is read once before the first round and no cache "
             "is dropped (that needs root and slows every other user of the machine), so every "
             "tool reads its input from the page cache; a sync before each step (untimed) "
-            "leaves no step the writeback of the one before"
+            "leaves no step the writeback of the one before; engram's bytecode is compiled "
+            "once, before the rounds, as pip does when it installs engram"
         )
-        start = [run(engram_cmd("--version"), env)[0] for _ in range(3)]
+        start = [run(engram_cmd("--version"), tools[0].env)[0] for _ in range(3)]
         start_s = median(start)
         rep.figure("cli_start_s", start, f"engram --version (the CLI's start): {start_s:.2f} s")
         source = tree_digest(store, files)
@@ -550,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         rep.section(f"{args.rounds} round(s), the order rotated each round")
         try:
             for n in range(args.rounds):
-                one_round(rep, n, tools, env, work, files, source, before_ready)
+                one_round(rep, n, tools, work, files, source, before_ready)
         except RuntimeError as e:  # a command failed: no figure of this run means anything
             rep.check(False, str(e))
         else:
