@@ -62,8 +62,8 @@ def engram_cmd(*args: str) -> list[str]:
     return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "engram.cli", *args]
 
 
-def first_line(cmd: list[str]) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def first_line(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr) else "?"
 
 
@@ -135,6 +135,7 @@ def make_tools(store: Path, work: Path, files: list[str], rep: Report) -> list[T
     def sidecars(p: Path) -> list[Path]:
         return [p, p.with_name(p.name + ".sha256"), p.with_name(p.name + ".info.json")]
 
+    eng_env = engram_env(work)
     tools = [
         Tool(
             "engram",
@@ -158,8 +159,8 @@ def make_tools(store: Path, work: Path, files: list[str], rep: Report) -> list[T
                 "backup", "--full", f"--output={arch(n, 'validated')}", f"--data-dir={store}"
             ),
             fsyncs_restore=True,
-            version=first_line(engram_cmd("--version")),
-            env=engram_env(work),
+            version=first_line(engram_cmd("--version"), eng_env),
+            env=eng_env,
         )
     ]
     why = common.missing_tools()
@@ -391,8 +392,9 @@ def one_round(
         p.unlink()
 
 
-def restore_has_before_ready() -> bool:
-    r = subprocess.run(engram_cmd("restore", "--help"), capture_output=True, text=True)
+def restore_has_before_ready(env: dict[str, str]) -> bool:
+    """Whether the engram being measured has ``restore --verify=before-ready``."""
+    r = subprocess.run(engram_cmd("restore", "--help"), capture_output=True, text=True, env=env)
     return "--verify" in r.stdout
 
 
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint)",
         )
         tools = make_tools(store, work, files, rep)
-        before_ready = restore_has_before_ready()
+        before_ready = restore_has_before_ready(tools[0].env)
         rep.section("tools")
         for t in tools:
             rep.info(f"{t.label}: {t.version}")
