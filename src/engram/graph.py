@@ -44,6 +44,7 @@ from engram.recovery import LOG_POSITION, log_position, recover
 from engram.replay import ReplayBatch, prepare_replay
 from engram.tiers.fast import FastTier
 from engram.tiers.warm import WarmTier
+from engram.verifying import Verification, at_open
 
 log = logging.getLogger("engram")
 # Page size of the engine's own scans (``iter_memories``, ``iter_edges``): the lock is held
@@ -86,6 +87,8 @@ class Engine:
         self.n_edges = 0
         self.pause = Quiesce(self.lock)
         self.cuts = Cutter(self)
+        # A restore's pending digest check (``engram.verifying``), None when there is none.
+        self.verification: Verification | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class Engine:
         readonly: bool = False,
         url: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        verify_pending: bool = False,
     ) -> Engine:
         root = Path(root)
         if not is_initialized(root):
@@ -108,6 +112,9 @@ class Engine:
         eng = cls(root, config or EngineConfig(), readonly)
         try:
             eng._open(url, progress)
+            # Before the engine is handed to anyone, so before its first write: a server
+            # (``verify_pending``) pins the state to check; a one-shot command says it waits.
+            eng.verification = at_open(root, eng.layout.warm_db, verify_pending and not readonly)
         except BaseException:
             eng._abandon()
             raise
@@ -182,6 +189,8 @@ class Engine:
 
     def close(self) -> None:
         self._stop.set()
+        if self.verification is not None:
+            self.verification.stop()
         self.pause.close()
         if self._ckpt_thread is not None:
             self._ckpt_thread.join()
@@ -391,6 +400,8 @@ class Engine:
             raise Unavailable("recovery is still running", retry_after=1)
         if self.failed is not None:
             raise Unavailable(self.failed, retry_after=30)
+        if self.verification is not None:
+            self.verification.check_writable()
         block = self.pause.block
         if block is not None:
             raise Unavailable(block, retry_after=self.pause.retry_after)
@@ -693,12 +704,17 @@ class Engine:
     # -- status --------------------------------------------------------------------------
 
     def health(self) -> tuple[str, str | None]:
-        """("ready", None), or ("failed" | "blocked", why writes are refused)."""
-        failed, block = self.failed, self.pause.block
+        """("ready" | "verifying", None), or ("failed" | "verification_failed" | "blocked",
+        why writes are refused). "verifying": a restore's digest check runs while serving."""
+        failed, block, v = self.failed, self.pause.block, self.verification
         if failed is not None:
             return "failed", failed
+        if v is not None and v.state == "failed":
+            return "verification_failed", v.reason
         if block is not None:
             return "blocked", block
+        if v is not None and v.state in ("verifying", "pending"):
+            return "verifying", None
         return "ready", None
 
     def status(self) -> dict[str, Any]:
@@ -713,6 +729,7 @@ class Engine:
                 "data_dir": str(self.root),
                 "history": self.history,
                 "lineage": hist.lineage_to_json(self.lineage),
+                "verification": None if self.verification is None else self.verification.to_json(),
             }
 
     def stats(self) -> dict[str, Any]:

@@ -413,6 +413,7 @@ def restore_from_repo(
     name: str | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    verify: str = "auto",
 ) -> RepoRestore:
     """Restore the full backup ``name`` of ``repo``, or (``name`` None) the newest usable one,
     into ``to`` (``restore.restore``: every check, nothing destroyed). Without a name, a backup
@@ -428,13 +429,13 @@ def restore_from_repo(
     listing = list_backups(store)
     if name is not None:
         chosen, notes = _named(listing, name)
-        res = restore(_local_path(store, chosen.name), to, force, progress)
+        res = restore(_local_path(store, chosen.name), to, force, progress, verify)
         return RepoRestore(res, listing.repository, chosen.name, [], notes)
     choice = choose_fulls(listing)
     skipped = list(choice.skipped)
     for b in choice.candidates:
         try:
-            res = restore(_local_path(store, b.name), to, force, progress)
+            res = restore(_local_path(store, b.name), to, force, progress, verify)
         except (BadArchive, CorruptData) as e:
             skipped.append(Skipped(b.name, f"the restore refused it: {e.message}"))
             continue

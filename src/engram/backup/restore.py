@@ -7,8 +7,11 @@ destroys data).
    (the sidecar) and every member (the manifest) in the same pass; refuse any member that is not
    a regular file the manifest names.
 3. Open the staging dir: recovery replays the log records (W, S] the archive carries, so it lands
-   exactly on the snapshot LSN; the digest is recomputed from scratch and must equal the
-   manifest's (O7).
+   exactly on the snapshot LSN with the manifest's digest. The digest recomputed from every row
+   must equal it too (O7), and the full-text index must match the rows: checked here, the two
+   side by side ("before-ready"), or — for a backup whose validation passed on these very bytes
+   — left to whoever opens the data dir next as a server, recorded durably in the data dir
+   first (``engram.verifying``, "deferred").
 4. Only then move a non-empty target aside to ``DIR.before-restore-<timestamp>`` and rename the
    staging dir into place. On any failure the staging dir is removed and the target is untouched.
 """
@@ -20,6 +23,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.backup.archive import extract_verified, read_archive_header, sha256_file
+from engram.backup.catalog import PASSED, check_entry, file_facts, read_info, validation_status
 from engram.backup.rowscan import recompute_digest
 from engram.datadir import Layout, read_identity, read_owner
 from engram.errors import BadArchive, CorruptData, EngramError, Refused, RestoreError, UsageError
@@ -40,7 +45,8 @@ from engram.format.manifest import (
 from engram.fsutil import Owned, create_owned_dir, fsync_dir, remove_stale
 from engram.graph import Engine, EngineConfig
 from engram.procs import Resources
-from engram.tiers.warm import WarmTier
+from engram.tiers.warm import WarmTier, connect, index_problem
+from engram.verifying import Marker, write_marker
 
 log = logging.getLogger("engram")
 
@@ -57,6 +63,10 @@ class RestoreResult:
     moved_aside: str | None
     duration_s: float
     sidecar_checked: bool
+    # "before-ready": the digest recomputed from every row and the index checked before the
+    # data dir was placed; "deferred": left to the next server that opens it (``verify_why``).
+    verification: str = "before-ready"
+    verify_why: str = ""
     # What the reader should know: the sidecar was absent (``sidecar_absent``), the restore
     # repaired something on the way (a full-text index rebuilt from the rows).
     warnings: list[str] = field(default_factory=list)
@@ -247,6 +257,7 @@ def open_and_check(
     recompute: bool = True,
     index_repairs: list[str] | None = None,
     resources: Resources | None = None,
+    check_index: bool = True,
 ) -> Engine:
     """Open a staged restore (recovery lands on S), check the digest against the manifest and
     the full-text index against the rows: an engine is never handed back with an index that
@@ -254,7 +265,9 @@ def open_and_check(
     ``index_repairs`` is given: the index is then rebuilt from the rows, which the digest
     proves (here, or with ``recompute=False`` by the caller before the restore is used), and
     a line saying so is logged and appended to ``index_repairs``. The digest recompute uses
-    the cores ``resources`` allows (default: a command at normal priority)."""
+    the cores ``resources`` allows (default: a command at normal priority); with two or more,
+    the index check runs beside it. ``check_index=False`` leaves the index check out (a
+    deferred restore: ``engram.verifying`` runs it later)."""
     cfg = EngineConfig(checkpoint_interval=3600)
     try:
         eng = Engine.open(staging, cfg, create=False)
@@ -275,16 +288,24 @@ def open_and_check(
                 "the restored digest differs from the manifest's; the backup is inconsistent — "
                 "use another backup"
             )
-        if (
-            recompute
-            and recompute_digest(eng, resources or Resources.normal()).hex != manifest["digest"]
-        ):
-            raise CorruptData(
-                "the digest recomputed from the restored graph differs from the manifest's; the "
-                "backup is damaged — use another backup"
-            )
+        res = resources or Resources.normal()
+        # The index check holds no GIL (SQLite works in C): with a second core to use it runs
+        # on a connection of its own beside the row scan, on the committed state both read.
+        beside = _IndexCheck(eng) if check_index and res.scan_workers > 1 else None
+        try:
+            if recompute and recompute_digest(eng, res).hex != manifest["digest"]:
+                raise CorruptData(
+                    "the digest recomputed from the restored graph differs from the manifest's; "
+                    "the backup is damaged — use another backup"
+                )
+        except BaseException:
+            if beside is not None:
+                beside.thread.join()
+            raise
+        problem = beside.result() if beside is not None else None
         with eng.lock:
-            problem = eng.warm.index_problem()
+            if beside is None and check_index:
+                problem = eng.warm.index_problem()
             if problem is not None:
                 _repair(problem, index_repairs)
                 eng.warm.rebuild_index()
@@ -297,6 +318,35 @@ def open_and_check(
         eng.close()
         raise
     return eng
+
+
+class _IndexCheck:
+    """FTS5's check of the engine's index against its rows, in a thread, on a connection of
+    its own to the committed file (the engine's own state is committed first)."""
+
+    def __init__(self, eng: Engine) -> None:
+        eng.checkpoint()
+        self.path = eng.warm.path
+        self.problem: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="engram-index-check", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = connect(self.path)
+            try:
+                self.problem = index_problem(conn, self.path, readonly=False)
+            finally:
+                conn.close()
+        except BaseException as e:  # re-raised in the caller's thread
+            self.error = e
+
+    def result(self) -> str | None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.problem
 
 
 def _repair(problem: str, index_repairs: list[str] | None) -> None:
@@ -364,12 +414,56 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
+VERIFY_MODES = ("auto", "before-ready")
+# The validation level whose restore test recomputed the digest and checked the index.
+DEFER_LEVEL = 3
+
+
+def deferrable(archive: Path, sha256: str | None) -> tuple[Marker | None, str]:
+    """Whether the digest check of a restore of ``archive`` (whose bytes hash to ``sha256``,
+    None when no sidecar vouched for them) may finish after the data dir is ready: only when
+    its catalog entry is intact (checksum, the file's own header, sidecar, size), says its
+    validation passed at level 3 or more, and names these very bytes. Returns the marker's
+    facts for it (lsn and digest filled in by the caller) or None, and why."""
+    if sha256 is None:
+        return None, "no sidecar ties the archive to a validation"
+    info = read_info(archive)
+    if info is None:
+        return None, "the backup has no catalog entry, so no validation verdict"
+    try:
+        problems = check_entry(archive, info, file_facts(archive))
+    except EngramError as e:
+        problems = [e.message]
+    if problems:
+        return None, f"its catalog entry cannot be trusted ({problems[0]})"
+    status = validation_status(info)
+    v = info.get("validation") or {}
+    level = v.get("level") if isinstance(v, dict) else None
+    if status != PASSED:
+        return None, f"its validation verdict is {status!r}"
+    if not isinstance(level, int) or level < DEFER_LEVEL:
+        return None, f"it was validated at level {level}, which does not recompute the digest"
+    if info.get("sha256") != sha256:
+        return None, "its catalog entry names other bytes than the archive's"
+    at = str(v.get("at") or "")
+    return (
+        Marker(0, "", archive.name, sha256, level, at, ""),
+        f"the backup passed validation at level {level}{' at ' + at if at else ''}",
+    )
+
+
 def restore(
     archive: Path,
     to: Path,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    verify: str = "auto",
 ) -> RestoreResult:
+    """Restore ``archive`` into ``to``. ``verify``: "auto" defers the digest recompute and
+    the index check to the next server when the backup passed validation (``deferrable``),
+    else runs them before the data dir is placed; "before-ready" always runs them first."""
+    if verify not in VERIFY_MODES:
+        raise UsageError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
     archive, to = Path(archive).absolute(), Path(to).absolute()
     t0 = time.monotonic()
     check_target(to, force)
@@ -377,10 +471,34 @@ def restore(
         manifest, checked = extract_backup(archive, staging, progress)
         warnings = [] if checked else [sidecar_absent(archive)]
         repairs: list[str] = []
-        eng = open_and_check(staging, manifest, index_repairs=repairs)
-        # Its first write of its own starts a new history (docs/DESIGN.md "Histories").
-        eng.mark_recovered("restore", archive.name)
-        eng.close()
+        marker, why = None, "--verify=before-ready"
+        if verify == "auto":
+            marker, why = deferrable(archive, sidecar_hash(archive) if checked else None)
+        now = marker is None
+        eng = open_and_check(
+            staging, manifest, recompute=now, index_repairs=repairs, check_index=now
+        )
+        try:
+            if marker is not None:
+                # The engine's digest at S is the manifest's (open_and_check); the rows' and
+                # the index's checks are recorded before the data dir can be placed.
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                write_marker(
+                    staging,
+                    Marker(
+                        manifest["snapshot_lsn"],
+                        manifest["digest"],
+                        marker.backup,
+                        marker.backup_sha256,
+                        marker.validation_level,
+                        marker.validated_at,
+                        stamp,
+                    ),
+                )
+            # Its first write of its own starts a new history (docs/DESIGN.md "Histories").
+            eng.mark_recovered("restore", archive.name)
+        finally:
+            eng.close()
         fsync_tree(staging)
         aside = place(staging, to, force)
     return RestoreResult(
@@ -394,5 +512,7 @@ def restore(
         moved_aside=aside,
         duration_s=round(time.monotonic() - t0, 3),
         sidecar_checked=checked,
+        verification="deferred" if marker is not None else "before-ready",
+        verify_why=why,
         warnings=warnings + repairs,
     )

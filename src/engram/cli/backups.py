@@ -250,11 +250,24 @@ def restore(
     force: Annotated[
         bool, typer.Option("--force", help="Move a non-empty target aside (never deleted).")
     ] = False,
+    verify: Annotated[
+        str,
+        typer.Option(
+            "--verify",
+            help="auto: a backup whose validation passed is ready once every hash is checked, "
+            "its digest recomputed by the next `engram serve` while it serves; before-ready: "
+            "recompute the digest and check the index before the data dir is placed (what an "
+            "unvalidated backup always gets).",
+        ),
+    ] = "auto",
     as_json: Json = False,
 ) -> None:
-    """Restore a full backup into a new data dir, checking every hash and the digest first."""
+    """Restore a full backup into a new data dir, checking every hash and the digest first
+    (or, for a validated backup, leaving the digest recompute to the next server)."""
     if (from_ is None) == (repo is None):
         raise UsageError("give --from ARCHIVE, or --repo DIR with --latest or --backup ID")
+    if verify not in ("auto", "before-ready"):
+        raise UsageError(f"--verify must be auto or before-ready, not {verify!r}")
     if repo is not None and latest == (backup_id is not None):
         raise UsageError("with --repo, give exactly one of --latest or --backup ID")
     if repo is None and (latest or backup_id is not None):
@@ -265,12 +278,15 @@ def restore(
         if repo is not None:
             from engram.backup.repository import restore_from_repo
 
-            got = restore_from_repo(repo, to, backup_id, force, None if as_json else bar)
+            got = restore_from_repo(
+                repo, to, backup_id, force, None if as_json else bar, verify=verify
+            )
             res, extra = got.result, got.to_json()
         else:
             from engram.backup.restore import restore as do_restore
 
-            res = do_restore(from_, to, force, None if as_json else bar)  # type: ignore[arg-type]
+            assert from_ is not None
+            res = do_restore(from_, to, force, None if as_json else bar, verify)
     if as_json:
         emit_json(res.to_json() | extra)
         return
@@ -288,7 +304,20 @@ def restore(
         markup=False,
     )
     side = "sidecar checked" if res.sidecar_checked else "sidecar absent"
-    con.print(f"  digest {res.digest} recomputed and equal; {side}", markup=False)
+    if res.verification == "deferred":
+        con.print(
+            f"  every hash checked; {side}; digest {res.digest} at LSN {res.snapshot_lsn}",
+            markup=False,
+        )
+        con.print(
+            f"  verification: deferred ({res.verify_why}): the next `engram serve` recomputes "
+            'the digest from every row while it serves (status says "verifying"); '
+            "`--verify=before-ready` does it now",
+            markup=False,
+        )
+    else:
+        con.print(f"  digest {res.digest} recomputed and equal; {side}", markup=False)
+        con.print(f"  verification: before-ready ({res.verify_why})", markup=False)
     for w in res.warnings:
         con.print(f"  WARNING: {w}", markup=False)
     if res.moved_aside:

@@ -106,6 +106,10 @@ def status(
     )
     if st.get("failed"):
         con.print(f"FAILED     {st['failed']}", markup=False)
+    v = st.get("verification")
+    if v:  # a restore's digest check: pending, verifying, verified or failed
+        said = "FAILED: " + str(v["reason"]) if v["state"] == "failed" else v["state"]
+        con.print(f"verify     {said} (restored from {v['backup']}, LSN {v['lsn']})", markup=False)
     con.print(f"durability {st['durability']}; digest {st['digest']}", markup=False)
 
 
@@ -121,10 +125,17 @@ def verify(
     from engram.backup.verify import render_text, verify_data_dir
 
     rep = verify_data_dir(Path(data_dir), check_all=check_all)
+    done = None
+    if rep.ok and check_all and not rep.live:  # a restore's pending check, now done
+        from engram.verifying import complete_by_verify
+
+        done = complete_by_verify(Path(data_dir), rep.applied_lsn, rep.digest_recomputed)
     if as_json:
-        emit_json(rep.to_dict())
+        emit_json(rep.to_dict() | {"pending_check_done": done is not None})
     else:
         console().print(render_text(rep), markup=False)
+        if done:
+            console().print(done, markup=False)
     if not rep.ok:
         raise typer.Exit(1)
 

@@ -211,7 +211,9 @@ class _Opener(threading.Thread):
 
     def run(self) -> None:
         try:
-            eng = Engine.open(self.root, self.config, url=self.url, progress=self._progress)
+            eng = Engine.open(
+                self.root, self.config, url=self.url, progress=self._progress, verify_pending=True
+            )
         except _Stopped:
             log.info("recovery stopped for shutdown; it resumes where it left off on next start")
             return

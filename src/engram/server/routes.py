@@ -280,9 +280,14 @@ class EngramApp:
                 body["replayed"], body["lsn"] = self.progress
             return 503, body
         state, reason = eng.health()
+        # "verifying" (200: reads and writes are served while a restore's digest check runs)
+        # and "verification_failed" (503: writes refused) carry the check's state.
+        out: dict[str, Any] = {"status": state}
         if reason is not None:
-            return 503, {"status": state, "reason": reason}
-        return 200, {"status": state}
+            out["reason"] = reason
+        if eng.verification is not None:
+            out["verification"] = eng.verification.to_json()
+        return (503 if reason is not None else 200), out
 
     # -- writes --------------------------------------------------------------------------
 
