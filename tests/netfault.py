@@ -80,6 +80,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, Literal
+from xml.sax.saxutils import escape
 
 __all__ = ["FaultProxy", "NotLoopback", "Stats", "S3_ERRORS"]
 
@@ -99,7 +100,7 @@ S3_ERRORS: dict[int, tuple[str, str, str]] = {
 }
 
 _PIECE = 64 * 1024  # the most one read takes
-_QUEUE = 8  # pieces held per direction before the reader stops reading
+_QUEUE = 8  # pieces held per connection and direction before the reader stops reading
 _HEAD_LIMIT = 64 * 1024  # a longer request head is not HTTP as far as the proxy cares
 _FIN_GRACE = 2.0  # after a clean cut, how long peers get to close before they are aborted
 _STALL_POLL = 0.01  # how often a stalled writer looks whether it was released
@@ -274,8 +275,9 @@ def _error_response(inj: _Inject, method: str, target: str, close: bool, n: int)
     request_id = f"netfault-{n}"
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{inj.code}</Code><Message>{inj.message}</Message>"
-        f"<Resource>{target.split('?')[0]}</Resource><RequestId>{request_id}</RequestId></Error>"
+        f"<Error><Code>{escape(inj.code)}</Code><Message>{escape(inj.message)}</Message>"
+        f"<Resource>{escape(target.split('?')[0])}</Resource>"
+        f"<RequestId>{request_id}</RequestId></Error>"
     ).encode()
     head = (
         f"HTTP/1.1 {inj.status} {inj.reason}\r\n"

@@ -453,7 +453,9 @@ def test_inject_count_and_filter(web: HttpServer) -> None:
         proxy.inject(503, count=2, when=lambda method, target: method == "PUT")
         conn.request("GET", "/bytes/3")
         assert conn.getresponse().read() == payload(3)  # not a PUT: forwarded
-        assert [put(conn, b"x")[0] for _ in range(3)] == [503, 503, 200]
+        status, answer, _ = put(conn, b"x", path="/b/a&b<c>")
+        assert status == 503 and b"<Resource>/b/a&amp;b&lt;c&gt;</Resource>" in answer
+        assert [put(conn, b"x")[0] for _ in range(2)] == [503, 200]
         conn.close()
         assert proxy.stats().injected == 2
 
