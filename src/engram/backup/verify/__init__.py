@@ -50,10 +50,19 @@ __all__ = [
 
 
 def verify_data_dir(
-    root: Path, check_all: bool = False, resources: Resources | None = None
+    root: Path,
+    check_all: bool = False,
+    resources: Resources | None = None,
+    beside: Callable[[], None] | None = None,
 ) -> VerifyReport:
     """Check the data dir at ``root``; never raises for damage, never writes. ``resources``
-    says how many cores the scans may keep busy (default: a command at normal priority)."""
+    says how many cores the scans may keep busy (default: a command at normal priority).
+
+    ``beside``: the caller's own read-only work on ``root``, run in this thread once this
+    thread's scans (rows, log) are done and before SQLite's structure check is waited for —
+    which, when it runs in a thread of its own, may still be going then on another core. A
+    row-bound task (a read benchmark) so fills the core the row scans leave while the
+    structure check finishes. Not run when the data dir does not exist."""
     t0 = time.perf_counter()
     root = Path(root)
     report = VerifyReport(root, check_all)
@@ -61,7 +70,7 @@ def verify_data_dir(
     found = Findings(report)
     warm = WarmChecks(found, root, resources if resources is not None else Resources.normal())
     try:
-        _run(found, warm)
+        _run(found, warm, beside)
     finally:
         warm.close()
         found.finish()
@@ -81,7 +90,7 @@ def _timed(found: Findings, name: str, fn: Callable[[], None]) -> None:
     found.report.checks[name].seconds += time.perf_counter() - t - hashing
 
 
-def _run(found: Findings, warm: WarmChecks) -> None:
+def _run(found: Findings, warm: WarmChecks, beside: Callable[[], None] | None) -> None:
     report = found.report
     if not warm.root.is_dir():
         found.problem("identity", str(warm.root), "the data dir does not exist")
@@ -99,12 +108,16 @@ def _run(found: Findings, warm: WarmChecks) -> None:
     else:
         for n in ("memories", "edges", "cold"):
             found.skip(n, "warm tier unreadable")
-    warm.finish_sqlite()
+    # The log is read in this thread while the structure check (when it runs in a thread of
+    # its own: SQLite releases the GIL) may still be going; its findings are collected after.
     _timed(
         found,
         "oplog",
         lambda: check_oplog(found, warm.lay.oplog, warm.applied, warm.stored, warm.database_id),
     )
+    if beside is not None:
+        beside()
+    warm.finish_sqlite()
     _timed(found, "digest", warm.check_digest)
     report.checks["digest"].seconds += found.digest_seconds
     if warm.immutable and read_owner(warm.root) is not None:

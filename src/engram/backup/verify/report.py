@@ -66,6 +66,10 @@ class VerifyReport:
     digest_recomputed: str | None = None
     log_end_digest: str | None = None
     seconds: float = 0.0
+    # What FTS5's check said of a full-text index that disagrees with its rows (--check-all),
+    # for a caller that words the way out itself (validation: the backup is damaged). The
+    # problem is also in ``problems``; not part of the JSON.
+    index_problem: str | None = None
 
     @property
     def ok(self) -> bool:

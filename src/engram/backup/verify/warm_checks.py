@@ -42,11 +42,15 @@ FTS_LOCATION = "warm/engram.db table memories_fts"
 
 
 def _structure_check(
-    conn: sqlite3.Connection, pragma: str, index: tuple[Path, Path] | None
+    conn: sqlite3.Connection,
+    pragma: str,
+    index: tuple[Path, Path] | None,
+    index_found: list[str] | None = None,
 ) -> list[tuple[str, str]]:
     """The problems SQLite's ``quick_check`` or ``integrity_check`` reports, then (``index`` =
     (database, data dir), with --check-all) FTS5's check of the full-text index against the
-    rows, which integrity_check does not make: as (location, message)."""
+    rows, which integrity_check does not make: as (location, message). What FTS5 said of an
+    index that disagrees with the rows is also appended to ``index_found``."""
     try:
         found = [
             (WARM, f"{pragma}: {msg}") for (msg,) in conn.execute(f"PRAGMA {pragma}") if msg != "ok"
@@ -62,6 +66,8 @@ def _structure_check(
         else:
             if problem is not None:
                 found.append((FTS_LOCATION, index_damage_message(problem, str(root))))
+                if index_found is not None:
+                    index_found.append(problem)
     return found
 
 
@@ -79,6 +85,7 @@ class WarmChecks:
         self.immutable = False
         self.uri = ""
         self._structure: tuple[threading.Thread, list[tuple[str, str]], list[float]] | None = None
+        self._index_found: list[str] = []  # what FTS5 said of a damaged index
         self.tables_ok = False
         self.identity_id: str | None = None
         self.meta: dict[str, str] = {}
@@ -160,7 +167,7 @@ class WarmChecks:
         # The full-text index check reads every row and its index entries: --check-all only.
         index = (db, self.root) if self.report.check_all else None
         if self.report.live or self.resources.scan_workers < 2:  # in turn, on this connection
-            self._structure_found(_structure_check(self.conn, pragma, index))
+            self._structure_found(_structure_check(self.conn, pragma, index, self._index_found))
             res.detail = self._sqlite_detail()
             return
         # Nobody can commit: a second connection checks the file's structure in a thread
@@ -173,7 +180,7 @@ class WarmChecks:
             try:
                 conn = sqlite3.connect(self.uri, uri=True, isolation_level=None)
                 try:
-                    found.extend(_structure_check(conn, pragma, index))
+                    found.extend(_structure_check(conn, pragma, index, self._index_found))
                 finally:
                     conn.close()
             except sqlite3.DatabaseError as e:
@@ -205,6 +212,8 @@ class WarmChecks:
     def _structure_found(self, found: list[tuple[str, str]]) -> None:
         for location, message in found:
             self.found.problem("sqlite", location, message)
+        if self._index_found:
+            self.report.index_problem = self._index_found[0]
 
     def _read_meta(self) -> None:
         assert self.conn is not None
