@@ -1,0 +1,503 @@
+"""The ``ObjectStore`` seam: what engram needs of an object store (S3 or a local directory), and
+the code every store shares on top of it (docs/DESIGN.md "Object storage").
+
+An ``ObjectStore`` offers a small set of requests, each one round trip that may be retried as a
+whole: put bytes (``put``, optionally only if the key is free: S3 ``If-None-Match: *``), read a
+byte range (``get``), ``head``, ``list`` by prefix, ``delete``, and multipart uploads
+(``start_upload``, ``put_part``, ``complete_upload`` — conditional like ``put`` —
+``abort_upload``, ``uploads``).
+Every request names the SHA-256 of the bytes it sends, which the store passes to the server
+(S3 ``x-amz-checksum-sha256``), so a byte damaged on the way is refused there. Drivers never
+retry: ``storage.retry.RetryingObjectStore`` does, around any store.
+
+Built on those: ``ObjectWriter`` streams an object of any size (one ``put`` while it fits in one
+part, else a multipart upload with parts sized by ``part_size``), computing the whole object's
+SHA-256 as it goes; ``ObjectReader`` streams it back in ranged reads and checks that hash at the
+end (integrity never depends on the server); ``upload`` puts a stream or bytes in one call.
+
+Keys are ``/``-separated relative names (no empty, ``.`` or ``..`` part, no leading ``/``).
+
+Errors (all ``EngramError``, and ``OSError`` so that the ``BackupStore`` seam's callers see the
+kinds they know): ``Transient`` (5xx, 408, 429/SlowDown, a dropped connection, a timeout: worth
+retrying), ``ObjectNotFound`` (a ``FileNotFoundError``), ``ObjectExists`` (a ``FileExistsError``:
+a conditional create found the key taken), ``AccessDenied``, ``NoSuchBucket`` and
+``ObjectCorrupt`` (the bytes read are not the bytes written). Each message is one line naming
+the endpoint, bucket or directory, and key, and what to do.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from engram.errors import EngramError
+
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+# S3's limits (also those of every S3-compatible store engram is tested against).
+MIN_PART = 5 * MiB  # every part but the last
+MAX_PART = 5 * GiB
+MAX_PARTS = 10_000
+MAX_OBJECT = 5 * TiB
+# The first part size of an upload whose size is not known in advance, and the smallest one
+# chosen for a known size: large enough that requests cost little next to the bytes they carry,
+# small enough that a part buffered in memory (and resent after a failure) stays cheap.
+DEFAULT_PART = 8 * MiB
+# A stream of unknown size doubles its part size every GROW_EVERY parts: 1,000 parts of each of
+# 8 MiB, 16 MiB, ... 4 GiB reach 8 TiB within 10,000 parts, past the 5 TiB object limit.
+GROW_EVERY = 1_000
+
+# The object metadata engram records (S3 user metadata ``x-amz-meta-…``).
+META_SHA256 = "engram-sha256"
+META_WRITER = "engram-writer"
+
+_BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+class ObjectStoreError(EngramError, OSError):
+    """The object store failed (exit 1)."""
+
+    code = "object_store"
+
+
+class Transient(ObjectStoreError):
+    """The object store did not answer or asked to slow down (5xx, 408, 429, a dropped
+    connection, a timeout); worth retrying (exit 1 once the retries are spent)."""
+
+    code = "object_store_unavailable"
+
+
+class ObjectNotFound(ObjectStoreError, FileNotFoundError):
+    """No object (or upload) under that key (exit 1)."""
+
+    code = "object_not_found"
+
+
+class ObjectExists(ObjectStoreError, FileExistsError):
+    """A conditional create found the key taken: nothing was replaced (exit 3)."""
+
+    exit_code = 3
+    http_status = 409
+    code = "object_exists"
+
+
+class AccessDenied(ObjectStoreError):
+    """The credentials were refused or are missing (exit 1)."""
+
+    code = "access_denied"
+
+
+class NoSuchBucket(ObjectStoreError):
+    """The bucket (or the local store's directory) does not exist (exit 2: name another one or
+    create it)."""
+
+    exit_code = 2
+    http_status = 400
+    code = "no_such_bucket"
+
+
+class ObjectCorrupt(ObjectStoreError):
+    """The bytes read are not the bytes written: a hash or size differs (exit 1)."""
+
+    code = "object_corrupt"
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a valid object key; ValueError otherwise."""
+    parts = key.split("/")
+    if (
+        not key
+        or key.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or _BAD_KEY_CHARS.search(key)
+        or len(key.encode()) > 1024
+    ):
+        raise ValueError(f"{key!r} is not an object key (a relative '/'-separated name)")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it can start keys ("" or a key prefix); ValueError otherwise."""
+    if prefix:
+        check_key(prefix.rstrip("/") or "x")
+        if prefix.startswith("/") or "//" in prefix:
+            raise ValueError(f"{prefix!r} is not a key prefix")
+    return prefix
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What engram records with an object: the SHA-256 of the whole object (when known before
+    the upload starts), the token of the write that made it, and the S3 storage class."""
+
+    sha256: str | None = None
+    writer: str | None = None
+    storage_class: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    modified: float  # seconds since the epoch
+    sha256: str | None = None  # ``head`` only: the whole object's hash, when recorded
+    writer: str | None = None  # ``head`` only: the token of the write that made it
+
+
+@dataclass(frozen=True)
+class Part:
+    number: int
+    etag: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A multipart upload in progress (not an object yet: no listing shows it)."""
+
+    key: str
+    upload_id: str
+    initiated: float  # seconds since the epoch, by the server's clock
+
+
+class ObjectStore(Protocol):
+    def describe(self, key: str = "") -> str:
+        """How messages name ``key`` (or the store for ""): ``s3://bucket/prefix/key``, a path."""
+        ...
+
+    def check(self) -> None:
+        """Raise NoSuchBucket / AccessDenied / Transient unless the store can be used."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo:
+        """The object's size, ETag, time and engram's metadata; ObjectNotFound if absent."""
+        ...
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, sorted by key (uploads in progress
+        never appear); ``sha256`` and ``writer`` are not filled in."""
+        ...
+
+    def get(
+        self, key: str, start: int = 0, end: int | None = None, etag: str | None = None
+    ) -> BinaryIO:
+        """A stream of the bytes [start, end) of ``key`` (to its end for None), which the caller
+        closes; with ``etag``, ObjectCorrupt if the object is no longer that version."""
+        ...
+
+    def put(
+        self, key: str, data: bytes, *, checksum: str, meta: Meta, if_absent: bool = False
+    ) -> str:
+        """Store ``data`` (whose hex SHA-256 is ``checksum``) under ``key``; its ETag. With
+        ``if_absent`` ObjectExists, replacing nothing, when the key is taken."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; nothing for a key that is not there."""
+        ...
+
+    def start_upload(self, key: str, *, meta: Meta) -> str:
+        """Begin a multipart upload to ``key``: its upload id."""
+        ...
+
+    def put_part(
+        self, key: str, upload_id: str, number: int, data: bytes, *, checksum: str
+    ) -> Part:
+        """Upload part ``number`` (1-based) of ``data`` (hex SHA-256 ``checksum``)."""
+        ...
+
+    def complete_upload(
+        self, key: str, upload_id: str, parts: builtins.list[Part], *, if_absent: bool = False
+    ) -> str:
+        """Make the upload the object ``key``: its ETag. With ``if_absent``, ObjectExists (the
+        upload stays, to be aborted) when the key is taken; ObjectNotFound when the upload is
+        gone (aborted)."""
+        ...
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Drop the upload and its parts; nothing for one that is gone."""
+        ...
+
+    def uploads(self, prefix: str = "") -> builtins.list[Upload]:
+        """The multipart uploads in progress whose key starts with ``prefix``."""
+        ...
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def part_size(number: int, size: int | None, first: int = DEFAULT_PART) -> int:
+    """The size of part ``number`` (1-based) of an object of ``size`` bytes (None: not known
+    while streaming). A known size gets one part size, the smallest multiple of 1 MiB from
+    ``first`` up that fits the object in ``MAX_PARTS`` parts; an unknown one starts at
+    ``first`` and doubles every ``GROW_EVERY`` parts (capped at ``MAX_PART``), so that 10,000
+    parts reach past ``MAX_OBJECT`` whatever comes. ValueError past the limits."""
+    if number < 1 or number > MAX_PARTS:
+        raise ValueError(f"part {number} is outside 1..{MAX_PARTS}")
+    if size is not None:
+        if size > MAX_OBJECT:
+            raise ValueError(f"an object of {size} bytes is larger than S3's 5 TiB limit")
+        need = -(-size // MAX_PARTS)
+        return max(first, -(-need // MiB) * MiB)
+    return min(MAX_PART, first << ((number - 1) // GROW_EVERY))
+
+
+class ObjectWriter:
+    """Writes one object to ``store`` as a stream: ``write`` as often as needed, ``finish``,
+    then ``publish``; ``abort`` on any failure (it drops a multipart upload, so that nothing is
+    left behind). Bytes are kept in memory up to one part; an object that fits in one part is
+    one ``put`` at ``publish``, a larger one a multipart upload begun when the first part is
+    full. ``sha256`` and ``size`` are the whole object's once finished."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        *,
+        size: int | None = None,
+        meta: Meta | None = None,
+        first_part: int = DEFAULT_PART,
+    ) -> None:
+        self.store = store
+        self.key = check_key(key)
+        self.expected_size = size
+        self.meta = meta or Meta()
+        self.first_part = first_part
+        self._buf = bytearray()
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.upload_id: str | None = None
+        self.parts: builtins.list[Part] = []
+        self.finished = False
+        self.sha256 = ""
+
+    def _next_part_size(self) -> int:
+        return part_size(len(self.parts) + 1, self.expected_size, self.first_part)
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.finished:
+            raise ValueError(f"write to {self.key} after finish")
+        self._hash.update(data)
+        self._buf += data
+        self.size += len(data)
+        while len(self._buf) > self._next_part_size():  # the last part may be a full one
+            self._send_part(self._next_part_size())
+        return len(data)
+
+    def _send_part(self, n: int) -> None:
+        chunk = bytes(self._buf[:n])
+        if self.upload_id is None:
+            self.upload_id = self.store.start_upload(self.key, meta=self.meta)
+        number = len(self.parts) + 1
+        self.parts.append(
+            self.store.put_part(self.key, self.upload_id, number, chunk, checksum=sha256_hex(chunk))
+        )
+        del self._buf[:n]
+
+    def finish(self) -> None:
+        """Every byte is written: the last part goes up (an object of one part waits for
+        ``publish``)."""
+        if self.finished:
+            return
+        if self.upload_id is not None and self._buf:
+            self._send_part(len(self._buf))
+        self.sha256 = self._hash.hexdigest()
+        self.finished = True
+
+    def publish(self, *, if_absent: bool = True) -> str:
+        """Make the object visible under its key (conditionally with ``if_absent``): its ETag."""
+        self.finish()
+        if self.upload_id is None:
+            data = bytes(self._buf)
+            meta = Meta(self.sha256, self.meta.writer, self.meta.storage_class)
+            etag = self.store.put(
+                self.key, data, checksum=self.sha256, meta=meta, if_absent=if_absent
+            )
+            self._buf.clear()
+            return etag
+        etag = self.store.complete_upload(self.key, self.upload_id, self.parts, if_absent=if_absent)
+        self.upload_id = None
+        return etag
+
+    def abort(self) -> None:
+        """Drop what was uploaded and not published. Never raises for an upload already gone."""
+        self._buf.clear()
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            self.store.abort_upload(self.key, upload_id)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    key: str
+    size: int
+    sha256: str
+    etag: str
+    existed: bool  # the same bytes were already there (a conditional create found its twin)
+
+
+def upload(
+    store: ObjectStore,
+    key: str,
+    source: BinaryIO | bytes,
+    *,
+    size: int | None = None,
+    if_absent: bool = True,
+    storage_class: str | None = None,
+    first_part: int = DEFAULT_PART,
+    chunk: int = MiB,
+) -> Uploaded:
+    """Upload ``source`` to ``key``: multipart when larger than one part, aborted on any failure.
+    With ``if_absent`` (objects that are never replaced), a key already holding the same bytes
+    is fine (``existed``) and one holding other bytes is ObjectExists."""
+    token = os.urandom(12).hex()
+    if isinstance(source, bytes):
+        size, source = len(source), io.BytesIO(source)
+    w = ObjectWriter(
+        store, key, size=size, meta=Meta(None, token, storage_class), first_part=first_part
+    )
+    try:
+        while block := source.read(chunk):
+            w.write(block)
+        w.finish()
+        try:
+            etag = w.publish(if_absent=if_absent)
+        except ObjectExists:
+            w.abort()  # a multipart upload that did not become the object is not left behind
+            if not settle_conflict(store, key, token, w.sha256):
+                raise
+            info = store.head(key)
+            return Uploaded(key, w.size, w.sha256, info.etag, info.writer != token)
+        except ObjectNotFound:
+            # The upload is gone: a retried completion whose first attempt took effect (the
+            # object is ours), or an upload aborted meanwhile.
+            w.abort()
+            try:
+                info = store.head(key)
+            except ObjectNotFound:
+                info = None
+            if info is None or info.writer != token:
+                raise
+            return Uploaded(key, w.size, w.sha256, info.etag, False)
+    except BaseException:
+        w.abort()
+        raise
+    return Uploaded(key, w.size, w.sha256, etag, False)
+
+
+def settle_conflict(store: ObjectStore, key: str, token: str, sha256: str) -> bool:
+    """After a conditional create found ``key`` taken: whether what is there is ours (a retried
+    request whose first attempt succeeded) or holds the same bytes (``sha256``). The hash is
+    taken from the object's metadata, or by reading it when none was recorded."""
+    try:
+        info = store.head(key)
+    except ObjectNotFound:
+        return False
+    if info.writer is not None and info.writer == token:
+        return True
+    theirs = info.sha256
+    if theirs is None:
+        h = hashlib.sha256()
+        with ObjectReader(store, key, info=info) as f:
+            while block := f.read(MiB):
+                h.update(block)
+        theirs = h.hexdigest()
+    return theirs == sha256
+
+
+class ObjectReader(io.RawIOBase):
+    """Reads the object ``key`` from its start, in ranged requests that grow from ``first``
+    bytes to ``window`` (a caller that wants only a header fetches little), each pinned to the
+    version first seen (its ETag), and checks at the end that the bytes hash to ``sha256`` (or
+    the hash recorded with the object): ObjectCorrupt otherwise, and when the size differs.
+    Not seekable: it is a stream."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        *,
+        info: ObjectInfo | None = None,
+        sha256: str | None = None,
+        first: int = 256 * 1024,
+        window: int = 64 * MiB,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.key = key
+        self.info = info or store.head(key)
+        self.expected = sha256 or self.info.sha256
+        self.pos = 0
+        self._span = first
+        self._window = window
+        self._body: BinaryIO | None = None
+        self._body_end = 0
+        self._hash = hashlib.sha256()
+        self.verified = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(b).cast("B")
+        if not len(view):
+            return 0
+        size = self.info.size
+        while True:
+            if self.pos >= size:
+                self._done()
+                return 0
+            if self._body is None:
+                end = min(size, self.pos + self._span)
+                self._span = min(self._window, self._span * 4)
+                self._body = self.store.get(self.key, self.pos, end, etag=self.info.etag)
+                self._body_end = end
+            want = min(len(view), self._body_end - self.pos)
+            n = self._body.readinto(view[:want]) if want else 0  # type: ignore[attr-defined]
+            if n:
+                self._hash.update(view[:n])
+                self.pos += n
+                if self.pos == self._body_end:
+                    self._close_body()
+                return int(n)
+            if self.pos < self._body_end:
+                raise ObjectCorrupt(
+                    f"{self.store.describe(self.key)} ended at byte {self.pos} of "
+                    f"{size}; it changed or was cut while read: read it again"
+                )
+            self._close_body()
+
+    def _close_body(self) -> None:
+        if self._body is not None:
+            body, self._body = self._body, None
+            body.close()
+
+    def _done(self) -> None:
+        if self.verified or self.expected is None:
+            return
+        got = self._hash.hexdigest()
+        if got != self.expected:
+            raise ObjectCorrupt(
+                f"{self.store.describe(self.key)} does not hash to the SHA-256 recorded for it "
+                f"({got[:16]}… instead of {self.expected[:16]}…): it is damaged; use another copy"
+            )
+        self.verified = True
+
+    def close(self) -> None:
+        self._close_body()
+        super().close()
+
+
+def read_all(store: ObjectStore, key: str, sha256: str | None = None) -> bytes:
+    """All of the (small) object ``key``, checked against its recorded hash (or ``sha256``)."""
+    with ObjectReader(store, key, sha256=sha256) as f:
+        return f.read()
