@@ -131,6 +131,17 @@ _HEALTH = _obj(
         "reason": {"type": "string"},
         "replayed": {"type": "integer"},
         "lsn": {"type": "integer"},
+        # A restored data dir whose digest check runs while the server serves.
+        "verification": _obj(
+            {
+                "state": {"type": "string", "enum": ["pending", "verifying", "verified", "failed"]},
+                "lsn": {"type": ["integer", "null"]},
+                "backup": {"type": ["string", "null"]},
+                "reason": {"type": ["string", "null"]},
+                "seconds": {"type": ["number", "null"]},
+            },
+            ("state",),
+        ),
     },
     ("status",),
 )
@@ -139,7 +150,12 @@ _BAD = {
     "400": _error("Bad input: the field named in `field` is missing, unknown or out of range."),
 }
 _AUTH = {"401": _error("No valid bearer token.")}
-_UNAVAILABLE = {"503": _error("Starting (recovery in progress), failed to open, or quiesced.")}
+_UNAVAILABLE = {
+    "503": _error(
+        "Starting (recovery in progress), failed to open, quiesced, or (writes) the restored "
+        "data failed its digest check: `verification_failed`."
+    )
+}
 _WRITE_ERRORS = {
     **_BAD,
     **_AUTH,
@@ -200,8 +216,9 @@ def _paths() -> dict[str, Any]:
         },
         "/health/ready": {
             "get": _op(
-                "200 once recovery is done and writes are taken; 503 with a reason before "
-                "(and while quiesced).",
+                "200 once recovery is done and writes are taken (status `ready`, or `verifying`"
+                " while a restore's digest check runs); 503 with a reason before, while "
+                "quiesced, and after a failed check (`verification_failed`).",
                 {"200": _json(_HEALTH, "Ready."), "503": _json(_HEALTH, "Not ready, and why.")},
                 tag="health",
             )
