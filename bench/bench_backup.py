@@ -15,6 +15,7 @@ takes them, ``priority="low"``: the archive is written by a worker process on id
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -773,6 +774,46 @@ def bench_validate(rep: Report, args: Any, archive: Path, work: Path) -> None:
     rep.goal("validate-backup level 3 vs restore + quick_check", "<=", 1.5, v / ref, "x")
 
 
+def bench_backup_validation(rep: Report, args: Any, store: Store, work: Path) -> None:
+    """`engram backup --full` as run by default (the backup, then its validation at level 4)
+    against the same command with --no-validate, both as processes on the stopped store,
+    alternating."""
+    rep.section(f"engram backup with its validation vs without ({mb(store.warm_bytes)} store)")
+    exe = Path(sys.executable).with_name("engram")
+    out = work / "backup-validation"
+    out.mkdir()
+    plain_t, validated_t = [], []
+    steps: dict[str, list[float]] = {}
+    for r in range(args.reps):
+        for validate, times in ((False, plain_t), (True, validated_t)):
+            target = out / f"{'v' if validate else 'n'}{r}.tar.zst"
+            cmd = [str(exe), "backup", "--full", "--json", "--data-dir", str(store.root)]
+            cmd += ["--output", str(target)] + ([] if validate else ["--no-validate"])
+            dt, proc = common.timed(
+                lambda c=cmd: subprocess.run(c, capture_output=True, text=True, check=False)
+            )
+            if not rep.check(proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr.strip()}"):
+                return
+            times.append(dt)
+            v = json.loads(proc.stdout).get("validation")
+            if validate:
+                rep.check(v is not None and v["ok"], f"the validation must PASS: {v}")
+                for st in v["steps"]:
+                    steps.setdefault(st["name"], []).append(st["duration_s"])
+        rep.info(
+            f"run {r + 1}/{args.reps}: backup {plain_t[-1]:.2f} s; backup + validation "
+            f"{validated_t[-1]:.2f} s"
+        )
+    p, v = median(plain_t), median(validated_t)
+    parts = ", ".join(f"{k} {median(ts):.2f} s" for k, ts in steps.items())
+    rep.figure(
+        "backup_validation",
+        {"backup_s": plain_t, "backup_validated_s": validated_t, "steps": steps},
+        f"backup median {p:.2f} s; with validation {v:.2f} s (steps, medians: {parts})",
+    )
+    rep.goal("engram backup with its default validation vs without", "<=", 2.0, v / p, "x")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rep = Report("bench_backup")
@@ -798,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         if "validate" in only:
             assert archive is not None
             bench_validate(rep, args, archive, work)
+            bench_backup_validation(rep, args, small, work)
         # PITR first of the sections that write: its rate falls as the base grows (~55k
         # records/s on the store as built, ~46k once the sections below had added ~360k
         # memories), and the figure should be the one for the store the header names.
