@@ -107,3 +107,15 @@ def test_an_incremental_and_apply_log_say_their_range(dd: str, tmp_path: Path) -
         "--no-validate",
     ).stdout
     assert "2 records (LSN 2..3)" in out, out
+
+
+def test_validating_an_empty_incremental_says_no_records(dd: str, tmp_path: Path) -> None:
+    """An incremental that holds nothing (nothing written since the last backup) validates and
+    says so, never as a backwards range like "LSN 8..7"."""
+    ok("put", "--data-dir", dd, "--id", "a", "--content", "alpha")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    ok("backup", "--data-dir", dd, "--full", "-o", str(repo / "full.tar.zst"), "--no-validate")
+    ok("backup", "--data-dir", dd, "--incremental", "-o", str(repo / "inc.log"), "--no-validate")
+    out = ok("validate-backup", str(repo / "inc.log"), "--level", "2").stdout
+    assert "no records (nothing after LSN 1)" in out and "LSN 2..1" not in out, out

@@ -343,10 +343,14 @@ def _validate_incremental(
             raise BadArchive(f"the header lacks {', '.join(missing)}; not an engram incremental")
         holder["h"] = h
         run.facts = facts_from_log_header(h)
-        return (
-            f"incremental of database {h['database_id']}, LSN {h['from_lsn']}..{h['to_lsn']}, "
-            f"{h['record_count']} records"
-        )
+        n, first, last = h["record_count"], h["from_lsn"], h["to_lsn"]
+        if n == 0 or first > last:
+            span = f"no records (nothing after LSN {last})"
+        elif first == last:
+            span = f"LSN {first}, 1 record"
+        else:
+            span = f"LSN {first}..{last}, {n} records"
+        return f"incremental of database {h['database_id']}, {span}"
 
     run.step(1, "structure", structure)
 
