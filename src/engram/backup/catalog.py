@@ -14,7 +14,11 @@ reported and never trusted: its backup is left out of the choice, and where a ra
 start of the next incremental) the file's own header gives it. Entries written before entries
 had checksums are checked against the file's header when it has one; a legacy full archive
 without a header can only be checked against its sidecar (its sha256 and size): such an entry is
-used, marked "legacy, unverified" (a restore checks the archive in full anyway).
+used, marked "legacy, unverified" (a restore checks the archive in full anyway). An encrypted
+backup's entry (``encryption``, docs/FORMAT.md "An encrypted backup") read through a store that
+cannot decrypt it is checked by its checksum, the sidecar and the size alone (all of the stored
+bytes): its header is inside the ciphertext. Through a store holding an identity it gets the
+full check.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def update_info(
         raise CatalogError(
             f"{ip} is missing or unreadable; run `engram validate-backup {where}` to rebuild it"
         )
-    problems = check_entry(ref, info, file_facts(ref))
+    problems = check_entry(ref, info, None if sealed(ref, info) else file_facts(ref))
     if problems:
         raise CatalogError(
             f"{ip} is damaged ({'; '.join(problems)}); run `engram validate-backup {where}` to "
@@ -191,6 +195,13 @@ def facts_from_log_header(h: dict[str, Any]) -> dict[str, Any]:
         "counts": {"records": h["record_count"]},
         "history": history_of(h),
     }
+
+
+def sealed(backup: Path | Ref, info: dict[str, Any] | None) -> bool:
+    """Whether ``info`` is the entry of an encrypted backup that its store cannot decrypt (no
+    identity): its header cannot be read, so only its checksum, sidecar and size are checked."""
+    enc = info.get("encryption") if isinstance(info, dict) else None
+    return isinstance(enc, dict) and not getattr(as_ref(backup).store, "decrypts", False)
 
 
 def file_facts(backup: Path | Ref) -> dict[str, Any] | None:
@@ -378,14 +389,15 @@ def read_catalog(where: Path | BackupStore) -> Catalog:
         if not ip.endswith(INFO_SUFFIX) or ip[: -len(INFO_SUFFIX)] not in present:
             continue
         backup = Ref(store, ip[: -len(INFO_SUFFIX)])
+        info = read_info(backup)
+        encrypted = sealed(backup, info)
         try:
-            facts = file_facts(backup)
+            facts = None if encrypted else file_facts(backup)
         except (OSError, EngramError) as e:
             msg = e.message if isinstance(e, EngramError) else (e.strerror or str(e))
             why = f"its file's header cannot be read ({msg})"
             cat.problems.append(Problem(Path(backup.describe()), why, backup.name))
             continue
-        info = read_info(backup)
         problems = (
             ["it is missing or not a JSON object"]
             if info is None
@@ -393,7 +405,7 @@ def read_catalog(where: Path | BackupStore) -> Catalog:
         )
         if info is not None and not problems:
             try:
-                verified = facts is not None
+                verified = facts is not None or encrypted
                 status = validation_status(info)
                 cat.entries.append(_entry(backup, facts or info, status, verified, info))
                 continue

@@ -1,0 +1,286 @@
+"""Encrypted backups (issue 12 item 4; docs/DESIGN.md "Encryption", docs/FORMAT.md "An encrypted
+backup"): backups written through ``EncryptedStore`` are one standard age file under their own
+name, with a sidecar of the stored bytes and a readable catalog entry; they restore through
+``decrypt_backup``; the age CLI decrypts them and tar reads the result; a truncated or altered
+ciphertext and a wrong identity are refused and place nothing; the identity never leaks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from pyrage import x25519
+
+from engram.backup.catalog import check_entry, read_catalog, read_info
+from engram.backup.encrypted import (
+    AGE_MAGIC,
+    EncryptedStore,
+    EncryptionError,
+    NeedsIdentity,
+    WrongIdentity,
+    decrypt_backup,
+    parse_recipients,
+    read_identities,
+    read_recipients_file,
+)
+from engram.backup.full import full_backup
+from engram.backup.incremental import incremental_backup
+from engram.backup.pitr import Target, restore_pitr
+from engram.backup.restore import restore
+from engram.errors import BackupError, UsageError
+from engram.graph import Engine
+from engram.storage import LocalBackupStore, Ref
+from engram.storage.faults import FaultyStore
+
+AGE_INSTALL = "apt-get install age"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[x25519.Identity, str, Path]:
+    ident = x25519.Identity.generate()
+    rcpt = str(ident.to_public())
+    f = tmp_path / "key.txt"
+    f.write_text(f"# created: now\n# public key: {rcpt}\n{ident}\n")
+    f.chmod(0o600)
+    return ident, rcpt, f
+
+
+@pytest.fixture
+def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+    e = Engine.open(tmp_path / "data")
+    rnd = random.Random(7)
+    for i in range(300):
+        e.apply([{"op": "create_memory", "id": f"m{i}", "content": rnd.randbytes(300).hex()}])
+    e.apply([{"op": "create_edge", "src": "m0", "dst": "m1"}])
+    e.checkpoint()
+    yield e
+    e.close()
+
+
+def _bk(tmp_path: Path) -> Path:
+    d = tmp_path / "bk"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def test_a_full_backup_is_one_age_file_with_a_sidecar_and_an_entry_of_its_stored_bytes(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, _ = keys
+    bk = _bk(tmp_path)
+    store = EncryptedStore(LocalBackupStore(bk), recipients=[rcpt])
+    res = full_backup(engine, Ref(store, "full.tar.zst"))
+    stored = (bk / "full.tar.zst").read_bytes()
+    assert stored.startswith(AGE_MAGIC)
+    assert b"ENGRAMAH" not in stored[:4096] and b"manifest.json" not in stored
+    sha = hashlib.sha256(stored).hexdigest()
+    # The sidecar names the stored bytes: sha256sum -c checks them without the identity.
+    assert (bk / "full.tar.zst.sha256").read_text() == f"{sha}  full.tar.zst\n"
+    info = json.loads((bk / "full.tar.zst.info.json").read_text())
+    assert info["sha256"] == sha and info["size"] == len(stored)
+    enc = info["encryption"]
+    assert enc["format"] == "age" and enc["recipients"] == [rcpt]
+    assert enc["plaintext"] == {"sha256": res.sha256, "size": res.size}
+    assert info["snapshot_lsn"] == res.snapshot_lsn and info["digest"] == res.digest
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "-c", "full.tar.zst.sha256"], cwd=bk, check=True,
+                       capture_output=True)
+
+    # Listing and base choice without the identity: checksum, sidecar and size.
+    cat = read_catalog(LocalBackupStore(bk))
+    assert [e.name for e in cat.entries] == ["full.tar.zst"] and not cat.problems
+    assert cat.entries[0].to_lsn == res.snapshot_lsn
+    # With it: the full check against the header inside the ciphertext.
+    dec = EncryptedStore(LocalBackupStore(bk), identities=[ident])
+    cat2 = read_catalog(dec)
+    assert [e.name for e in cat2.entries] == ["full.tar.zst"] and not cat2.problems
+    # A key field changed (checksum recomputed by whoever forged it) is found only with it.
+    forged = dict(info, snapshot_lsn=info["snapshot_lsn"] + 1)
+    ref = Ref(dec, "full.tar.zst")
+    from engram.backup.catalog import entry_checksum, file_facts
+
+    forged["checksum"] = entry_checksum(forged)
+    assert any("snapshot_lsn" in p for p in check_entry(ref, forged, file_facts(ref)))
+
+    # Decrypted into a directory of its own, it restores to the same state.
+    out = decrypt_backup(Ref(LocalBackupStore(bk), "full.tar.zst"), [ident], tmp_path / "plain")
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == res.sha256
+    assert read_info(out)["sha256"] == res.sha256 and "encryption" not in read_info(out)
+    assert not check_entry(out, read_info(out), file_facts(out))
+    r = restore(out, tmp_path / "restored")
+    assert (r.snapshot_lsn, r.digest) == (res.snapshot_lsn, res.digest)
+    assert r.sidecar_checked
+
+
+def test_an_incremental_through_the_wrapper_replays(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, _ = keys
+    bk = _bk(tmp_path)
+    store = EncryptedStore(LocalBackupStore(bk), recipients=[rcpt])
+    full_backup(engine, Ref(store, "full.tar.zst"))
+    engine.apply([{"op": "create_memory", "id": "late", "content": "after the full"}])
+    inc = incremental_backup(engine, Ref(store, "inc.log"))
+    assert (bk / "inc.log").read_bytes().startswith(AGE_MAGIC)
+    # The chain's parent is the name as it is stored (unchanged by encryption).
+    assert read_info(bk / "inc.log")["parent"] == "full.tar.zst"
+    src = LocalBackupStore(bk)
+    base = decrypt_backup(Ref(src, "full.tar.zst"), [ident], tmp_path / "plain")
+    log = decrypt_backup(Ref(src, "inc.log"), [ident], tmp_path / "plain")
+    got = restore_pitr(base, [log], Target(lsn=inc.snapshot_lsn), tmp_path / "pitr")
+    assert (got.reached_lsn, got.digest) == (inc.snapshot_lsn, inc.digest)
+
+
+@pytest.mark.skipif(not shutil.which("age"), reason=f"the age CLI is missing: {AGE_INSTALL}")
+def test_the_age_cli_decrypts_what_engram_wrote_and_tar_reads_it(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, keyfile = keys
+    bk = _bk(tmp_path)
+    res = full_backup(engine, Ref(EncryptedStore(LocalBackupStore(bk), [rcpt]), "f.tar.gz"))
+    plain = tmp_path / "f.tar.gz"
+    subprocess.run(["age", "-d", "-i", str(keyfile), "-o", str(plain), str(bk / "f.tar.gz")],
+                   check=True, capture_output=True)
+    assert hashlib.sha256(plain.read_bytes()).hexdigest() == res.sha256
+    listing = subprocess.run(["tar", "-tzf", str(plain)], check=True, capture_output=True,
+                             text=True).stdout.split()
+    assert "manifest.json" in listing and "warm/engram.db" in listing
+
+
+def _one_backup(tmp_path: Path, engine: Engine, rcpt: str) -> Path:
+    bk = _bk(tmp_path)
+    full_backup(engine, Ref(EncryptedStore(LocalBackupStore(bk), [rcpt]), "full.tar.zst"))
+    return bk
+
+
+@pytest.mark.parametrize("damage", ["truncate-chunk", "truncate-mid", "flip", "flip-header"])
+def test_a_damaged_ciphertext_is_refused_and_places_nothing(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path], damage: str
+) -> None:
+    ident, rcpt, _ = keys
+    bk = _one_backup(tmp_path, engine, rcpt)
+    p = bk / "full.tar.zst"
+    data = bytearray(p.read_bytes())
+    chunk = 65536 + 16  # an age payload chunk and its tag
+    start = data.index(b"\n---") + 1
+    start = data.index(b"\n", start) + 1 + 16  # the header, then the payload's nonce
+    assert len(data) - start > 2 * chunk, "the backup must span several age chunks"
+    if damage == "truncate-chunk":  # a cut on a chunk boundary: found only at the end
+        del data[start + chunk * ((len(data) - start - 1) // chunk) :]
+    elif damage == "truncate-mid":
+        del data[len(data) - 1000 :]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    else:
+        data[30] ^= 0x01
+    p.write_bytes(bytes(data))
+    (bk / "full.tar.zst.sha256").unlink()  # the age layer alone must refuse it
+    into = tmp_path / "plain"
+    into.mkdir()
+    with pytest.raises((EncryptionError, WrongIdentity, UsageError, BackupError)) as ei:
+        decrypt_backup(Ref(LocalBackupStore(bk), "full.tar.zst"), [ident], into)
+    assert "\n" not in str(ei.value) and str(p) in str(ei.value)
+    assert list(into.iterdir()) == [], "a damaged ciphertext placed something"
+
+
+def test_the_stored_sidecar_is_checked_while_decrypting(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, _ = keys
+    bk = _one_backup(tmp_path, engine, rcpt)
+    (bk / "full.tar.zst.sha256").write_text("0" * 64 + "  full.tar.zst\n")
+    into = tmp_path / "plain"
+    into.mkdir()
+    with pytest.raises(Exception, match="checksum mismatch"):
+        decrypt_backup(Ref(LocalBackupStore(bk), "full.tar.zst"), [ident], into)
+    assert list(into.iterdir()) == []
+
+
+def test_a_wrong_identity_is_one_line_naming_the_backup(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    _, rcpt, _ = keys
+    bk = _one_backup(tmp_path, engine, rcpt)
+    other = x25519.Identity.generate()
+    into = tmp_path / "plain"
+    into.mkdir()
+    with pytest.raises(WrongIdentity) as ei:
+        decrypt_backup(Ref(LocalBackupStore(bk), "full.tar.zst"), [other], into)
+    msg = ei.value.message
+    assert str(bk / "full.tar.zst") in msg and "does not match" in msg and "\n" not in msg
+    assert ei.value.exit_code == 1
+    assert str(other) not in msg
+    assert list(into.iterdir()) == []
+
+
+def test_reading_an_encrypted_backup_without_an_identity_says_to_give_one(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    _, rcpt, _ = keys
+    bk = _one_backup(tmp_path, engine, rcpt)
+    store = EncryptedStore(LocalBackupStore(bk), recipients=[rcpt])
+    with pytest.raises(NeedsIdentity, match="--identity"):
+        store.open("full.tar.zst")
+    # Metadata stays readable without it.
+    assert json.loads(store.read("full.tar.zst.info.json"))["encryption"]["format"] == "age"
+
+
+def test_the_identity_never_leaks(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, keyfile = keys
+    secret = str(ident)
+    bk = _one_backup(tmp_path, engine, rcpt)
+    store = EncryptedStore(LocalBackupStore(bk), identities=read_identities(keyfile))
+    assert secret not in repr(store)
+    out = decrypt_backup(Ref(store.inner, "full.tar.zst"), [ident], tmp_path / "plain")
+    for d in (bk, out.parent):
+        for f in d.iterdir():
+            assert secret.encode() not in f.read_bytes(), f"{f} holds the identity"
+    bad = tmp_path / "bad-key.txt"
+    bad.write_text(secret[:-3] + "QQQ\n")
+    with pytest.raises(UsageError) as ei:
+        read_identities(bad)
+    assert secret[:20] not in ei.value.message and "line 1" in ei.value.message
+
+
+def test_key_files_and_bad_recipients(tmp_path: Path,
+                                      keys: tuple[x25519.Identity, str, Path]) -> None:
+    ident, rcpt, keyfile = keys
+    two = str(x25519.Identity.generate().to_public())
+    rf = tmp_path / "recipients.txt"
+    rf.write_text(f"# ops team\n{rcpt}\n\n  {two}  \n{rcpt}\n")
+    assert read_recipients_file(rf) == [rcpt, two]
+    assert [str(i.to_public()) for i in read_identities(keyfile)] == [rcpt]
+    for bad in ("age1nope", "ssh-ed25519 AAAA", ""):
+        with pytest.raises(UsageError, match="not an age X25519 recipient"):
+            parse_recipients([bad])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(UsageError, match="no age recipient"):
+        read_recipients_file(empty)
+    with pytest.raises(UsageError, match="no age identity"):
+        read_identities(empty)
+    with pytest.raises(UsageError, match="cannot read"):
+        read_identities(tmp_path / "missing.txt")
+    with pytest.raises(UsageError):
+        EncryptedStore(LocalBackupStore(tmp_path), recipients=["age1bad"])
+
+
+def test_a_failing_medium_under_encryption_fails_the_backup_and_leaves_nothing(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    _, rcpt, _ = keys
+    bk = _bk(tmp_path)
+    faulty = FaultyStore(LocalBackupStore(bk), after_bytes=50_000)
+    with pytest.raises(BackupError, match="disk full"):
+        full_backup(engine, Ref(EncryptedStore(faulty, [rcpt]), "full.tar.zst"))
+    assert faulty.fired and list(bk.iterdir()) == []
+    # The engine is fine and a later backup works.
+    full_backup(engine, Ref(EncryptedStore(LocalBackupStore(bk), [rcpt]), "full.tar.zst"))
+    assert (bk / "full.tar.zst").read_bytes().startswith(AGE_MAGIC)
