@@ -70,7 +70,8 @@ def first_line(cmd: list[str], env: dict[str, str] | None = None) -> str:
 @dataclass
 class Tool:
     """One tool's two timed steps. ``backup(n)`` and ``restore(n, to)`` return the command
-    to run for round ``n``; ``repo(n)`` is what its backup left (archive or repository)."""
+    for round ``n`` and the directory it runs in (None: any; a restore's is created first);
+    ``repo(n)`` is what its backup left (archive or repository)."""
 
     key: str
     label: str
