@@ -23,6 +23,7 @@ from engram.backup.encrypted import (
     EncryptionError,
     NeedsIdentity,
     WrongIdentity,
+    check_ciphertext,
     decrypt_backup,
     parse_recipients,
     read_identities,
@@ -284,3 +285,38 @@ def test_a_failing_medium_under_encryption_fails_the_backup_and_leaves_nothing(
     # The engine is fine and a later backup works.
     full_backup(engine, Ref(EncryptedStore(LocalBackupStore(bk), [rcpt]), "full.tar.zst"))
     assert (bk / "full.tar.zst").read_bytes().startswith(AGE_MAGIC)
+
+
+def test_a_store_read_hands_on_nothing_before_the_last_chunk_authenticated(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, _ = keys
+    bk = _one_backup(tmp_path, engine, rcpt)
+    store = EncryptedStore(LocalBackupStore(bk), identities=[ident])
+    plain = store.read("full.tar.zst")
+    info = read_info(bk / "full.tar.zst")
+    assert hashlib.sha256(plain).hexdigest() == info["encryption"]["plaintext"]["sha256"]
+    p = bk / "full.tar.zst"
+    p.write_bytes(p.read_bytes()[:-20])
+    with pytest.raises(EncryptionError, match="truncated|authentication"):
+        store.open("full.tar.zst")
+    # The header is still readable (its chunk authenticated), so is the catalog's listing.
+    with store.open_head("full.tar.zst") as f:
+        assert f.read(4) == b"\x28\xb5\x2f\xfd"
+
+
+def test_without_the_identity_only_the_ciphertext_is_checked(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    _, rcpt, _ = keys
+    bk = _one_backup(tmp_path, engine, rcpt)
+    ref = Ref(LocalBackupStore(bk), "full.tar.zst")
+    info, problems = check_ciphertext(ref)
+    assert info is not None and problems == []
+    p = bk / "full.tar.zst"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+    _, problems = check_ciphertext(ref)
+    assert any("checksum mismatch" in x for x in problems)
+    assert any("size" in x or "sha256" in x for x in problems) is not None

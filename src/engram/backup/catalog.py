@@ -209,11 +209,13 @@ def file_facts(backup: Path | Ref) -> dict[str, Any] | None:
     archive written before archives had headers. EngramError if the header is damaged."""
     ref = as_ref(backup)
     name = ref.name.rsplit("/", 1)[-1]
+    # A store that decrypts reads a header from the first chunks, not the whole backup.
+    open_head = getattr(ref.store, "open_head", ref.store.open)
     if compression_for(name):
-        with ref.store.open(ref.name) as f:
+        with open_head(ref.name) as f:
             header = parse_archive_header(f.read(ARCHIVE_HEAD_BYTES), name)
         return None if header is None else facts_from_manifest(header)
-    with ref.store.open(ref.name) as f:
+    with open_head(ref.name) as f:
         kind, h, _ = fmt.decode_file_header(f.read(fmt.max_header_size()), name)
     if kind != fmt.KIND_INCREMENTAL:
         raise CatalogError(f"{name} is not an incremental backup (log kind {kind})")

@@ -14,9 +14,11 @@ Guarantees:
   ``sha256sum -c NAME.sha256`` and engram check its integrity without the identity. The catalog
   entry stays readable: its ``sha256`` and ``size`` are the stored bytes', and ``encryption``
   says the format, the recipients and the plaintext's sha256 and size.
-- A decrypting read raises at its end when the last age chunk does not authenticate (age finds a
-  truncation only there): a caller that places only what it read to the end never places a cut
-  or altered backup. ``decrypt_backup`` writes into a temp file and publishes only then.
+- Nothing decrypted is handed on before the last age chunk authenticated (age finds a
+  truncation only there): ``open`` decrypts the whole object into an unlinked temp file (in
+  ``spool_dir``) and returns it only then; ``decrypt_backup`` writes a temp file and publishes
+  it only then. Only ``open_head`` streams: a header read gets the first chunks, each of which
+  authenticated on its own (the catalog's check of an entry against its file).
 - A wrong identity is one ``WrongIdentity`` line naming the backup. No identity is ever put into
   an error, a repr, a log line or an entry: only recipients (public keys) are recorded.
 """
@@ -26,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -35,7 +39,7 @@ from typing import Any, BinaryIO
 import pyrage
 from pyrage import x25519
 
-from engram.backup.catalog import encode_entry
+from engram.backup.catalog import check_entry, encode_entry, read_info
 from engram.errors import BadArchive, EngramError, UsageError
 from engram.format.manifest import decode_sidecar, encode_sidecar
 from engram.fsutil import ensure_private_dir
@@ -160,13 +164,14 @@ class _Pipe:
             self._cond.notify_all()
 
     def get(self, n: int) -> bytes:
-        """Up to ``n`` bytes; b"" at the end; raises what ``fail`` was given."""
+        """Up to ``n`` bytes; b"" at the end; what ``fail`` was given once the bytes put
+        before it are taken."""
         with self._cond:
             while not self._chunks and not self._eof and self._error is None:
                 self._cond.wait()
-            if self._error is not None:
-                raise self._error
             if not self._chunks:
+                if self._error is not None:
+                    raise self._error
                 return b""
             first = self._chunks[0]
             if len(first) <= n:
@@ -451,8 +456,10 @@ class EncryptedStore:
         inner: BackupStore,
         recipients: Sequence[str] = (),
         identities: Sequence[x25519.Identity] = (),
+        spool_dir: Path | None = None,
     ) -> None:
         self.inner = inner
+        self.spool_dir = spool_dir
         self.recipients = parse_recipients(recipients)
         self._recipients = [x25519.Recipient.from_str(r) for r in self.recipients]
         self._identities = list(identities)
@@ -477,16 +484,41 @@ class EncryptedStore:
     def size(self, name: str) -> int:
         return self.inner.size(name)
 
-    def open(self, name: str) -> BinaryIO:
+    def _decrypting(self, name: str) -> DecryptingReader | None:
+        """A reader of the plaintext of ``name``, or None when it is not encrypted."""
         if _is_meta(name) or not is_encrypted(self.inner, name):
-            return self.inner.open(name)
+            return None
         if not self._identities:
             raise NeedsIdentity(
                 f"{self.describe(name)} is encrypted (age); give --identity FILE with a key of "
                 "one of its recipients"
             )
-        reader = DecryptingReader(self.inner.open(name), self._identities, self.describe(name))
-        return io.BufferedReader(reader, 1 << 20)  # type: ignore[return-value]
+        return DecryptingReader(self.inner.open(name), self._identities, self.describe(name))
+
+    def open(self, name: str) -> BinaryIO:
+        """``name`` from its start; an encrypted object only once all of it decrypted and
+        authenticated (spooled to an unlinked temp file), else EncryptionError."""
+        reader = self._decrypting(name)
+        if reader is None:
+            return self.inner.open(name)
+        spool = tempfile.TemporaryFile(dir=self.spool_dir)
+        try:
+            with reader:
+                shutil.copyfileobj(reader, spool, 1 << 20)
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return spool  # type: ignore[return-value]
+
+    def open_head(self, name: str) -> BinaryIO:
+        """``name`` streamed: for reading its first bytes (a header). Every byte returned
+        authenticated with its chunk, but a cut-off end shows only at the end: never use this
+        for what is restored or copied (``open``)."""
+        reader = self._decrypting(name)
+        if reader is None:
+            return self.inner.open(name)
+        return io.BufferedReader(reader, 1 << 16)  # type: ignore[return-value]
 
     def read(self, name: str) -> bytes:
         if _is_meta(name):
@@ -521,6 +553,37 @@ class EncryptedStore:
         if isinstance(temp, EncryptingTemp):
             temp.close()
         self.inner.discard(_inner(temp))
+
+
+def check_ciphertext(ref: Ref) -> tuple[dict[str, Any] | None, list[str]]:
+    """What can be checked of the encrypted backup ``ref`` without its identity: the stored
+    bytes' sha256 against its sidecar (one full read) and its catalog entry (checksum, sha256,
+    size). Returns the entry (None if missing) and the problems found."""
+    base = ref.name.rsplit("/", 1)[-1]
+    problems: list[str] = []
+    try:
+        expected: str | None = decode_sidecar(
+            ref.store.read(sidecar_name(ref.name)), sidecar_name(base)
+        )
+    except FileNotFoundError:
+        expected = None
+        problems.append(f"{sidecar_name(base)} is missing, so the ciphertext cannot be checked")
+    except EngramError as e:
+        expected = None
+        problems.append(e.message)
+    sha = hashlib.sha256()
+    with ref.store.open(ref.name) as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    if expected is not None and sha.hexdigest() != expected:
+        problems.append(
+            f"checksum mismatch: {sidecar_name(base)} says {expected[:16]}…, the stored bytes "
+            f"hash to {sha.hexdigest()[:16]}…; the backup or its sidecar is damaged"
+        )
+    info = read_info(ref)
+    if info is not None:
+        problems += [f"{base}.info.json: {p}" for p in check_entry(ref, info, None)]
+    return info, problems
 
 
 # -- decrypting a backup into a directory ------------------------------------------------------
