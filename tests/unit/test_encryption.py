@@ -320,3 +320,89 @@ def test_without_the_identity_only_the_ciphertext_is_checked(
     _, problems = check_ciphertext(ref)
     assert any("checksum mismatch" in x for x in problems)
     assert any("size" in x or "sha256" in x for x in problems) is not None
+
+
+# -- the commands ---------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from engram.cli.main import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.output  # stdout and stderr as the user sees them
+
+
+def test_the_commands_read_encrypted_backups_with_an_identity_and_never_show_it(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, keyfile = keys
+    secret = str(ident)
+    bk = _bk(tmp_path)
+    store = EncryptedStore(LocalBackupStore(bk), [rcpt])
+    full = full_backup(engine, Ref(store, "full.tar.zst"))
+    engine.apply([{"op": "create_memory", "id": "late", "content": "after"}])
+    inc = incremental_backup(engine, Ref(store, "inc.log"))
+    enc, key = str(bk / "full.tar.zst"), str(keyfile)
+    outputs: list[str] = []
+
+    # Without the identity: restore says to give one; validation checks the ciphertext only.
+    code, out = _cli("restore", "--from", enc, "--to", str(tmp_path / "r0"))
+    outputs.append(out)
+    assert code == 2 and "is encrypted (age); give --identity" in out
+    assert not (tmp_path / "r0").exists()
+    code, out = _cli("validate-backup", enc)
+    outputs.append(out)
+    assert code == 0 and "only the ciphertext" in out and "--identity" in out
+    assert read_info(bk / "full.tar.zst")["validation"] is None  # no verdict from that
+
+    # With it: validation proves the identity decrypts; its verdict lands in the stored entry.
+    code, out = _cli("validate-backup", enc, "--identity", key, "--level", "3", "--json")
+    outputs.append(out)
+    assert code == 0, out
+    v = json.loads(out[out.index("{"):])
+    assert v["ok"] and v["path"] == enc
+    info = read_info(bk / "full.tar.zst")
+    assert info["validation"]["status"] == "passed" and "encryption" in info
+    assert info["sha256"] == hashlib.sha256((bk / "full.tar.zst").read_bytes()).hexdigest()
+    assert not read_catalog(LocalBackupStore(bk)).problems
+
+    code, out = _cli("restore", "--from", enc, "--identity", key, "--to", str(tmp_path / "r1"))
+    outputs.append(out)
+    assert code == 0, out
+    assert f"restored {enc} into" in out and f"LSN {full.snapshot_lsn}" in out
+    code, out = _cli("restore-pitr", "--base-backup", enc, "--operation-log", str(bk / "inc.log"),
+                     "--target-lsn", str(inc.snapshot_lsn), "--identity", key,
+                     "--output", str(tmp_path / "r2"), "--json")
+    outputs.append(out)
+    assert code == 0, out
+    assert json.loads(out[out.index("{"):])["digest"] == inc.digest
+    code, out = _cli("apply-log", "--log", str(bk / "inc.log"), "--identity", key,
+                     "--data-dir", str(tmp_path / "r1"))
+    outputs.append(out)
+    assert code == 0, out
+
+    # A wrong identity: one line naming the backup, exit 1, nothing placed.
+    other = tmp_path / "other.txt"
+    other.write_text(f"{x25519.Identity.generate()}\n")
+    other.chmod(0o600)
+    code, out = _cli("restore", "--from", enc, "--identity", str(other), "--to",
+                     str(tmp_path / "r3"))
+    outputs.append(out)
+    assert code == 1 and "does not match any of its recipients" in out and enc in out
+    assert [ln for ln in out.splitlines() if ln.strip()] == [out.strip()], out
+    assert not (tmp_path / "r3").exists()
+    assert not list(tmp_path.glob(".engram-decrypt-*")), "a decrypted copy was left behind"
+
+    for o in outputs:
+        assert secret not in o and secret.lower() not in o.lower()
+    for f in [*bk.rglob("*"), *(tmp_path / "r1").rglob("*"), *(tmp_path / "r2").rglob("*")]:
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f"{f} holds the identity"
+
+
+def test_identity_file_errors_are_usage_errors(tmp_path: Path) -> None:
+    code, out = _cli("restore", "--from", str(tmp_path / "x.tar.zst"), "--identity",
+                     str(tmp_path / "missing.txt"), "--to", str(tmp_path / "r"))
+    assert code == 2 and "cannot read the identity file" in out
