@@ -3,7 +3,9 @@ that every backup path that takes a store works on object storage (docs/DESIGN.m
 storage", docs/FORMAT.md "A repository in a bucket").
 
 - A temp object is an upload in progress: bytes kept in memory up to one part, then a multipart
-  upload to NAME that no listing shows and no reader can open. ``publish`` completes it (or puts
+  upload to NAME that no listing shows and no reader can open, its parts sent
+  ``objects.UPLOAD_THREADS`` at a time (so at most that many parts and the one filling are in
+  memory). ``publish`` completes it (or puts
   a one-part object) with ``If-None-Match: *``: of two writers racing for NAME exactly one wins,
   and the loser's bytes never replace the winner's.
 - ``create`` is a conditional put, ``replace`` (catalog entries only) an unconditional one: S3
@@ -15,7 +17,8 @@ storage", docs/FORMAT.md "A repository in a bucket").
 - The whole object's SHA-256 is computed while uploading. A one-part object records it in its
   metadata (``engram-sha256``); an archive's is recorded by its sidecar, which ``create``
   checks against the hash of the bytes uploaded before creating it. ``open`` and ``read`` check
-  it at the end of every complete read (``ObjectCorrupt`` otherwise).
+  it at the end of every complete read (``ObjectCorrupt`` otherwise); ``open`` reads ahead
+  (``objects.ObjectReader``).
 - ``prepare`` aborts the multipart uploads under the store's prefix that began more than
   ``stale_after`` ago (default 24 hours): S3 cannot tell a live writer's upload from a dead
   one's, so age is the only sign. A live writer whose upload is aborted meanwhile fails at

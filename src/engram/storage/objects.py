@@ -32,6 +32,8 @@ import hashlib
 import io
 import os
 import re
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -52,6 +54,13 @@ DEFAULT_PART = 8 * MiB
 # A stream of unknown size doubles its part size every GROW_EVERY parts: 1,000 parts of each of
 # 8 MiB, 16 MiB, ... 4 GiB reach 8 TiB within 10,000 parts, past the 5 TiB object limit.
 GROW_EVERY = 1_000
+# How many parts of one upload are sent at once, and how many ranges of one download are
+# fetched ahead of the reader. A writer holds at most (UPLOAD_THREADS + 1) parts in memory
+# (those in flight and the one filling), a reader (READ_AHEAD + 1) ranges of at most
+# READ_CHUNK bytes: 40 MiB each with 8 MiB parts.
+UPLOAD_THREADS = 4
+READ_AHEAD = 4
+READ_CHUNK = 8 * MiB
 
 # The object metadata engram records (S3 user metadata ``x-amz-meta-…``).
 META_SHA256 = "engram-sha256"
@@ -256,7 +265,14 @@ class ObjectWriter:
     then ``publish``; ``abort`` on any failure (it drops a multipart upload, so that nothing is
     left behind). Bytes are kept in memory up to one part; an object that fits in one part is
     one ``put`` at ``publish``, a larger one a multipart upload begun when the first part is
-    full. ``sha256`` and ``size`` are the whole object's once finished."""
+    full. ``sha256`` and ``size`` are the whole object's once finished.
+
+    Parts go up ``threads`` at a time (1: one after the other, in the caller's thread). A full
+    part is handed to a thread and ``write`` goes on; it waits while ``threads`` parts are in
+    flight, so the writer holds at most ``threads`` + 1 parts in memory. A part that failed
+    (after the store's own retries) fails the next ``write`` or ``finish``; ``abort`` waits for
+    the parts in flight before it drops the upload, so that no part lands after it. ``parts``
+    is in part order once finished."""
 
     def __init__(
         self,
@@ -266,22 +282,27 @@ class ObjectWriter:
         size: int | None = None,
         meta: Meta | None = None,
         first_part: int = DEFAULT_PART,
+        threads: int = UPLOAD_THREADS,
     ) -> None:
         self.store = store
         self.key = check_key(key)
         self.expected_size = size
         self.meta = meta or Meta()
         self.first_part = first_part
+        self.threads = max(1, threads)
         self._buf = bytearray()
         self._hash = hashlib.sha256()
         self.size = 0
         self.upload_id: str | None = None
         self.parts: builtins.list[Part] = []
+        self._sent = 0  # parts handed out (done or in flight)
+        self._inflight: deque[Future[Part]] = deque()  # in part order
+        self._pool: ThreadPoolExecutor | None = None
         self.finished = False
         self.sha256 = ""
 
     def _next_part_size(self) -> int:
-        return part_size(len(self.parts) + 1, self.expected_size, self.first_part)
+        return part_size(self._sent + 1, self.expected_size, self.first_part)
 
     def write(self, data: bytes | memoryview) -> int:
         if self.finished:
@@ -293,23 +314,57 @@ class ObjectWriter:
             self._send_part(self._next_part_size())
         return len(data)
 
+    def _put(self, upload_id: str, number: int, chunk: bytes) -> Part:
+        return self.store.put_part(self.key, upload_id, number, chunk, checksum=sha256_hex(chunk))
+
     def _send_part(self, n: int) -> None:
         chunk = bytes(self._buf[:n])
         if self.upload_id is None:
             self.upload_id = self.store.start_upload(self.key, meta=self.meta)
-        number = len(self.parts) + 1
-        self.parts.append(
-            self.store.put_part(self.key, self.upload_id, number, chunk, checksum=sha256_hex(chunk))
-        )
+        self._sent += 1
+        if self.threads == 1:
+            self.parts.append(self._put(self.upload_id, self._sent, chunk))
+        else:
+            self._wait_for_room()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="engram-upload")
+            self._inflight.append(self._pool.submit(self._put, self.upload_id, self._sent, chunk))
         del self._buf[:n]
 
+    def _reap(self) -> None:
+        """Raise the failure of a part that failed; move the parts done, in order, to
+        ``parts``."""
+        for f in self._inflight:
+            if f.done() and (e := f.exception()) is not None:
+                raise e
+        while self._inflight and self._inflight[0].done():
+            self.parts.append(self._inflight.popleft().result())
+
+    def _wait_for_room(self) -> None:
+        while True:
+            self._reap()
+            running = [f for f in self._inflight if not f.done()]
+            if len(running) < self.threads:
+                return
+            wait(running, return_when=FIRST_COMPLETED)
+
+    def _drain(self) -> None:
+        """Wait for every part in flight; the pool's threads end."""
+        if self._inflight:
+            wait(list(self._inflight))
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True)
+
     def finish(self) -> None:
-        """Every byte is written: the last part goes up (an object of one part waits for
-        ``publish``)."""
+        """Every byte is written: the last part goes up and every part is done (an object of
+        one part waits for ``publish``)."""
         if self.finished:
             return
         if self.upload_id is not None and self._buf:
             self._send_part(len(self._buf))
+        self._drain()
+        self._reap()
         self.sha256 = self._hash.hexdigest()
         self.finished = True
 
@@ -329,8 +384,11 @@ class ObjectWriter:
         return etag
 
     def abort(self) -> None:
-        """Drop what was uploaded and not published. Never raises for an upload already gone."""
+        """Drop what was uploaded and not published, once no part is in flight any more. Never
+        raises for an upload already gone."""
         self._buf.clear()
+        self._drain()
+        self._inflight.clear()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
             self.store.abort_upload(self.key, upload_id)
@@ -355,6 +413,7 @@ def upload(
     storage_class: str | None = None,
     first_part: int = DEFAULT_PART,
     chunk: int = MiB,
+    threads: int = UPLOAD_THREADS,
 ) -> Uploaded:
     """Upload ``source`` to ``key``: multipart when larger than one part, aborted on any failure.
     With ``if_absent`` (objects that are never replaced), a key already holding the same bytes
@@ -363,7 +422,12 @@ def upload(
     if isinstance(source, bytes):
         size, source = len(source), io.BytesIO(source)
     w = ObjectWriter(
-        store, key, size=size, meta=Meta(None, token, storage_class), first_part=first_part
+        store,
+        key,
+        size=size,
+        meta=Meta(None, token, storage_class),
+        first_part=first_part,
+        threads=threads,
     )
     try:
         while block := source.read(chunk):
@@ -419,7 +483,13 @@ class ObjectReader(io.RawIOBase):
     bytes to ``window`` (a caller that wants only a header fetches little), each pinned to the
     version first seen (its ETag), and checks at the end that the bytes hash to ``sha256`` (or
     the hash recorded with the object): ObjectCorrupt otherwise, and when the size differs.
-    Not seekable: it is a stream."""
+    Not seekable: it is a stream.
+
+    The first range is streamed as it arrives. A reader that goes past it reads ahead: the
+    next ``ahead`` ranges are fetched by threads while it consumes the one before (0: every
+    range streamed in turn), so it holds at most ``ahead`` + 1 ranges of at most ``window``
+    bytes in memory. The hash is taken in order, by the reading thread; a range that failed
+    (after the store's own retries) fails the read that reaches it."""
 
     def __init__(
         self,
@@ -429,7 +499,8 @@ class ObjectReader(io.RawIOBase):
         info: ObjectInfo | None = None,
         sha256: str | None = None,
         first: int = 256 * 1024,
-        window: int = 64 * MiB,
+        window: int = READ_CHUNK,
+        ahead: int = READ_AHEAD,
     ) -> None:
         super().__init__()
         self.store = store
@@ -439,13 +510,53 @@ class ObjectReader(io.RawIOBase):
         self.pos = 0
         self._span = first
         self._window = window
+        self._ahead = max(0, ahead)
         self._body: BinaryIO | None = None
         self._body_end = 0
         self._hash = hashlib.sha256()
         self.verified = False
+        # Read-ahead: ranges in flight, in order ([start, end) and the bytes to come), the
+        # range being consumed and where in it, and where the next range starts.
+        self._pool: ThreadPoolExecutor | None = None
+        self._fetching: deque[tuple[int, int, Future[bytearray]]] = deque()
+        self._cur = memoryview(b"")
+        self._cur_at = 0
+        self._next = 0
 
     def readable(self) -> bool:
         return True
+
+    def _next_span(self) -> int:
+        span = self._span
+        self._span = min(self._window, self._span * 4)
+        return span
+
+    def _cut(self, at: int) -> ObjectCorrupt:
+        return ObjectCorrupt(
+            f"{self.store.describe(self.key)} ended at byte {at} of {self.info.size}; it "
+            "changed or was cut while read: read it again"
+        )
+
+    def _fetch(self, start: int, end: int) -> bytearray:
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        got = 0
+        with self.store.get(self.key, start, end, etag=self.info.etag) as body:
+            while got < len(buf):
+                n = body.readinto(view[got:])  # type: ignore[attr-defined]
+                if not n:
+                    raise self._cut(start + got)
+                got += n
+        return buf
+
+    def _schedule(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._ahead, thread_name_prefix="engram-read")
+        while len(self._fetching) < self._ahead and self._next < self.info.size:
+            start = self._next
+            end = min(self.info.size, start + self._next_span())
+            self._fetching.append((start, end, self._pool.submit(self._fetch, start, end)))
+            self._next = end
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(b).cast("B")
@@ -453,12 +564,28 @@ class ObjectReader(io.RawIOBase):
             return 0
         size = self.info.size
         while True:
+            if self._cur_at < len(self._cur):
+                n = min(len(view), len(self._cur) - self._cur_at)
+                view[:n] = self._cur[self._cur_at : self._cur_at + n]
+                self._cur_at += n
+                self._hash.update(view[:n])
+                self.pos += n
+                return n
             if self.pos >= size:
                 self._done()
                 return 0
+            if self._ahead and self.pos > 0 and self._body is None:
+                # Past the first range: take the next one fetched ahead.
+                if not self._fetching:
+                    self._next = self.pos
+                self._schedule()
+                start, _, fut = self._fetching.popleft()
+                assert start == self.pos
+                self._cur, self._cur_at = memoryview(fut.result()), 0
+                self._schedule()
+                continue
             if self._body is None:
-                end = min(size, self.pos + self._span)
-                self._span = min(self._window, self._span * 4)
+                end = min(size, self.pos + self._next_span())
                 self._body = self.store.get(self.key, self.pos, end, etag=self.info.etag)
                 self._body_end = end
             want = min(len(view), self._body_end - self.pos)
@@ -470,10 +597,7 @@ class ObjectReader(io.RawIOBase):
                     self._close_body()
                 return int(n)
             if self.pos < self._body_end:
-                raise ObjectCorrupt(
-                    f"{self.store.describe(self.key)} ended at byte {self.pos} of "
-                    f"{size}; it changed or was cut while read: read it again"
-                )
+                raise self._cut(self.pos)
             self._close_body()
 
     def _close_body(self) -> None:
@@ -494,6 +618,13 @@ class ObjectReader(io.RawIOBase):
 
     def close(self) -> None:
         self._close_body()
+        self._cur = memoryview(b"")
+        if self._pool is not None:
+            # Ranges not begun are dropped; those being fetched end on their own (bounded by
+            # the store's timeouts) and are thrown away.
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._fetching.clear()
         super().close()
 
 
