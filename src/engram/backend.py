@@ -21,6 +21,7 @@ from engram.datadir import LOCK, read_owner
 from engram.errors import BackupError, DataDirError, DataDirLocked, Refused
 from engram.graph import Engine, EngineConfig
 from engram.model import ExportStream
+from engram.storage import Ref, as_ref
 
 if TYPE_CHECKING:  # the HTTP client loads only when a server owns the data dir
     from engram.client import EngramClient
@@ -48,8 +49,12 @@ class Backend(Protocol):
 
     def mark(self, name: str) -> dict[str, Any]: ...
 
-    def backup(self, req: BackupRequest, progress: Progress | None = None) -> dict[str, Any]:
-        """Take ``req`` into the new file ``req.output``, written by this process's user."""
+    def backup(
+        self, req: BackupRequest, progress: Progress | None = None, output: Ref | None = None
+    ) -> dict[str, Any]:
+        """Take ``req`` into the new file ``req.output`` — or into ``output``, the object of a
+        store that ``req.output`` names (an ``s3://`` URL, opened by the caller) — written by
+        this process's user."""
         ...
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]: ...
@@ -72,12 +77,14 @@ class LocalBackend:
         self.engine = engine
         self.where = str(engine.root)
 
-    def backup(self, req: BackupRequest, progress: Progress | None = None) -> dict[str, Any]:
+    def backup(
+        self, req: BackupRequest, progress: Progress | None = None, output: Ref | None = None
+    ) -> dict[str, Any]:
         # Imported here: only backup commands pay for the backup modules. Nobody else writes
         # to a data dir this process holds: a full backup uses every core unless asked.
         from engram.backup.run import run_backup
 
-        return run_backup(self.engine, req, progress, default_priority="normal")
+        return run_backup(self.engine, req, progress, default_priority="normal", output=output)
 
     def quiesce(self, timeout_s: float) -> dict[str, Any]:
         raise _no_server(self.engine.root, "quiesce")
@@ -142,26 +149,29 @@ class RemoteBackend:
 
     remote = True
 
-    def backup(self, req: BackupRequest, progress: Progress | None = None) -> dict[str, Any]:
-        # The server makes the cut and streams the backup; this process writes the file, with
-        # the rights of whoever runs the command (the server never writes where a client says).
+    def backup(
+        self, req: BackupRequest, progress: Progress | None = None, output: Ref | None = None
+    ) -> dict[str, Any]:
+        # The server makes the cut and streams the backup; this process writes the file (or
+        # the object of ``output``'s store), with the rights of whoever runs the command (the
+        # server never writes where a client says).
         from engram.backup.incremental import chain_for, nothing_to_continue
         from engram.backup.output import BackupOutput
 
         req = req.validate()
         if req.output is None:
             raise ValueError("a backup through a server is written here: it needs an output")
-        output = Path(req.output).absolute()
+        ref = output if output is not None else as_ref(Path(req.output).absolute())
         stream = req.streamed()  # priority None: the server's default (low)
-        with BackupOutput(output) as out:
+        with BackupOutput(ref) as out:
             if req.kind == "incremental":
-                # "Never a gap" is about this directory, which only this side can see: the
-                # server is told where the range must start at the latest.
-                after = chain_for(output.parent, self.client.status())
+                # "Never a gap" is about this directory (store), which only this side can
+                # see: the server is told where the range must start at the latest.
+                after = chain_for(ref.store, self.client.status())
                 if after is not None:
                     stream = replace(stream, start_by_lsn=after.to_lsn + 1, parent=after.name)
                 elif req.since_s is None and req.since_lsn is None:
-                    raise nothing_to_continue(output.parent)
+                    raise nothing_to_continue(ref.store.describe())
             sink = out.open()
             res = self.client.backup(**stream.to_mapping(), sink=sink, progress=progress)
             sink.sync_close()
@@ -170,10 +180,10 @@ class RemoteBackend:
                 raise BackupError(
                     f"the backup received from {self.client.url} ({got[0]} bytes, sha256 "
                     f"{got[1][:12]}…) is not what the server sent ({res.get('size')} bytes, "
-                    f"sha256 {str(res.get('sha256'))[:12]}…); nothing was written at {output}"
+                    f"sha256 {str(res.get('sha256'))[:12]}…); nothing was written at {out.path}"
                 )
             catalog = res.pop("catalog", None) or {}
-            res |= {"path": str(output), "sidecar": str(out.sidecar)}
+            res |= {"path": out.path, "sidecar": str(out.sidecar)}
             out.publish(got[1], res | catalog)
         return res
 

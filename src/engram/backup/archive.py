@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import queue
 import stat
@@ -26,7 +27,7 @@ from typing import IO, Any, BinaryIO, Protocol, cast
 
 import zstandard
 
-from engram.errors import BadArchive
+from engram.errors import BadArchive, EngramError
 from engram.format.manifest import (
     MAX_ARCHIVE_HEADER,
     allowed_member,
@@ -260,17 +261,24 @@ class ArchiveWriter:
 
 
 class HashingReader:
-    """Reads the compressed archive, hashing every byte (the sidecar check, in the same pass)."""
+    """Reads the compressed archive, hashing every byte (the sidecar check, in the same pass);
+    with ``walk``, every byte also goes through a ``ZstdFrameWalk`` (a stream that cannot
+    seek)."""
 
-    def __init__(self, f: BinaryIO, progress: Progress | None = None) -> None:
+    def __init__(
+        self, f: BinaryIO, progress: Progress | None = None, walk: ZstdFrameWalk | None = None
+    ) -> None:
         self.f = f
         self.sha = hashlib.sha256()
         self.progress = progress
+        self.walk = walk
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
         self.sha.update(data)
+        if self.walk is not None:
+            self.walk.feed(data)
         self.size += len(data)
         if self.progress and data:
             self.progress(len(data))
@@ -279,7 +287,10 @@ class HashingReader:
     def readinto(self, b: bytearray | memoryview) -> int:
         n = self.f.readinto(b)  # type: ignore[attr-defined]
         if n:
-            self.sha.update(memoryview(b)[:n])
+            got = memoryview(b)[:n]
+            self.sha.update(got)
+            if self.walk is not None:
+                self.walk.feed(got)
             self.size += n
             if self.progress:
                 self.progress(n)
@@ -375,6 +386,100 @@ def check_zstd_frames(path: Path) -> None:
                 need(4, "frame checksum")
 
 
+class ZstdFrameWalk:
+    """``check_zstd_frames`` for a stream that cannot seek: fed every compressed byte in order,
+    it follows the frame and block headers (skipping block contents by count), and ``end``
+    refuses a stream that stops anywhere but between two frames. A stream reader reports a
+    cut-off last frame as a clean end, so this is what catches a truncated archive read from
+    an object store; nothing is placed before ``end`` has passed."""
+
+    _WHAT = {
+        "magic": "frame header",
+        "skip-size": "skippable frame",
+        "descriptor": "frame header",
+        "frame-rest": "frame header",
+        "block": "block header",
+        "checksum": "frame checksum",
+    }
+
+    def __init__(self) -> None:
+        self.pos = 0  # bytes consumed
+        self._state = "magic"
+        self._need = 4
+        self._buf = bytearray()
+        self._skip = 0
+        self._skip_what = ""
+        self._checksum = False
+        self._last = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        i, n = 0, len(mv)
+        while i < n:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                i += k
+                continue
+            k = min(self._need - len(self._buf), n - i)
+            self._buf += mv[i : i + k]
+            i += k
+            if len(self._buf) == self._need:
+                at = self.pos + i - self._need
+                head, self._buf = bytes(self._buf), bytearray()
+                self._step(head, at)
+        self.pos += n
+
+    def _expect(self, state: str, need: int) -> None:
+        self._state, self._need = state, need
+        if need == 0:  # a frame header with nothing after its descriptor
+            self._step(b"", self.pos)
+
+    def _step(self, b: bytes, at: int) -> None:
+        s = self._state
+        if s == "magic":
+            magic = int.from_bytes(b, "little")
+            if 0x184D2A50 <= magic <= 0x184D2A5F:
+                self._expect("skip-size", 4)
+            elif magic == 0xFD2FB528:
+                self._expect("descriptor", 1)
+            else:
+                raise BadArchive(f"the archive is damaged: non-zstd bytes at offset {at}")
+        elif s == "skip-size":
+            self._skip, self._skip_what = int.from_bytes(b, "little"), "skippable frame"
+            self._expect("magic", 4)
+        elif s == "descriptor":
+            fhd = b[0]
+            single = (fhd >> 5) & 1
+            fcs = {0: single, 1: 2, 2: 4, 3: 8}[fhd >> 6]
+            self._checksum = bool(fhd & 4)
+            self._expect("frame-rest", (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs)
+        elif s == "frame-rest":
+            self._expect("block", 3)
+        elif s == "block":
+            bh = int.from_bytes(b, "little")
+            btype, bsize = (bh >> 1) & 3, bh >> 3
+            if btype == 3:
+                raise BadArchive("the archive is damaged: an invalid zstd block")
+            self._skip, self._skip_what = (1 if btype == 1 else bsize), "zstd block"
+            if not bh & 1:
+                self._expect("block", 3)
+            elif self._checksum:
+                self._expect("checksum", 4)
+            else:
+                self._expect("magic", 4)
+        elif s == "checksum":
+            self._expect("magic", 4)
+
+    def end(self) -> None:
+        """BadArchive unless the stream ended between two frames."""
+        if self._skip:
+            raise BadArchive(f"the archive is truncated: it ends inside a {self._skip_what}")
+        if self._state != "magic" or self._buf or self.pos == 0:
+            what = self._WHAT[self._state]
+            raise BadArchive(f"the archive is truncated: it ends inside a zstd {what}")
+
+
 _READ_ERRORS = (zstandard.ZstdError, OSError, EOFError, zlib.error)
 PREFETCH = 1 << 20
 
@@ -428,7 +533,9 @@ class _Decompressed:
             item = self._q.get()
             if isinstance(item, BaseException):
                 self._eof = True
-                if isinstance(item, _READ_ERRORS):
+                # A store's own error (an object that is not what was recorded, a network
+                # that stayed down) says what happened itself; it is no damage to report.
+                if isinstance(item, _READ_ERRORS) and not isinstance(item, EngramError):
                     raise BadArchive(
                         f"the archive is damaged: decompression failed in {what} ({item})"
                     ) from None
@@ -513,6 +620,76 @@ def extract_verified(
             src.close()
         raw.drain()
     return members, manifest, raw.sha.hexdigest()
+
+
+@dataclass
+class Extracted:
+    """What ``extract_stream`` read: every member's size and hash, the manifest's bytes (None
+    when absent), the SHA-256 of every compressed byte, and the archive's first bytes (for
+    ``parse_archive_header``)."""
+
+    members: dict[str, Member]
+    manifest: bytes | None
+    sha256: str
+    head: bytes
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` (bytes already read from ``f``), then the rest of ``f``."""
+
+    def __init__(self, head: bytes, f: BinaryIO) -> None:
+        super().__init__()
+        self.head = memoryview(head)
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(b).cast("B")
+        if self.head:
+            n = min(len(view), len(self.head))
+            view[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        return int(self.f.readinto(view) or 0)  # type: ignore[attr-defined]
+
+
+def extract_stream(
+    f: BinaryIO,
+    name: str,
+    dest: Path,
+    progress: Progress | None = None,
+    durable: bool = True,
+) -> Extracted:
+    """``extract_verified`` of an archive read as a stream from its first byte to its last (an
+    object store's reader: no seeking, no local copy). Every check is the same; the zstd frame
+    walk runs on the bytes as they pass (``ZstdFrameWalk``) and its verdict comes at the end of
+    the stream, so a caller places nothing before this returns. ``name`` names the archive in
+    messages."""
+    head = b""
+    while len(head) < ARCHIVE_HEAD_BYTES:
+        more = f.read(ARCHIVE_HEAD_BYTES - len(head))
+        if not more:
+            break
+        head += more
+    if head.startswith(ZSTD_MAGIC):
+        compression, walk = "zstd", ZstdFrameWalk()
+    elif head.startswith(GZIP_MAGIC):
+        compression, walk = "gzip", None
+    else:
+        raise BadArchive(f"{name} is neither zstd- nor gzip-compressed; it is not an engram backup")
+    open_out = lambda p: open(p, "xb", buffering=0)  # noqa: E731, SIM115
+    raw = HashingReader(cast(BinaryIO, _Prefixed(head, f)), progress, walk)
+    src = _Decompressed(raw, compression)
+    try:
+        members, manifest = _extract_members(src, dest, open_out, durable)
+    finally:
+        src.close()
+    raw.drain()
+    if walk is not None:
+        walk.end()
+    return Extracted(members, manifest, raw.sha.hexdigest(), head)
 
 
 def _extract_members(

@@ -27,7 +27,7 @@ from typing import Any
 from engram.backup.archive import FileSink, Sink
 from engram.backup.catalog import encode_entry
 from engram.backup.history import publish_lineage
-from engram.errors import BackupError, Refused
+from engram.errors import BackupError, EngramError, Refused
 from engram.format.manifest import encode_sidecar
 from engram.storage import BackupStore, Ref, TempObject, as_ref, info_name, sidecar_name
 
@@ -156,7 +156,8 @@ class BackupOutput:
                 self._sink.close()
             return
         self.discard()
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and not isinstance(exc, EngramError):
+            # An object store's errors (storage.objects) already say what failed and where.
             raise BackupError(describe_os_error(exc, self.path)) from None
         if isinstance(exc, KeyboardInterrupt):
             raise BackupError(f"interrupted; nothing was written at {self.path}") from None

@@ -10,9 +10,13 @@ an LSN or a restore point name, always on a transaction boundary.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +26,17 @@ from engram.backup.archive import sha256_file
 from engram.backup.catalog import FAILED, PENDING, Entry, read_catalog
 from engram.backup.history import read_tree
 from engram.backup.restore import (
+    Archive,
+    archive_name,
     check_target,
+    describe_archive,
+    discard,
     extract_backup,
     fsync_tree,
+    local_archive,
     open_and_check,
     place,
+    staging_dir,
     staging_for,
 )
 from engram.backup.rowscan import recompute_digest
@@ -48,7 +58,7 @@ from engram.oplog.reader import iter_log_files, read_header
 from engram.procs import Resources
 from engram.replay import ReplayBatch, prepare_replay
 from engram.replay import batches as replay_batches
-from engram.storage import BackupStore, as_store
+from engram.storage import BackupStore, LocalBackupStore, Ref, as_store, sidecar_name
 
 Progress = Callable[[int, int], None]
 
@@ -211,6 +221,57 @@ class LogSource:
     @property
     def history(self) -> str:
         return self.lineage[-1].id if self.lineage else self.database_id
+
+
+# What names logs to replay: a file or directory, a log in a store, or a store (every log at
+# its top level, as a directory's).
+LogArg = Path | Ref | BackupStore
+
+
+@contextmanager
+def local_logs(logs: Sequence[LogArg], beside: Path) -> Iterator[list[Path]]:
+    """``logs`` as local paths for the block. A path is used as it is, as is a log or a store
+    that is a local directory. A log in an object store is fetched once, with its sidecar,
+    into a private dir beside ``beside`` (held by this process like a restore's staging dir,
+    removed when the block ends): an incremental is read several times (its range, its
+    records, then the replay), and it is small — the records of a range, not an archive. Its
+    bytes are checked against the hash recorded with it as they arrive (``ObjectReader``)."""
+    paths: list[Path] = []
+    remote: list[Ref] = []
+    for item in logs:
+        if isinstance(item, Ref):
+            if isinstance(item.store, LocalBackupStore):
+                paths.append(item.store.path(item.name))
+            else:
+                remote.append(item)
+        elif isinstance(item, (str, os.PathLike)):
+            paths.append(Path(item))
+        elif isinstance(item, LocalBackupStore):
+            paths.append(item.root)
+        else:
+            names = [n for n in item.list() if "/" not in n and n.endswith(".log")]
+            if not names:
+                raise UsageError(f"no log files found in {item.describe()}")
+            remote.extend(Ref(item, n) for n in names)
+    if not remote:
+        yield paths
+        return
+    work = staging_dir(beside, "logs")
+    try:
+        for i, ref in enumerate(remote):
+            d = work / str(i)
+            d.mkdir(mode=0o700)
+            dest = d / archive_name(ref)
+            with ref.store.open(ref.name) as src, open(dest, "xb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+            try:
+                side = ref.store.read(sidecar_name(ref.name))
+            except FileNotFoundError:
+                continue
+            (d / (dest.name + ".sha256")).write_bytes(side)
+        yield paths + [work / str(i) / archive_name(r) for i, r in enumerate(remote)]
+    finally:
+        discard(work)
 
 
 def collect_logs(paths: list[Path], database_id: str) -> list[LogSource]:
@@ -602,11 +663,12 @@ def check_digest(engine: Engine, resources: Resources | None = None) -> None:
 
 def apply_log(
     data_dir: Path,
-    logs: list[Path],
+    logs: Sequence[LogArg],
     target: Target,
     progress: Progress | None = None,
 ) -> ApplyResult:
-    """``engram apply-log``: replay logs into a data dir that no server holds."""
+    """``engram apply-log``: replay logs (files, directories, logs or stores: ``local_logs``)
+    into a data dir that no server holds."""
     try:
         engine = Engine.open(data_dir, create=False)
     except DataDirLocked as e:
@@ -614,31 +676,38 @@ def apply_log(
             f"{data_dir} is held by a running engram (pid {e.pid}); stop it before apply-log"
         ) from None
     try:
-        sources = collect_logs(logs, engine.database_id)
-        # Everything that can be checked is checked before a record is applied: the history
-        # path, continuity and the covered range, and the digests the logs record along it.
-        path = replay_path(engine.lineage, engine.last_lsn, sources)
-        target = named(engine, target, "the data dir is already; restore an older backup instead")
-        early = _scan_stop(target, engine.last_lsn, engine.last_ts)
-        cov = scan_logs(
-            sources,
-            engine.database_id,
-            engine.last_lsn,
-            early,
-            engine.last_ts,
-            lineage=path,
-            digest=engine.digest.hex,
-        )
-        target = in_logs(target, cov)
-        if target.given:
-            check_target_range(target, cov, engine.last_lsn, engine.last_ts)
-        result = apply_sources(engine, sources, target, progress, cov.records, path)
-        check_digest(engine)
-        if result.records:
-            engine.mark_recovered("apply-log", target.describe())
-        return result
+        with local_logs(logs, Path(data_dir).absolute()) as paths:
+            return _apply_log(engine, paths, target, progress)
     finally:
         engine.close()
+
+
+def _apply_log(
+    engine: Engine, logs: list[Path], target: Target, progress: Progress | None
+) -> ApplyResult:
+    sources = collect_logs(logs, engine.database_id)
+    # Everything that can be checked is checked before a record is applied: the history
+    # path, continuity and the covered range, and the digests the logs record along it.
+    path = replay_path(engine.lineage, engine.last_lsn, sources)
+    target = named(engine, target, "the data dir is already; restore an older backup instead")
+    early = _scan_stop(target, engine.last_lsn, engine.last_ts)
+    cov = scan_logs(
+        sources,
+        engine.database_id,
+        engine.last_lsn,
+        early,
+        engine.last_ts,
+        lineage=path,
+        digest=engine.digest.hex,
+    )
+    target = in_logs(target, cov)
+    if target.given:
+        check_target_range(target, cov, engine.last_lsn, engine.last_ts)
+    result = apply_sources(engine, sources, target, progress, cov.records, path)
+    check_digest(engine)
+    if result.records:
+        engine.mark_recovered("apply-log", target.describe())
+    return result
 
 
 # -- restore-pitr ----------------------------------------------------------------------------
@@ -671,15 +740,20 @@ class RepoChoice:
     """What ``choose_path`` chose: a base, the incrementals after it, the history path the
     replay follows, and a sentence saying so (and what was skipped and why)."""
 
-    base: Path
-    logs: list[Path]
+    base: Path | Ref  # a file of a local directory, else the backup in its store
+    logs: list[Path | Ref]
     says: str
     lineage: hist.Lineage
 
 
+def _where(e: Entry) -> Path | Ref:
+    """The backup of entry ``e``: its file when its store is a local directory."""
+    return e.path if e.ref is None else local_archive(e.ref)
+
+
 def choose_from_repo(
     repo: Path | BackupStore, target: Target, history: str | None = None
-) -> tuple[Path, list[Path], str]:
+) -> tuple[Path | Ref, list[Path | Ref], str]:
     """``choose_path`` as (base, incrementals, sentence)."""
     c = choose_path(repo, target, history)
     return c.base, c.logs, c.says
@@ -779,7 +853,7 @@ def choose_path(
     )
     if skipped:
         says += f"; skipped: {'; '.join(skipped)}"
-    return RepoChoice(base.path, [e.path for e in incs], says, lineage)
+    return RepoChoice(_where(base), [_where(e) for e in incs], says, lineage)
 
 
 def usable_entries(repo: Path | BackupStore) -> tuple[list[Entry], list[str]]:
@@ -827,12 +901,13 @@ def _repo_mark(
             continue
         if e.kind != "incremental":
             continue  # a full backup's restore points are known only through its entry
-        cov = scan_logs(
-            collect_logs([e.path], e.database_id),
-            e.database_id,
-            e.from_lsn - 1,
-            lineage=lineage,
-        )
+        with local_logs([_where(e)], Path(tempfile.gettempdir()) / "engram") as paths:
+            cov = scan_logs(
+                collect_logs(paths, e.database_id),
+                e.database_id,
+                e.from_lsn - 1,
+                lineage=lineage,
+            )
         if name in cov.markers:
             keep(cov.markers[name], e.history)
     if not found:
@@ -843,8 +918,8 @@ def _repo_mark(
 
 
 def restore_pitr(
-    base: Path,
-    logs: list[Path],
+    base: Archive,
+    logs: Sequence[LogArg],
     target: Target,
     output: Path,
     force: bool = False,
@@ -859,17 +934,21 @@ def restore_pitr(
     ``lineage``: the history path to follow (``choose_path``); default the longest lineage of
     the base and the logs, on which all of them must lie (``replay_path``). The result is
     marked recovered: its first write of its own starts a new history."""
-    base, output = Path(base).absolute(), Path(output).absolute()
+    base, output = local_archive(base), Path(output).absolute()
     t0 = time.monotonic()
     check_target(output, force)
-    with staging_for(output, "restore-pitr") as staging:
+    with staging_for(output, "restore-pitr") as staging, local_logs(logs, output) as paths:
         manifest, _ = extract_backup(base, staging, durable=durable)
         engine = open_and_check(staging, manifest, recompute=False, index_repairs=[])
         try:
             base_lsn = engine.last_lsn
-            sources = collect_logs(logs, engine.database_id) if logs else []
+            sources = collect_logs(paths, engine.database_id) if paths else []
             path = replay_path(
-                engine.lineage, base_lsn, sources, lineage, what=f"the base backup {base.name}"
+                engine.lineage,
+                base_lsn,
+                sources,
+                lineage,
+                what=f"the base backup {archive_name(base)}",
             )
             target = named(
                 engine,
@@ -902,8 +981,8 @@ def restore_pitr(
             fsync_tree(staging)
         aside = place(staging, output, force)
     return PitrResult(
-        base=str(base),
-        logs=[str(p) for p in logs],
+        base=describe_archive(base),
+        logs=[_describe_log(p) for p in logs],
         output=str(output),
         target=target.describe(),
         target_utc=ns_to_iso(target.time_ns) if target.time_ns is not None else None,
@@ -918,3 +997,11 @@ def restore_pitr(
         target_note=target.note,
         history=history,
     )
+
+
+def _describe_log(log: LogArg) -> str:
+    if isinstance(log, Ref):
+        return log.describe()
+    if isinstance(log, (str, os.PathLike)):
+        return str(log)
+    return log.describe()

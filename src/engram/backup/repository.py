@@ -38,8 +38,8 @@ from engram.errors import BadArchive, CorruptData, EngramError, RestoreError, Us
 from engram.format import record as fmt
 from engram.format.manifest import compression_for
 from engram.model import ns_to_iso
-from engram.storage import BackupStore, LocalBackupStore, Ref, as_store, info_name, sidecar_name
-from engram.storage.base import INFO_SUFFIX
+from engram.storage import BackupStore, Ref, as_store, info_name, sidecar_name
+from engram.storage.base import INFO_SUFFIX, SIDECAR_SUFFIX
 
 if TYPE_CHECKING:
     from engram.backup.restore import RestoreResult
@@ -156,6 +156,9 @@ class Listing:
     repository: str
     backups: list[Backup]  # oldest first
     now_ns: int = field(default_factory=time.time_ns)
+    # Objects that are no part of an engram repository (neither a backup, its sidecar or
+    # entry, nor a history file), in name order.
+    foreign: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -163,7 +166,29 @@ class Listing:
             "backups": [b.to_json(self.now_ns) for b in self.backups],
             "count": len(self.backups),
             "flagged": sum(1 for b in self.backups if b.flags),
+            "foreign": len(self.foreign),
         }
+
+    def check_is_repository(self) -> None:
+        """UsageError when the store holds no backup but holds other things: it is not an
+        engram repository (a mistyped prefix or directory), which an empty listing would hide.
+        An empty store is a repository with no backups yet."""
+        if self.backups or not self.foreign:
+            return
+        shown = ", ".join(self.foreign[:3]) + (", …" if len(self.foreign) > 3 else "")
+        n = len(self.foreign)
+        raise UsageError(
+            f"{self.repository} is not an engram repository: no catalog entries (*.info.json) "
+            f"and {n} object{'s' if n != 1 else ''} that engram did not write ({shown}); "
+            "give the directory or s3:// prefix that holds the backups"
+        )
+
+
+def _is_ours(name: str) -> bool:
+    """Whether ``name`` can be part of a repository: a backup, its sidecar or catalog entry,
+    or a history file."""
+    base = name.removesuffix(SIDECAR_SUFFIX).removesuffix(INFO_SUFFIX)
+    return is_backup_name(base) or name.startswith("histories/")
 
 
 def _from_entry(
@@ -260,7 +285,9 @@ def list_backups(where: Path | str | BackupStore) -> Listing:
                 why = "its catalog entry is there but its file is missing"
                 out.append(_bare(gone, _kind_by_name(gone), why, FILE_MISSING, present))
     out.sort(key=lambda b: (b.to_time_ns or 0, b.to_lsn or 0, b.kind != "full", b.name))
-    return Listing(store.describe(), out)
+    listed = {b.name for b in out}
+    foreign = [n for n in names if not _is_ours(n) or (is_backup_name(n) and n not in listed)]
+    return Listing(store.describe(), out, foreign=foreign)
 
 
 def _foreign_log(store: BackupStore, name: str, present: set[str]) -> bool:
@@ -377,15 +404,6 @@ class RepoRestore:
         }
 
 
-def _local_path(store: BackupStore, name: str) -> Path:
-    if not isinstance(store, LocalBackupStore):
-        raise UsageError(
-            f"restoring from {store.describe()} needs a local directory; copy the backup there "
-            "and restore it with --from"
-        )
-    return store.path(name)
-
-
 def _named(listing: Listing, name: str) -> tuple[Backup, list[str]]:
     b = find(listing, name)
     if b.kind == "incremental":
@@ -429,18 +447,19 @@ def restore_from_repo(
     listing = list_backups(store)
     if name is not None:
         chosen, notes = _named(listing, name)
-        res = restore(_local_path(store, chosen.name), to, force, progress, verify)
+        res = restore(Ref(store, chosen.name), to, force, progress, verify)
         return RepoRestore(res, listing.repository, chosen.name, [], notes)
     choice = choose_fulls(listing)
     skipped = list(choice.skipped)
     for b in choice.candidates:
         try:
-            res = restore(_local_path(store, b.name), to, force, progress, verify)
+            res = restore(Ref(store, b.name), to, force, progress, verify)
         except (BadArchive, CorruptData) as e:
             skipped.append(Skipped(b.name, f"the restore refused it: {e.message}"))
             continue
         return RepoRestore(res, listing.repository, b.name, skipped, [])
     if not skipped:
+        listing.check_is_repository()
         raise UsageError(
             f"no full backup in {listing.repository} — give the directory that holds the backups"
             f" (`engram backups --repo {listing.repository}` lists what is there)"

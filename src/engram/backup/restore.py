@@ -31,7 +31,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engram.backup.archive import extract_verified, read_archive_header, sha256_file
+from engram.backup.archive import (
+    extract_stream,
+    extract_verified,
+    parse_archive_header,
+    read_archive_header,
+    sha256_file,
+)
 from engram.backup.catalog import PASSED, check_entry, file_facts, read_info, validation_status
 from engram.backup.rowscan import recompute_digest
 from engram.datadir import Layout, read_identity, read_owner
@@ -45,6 +51,8 @@ from engram.format.manifest import (
 from engram.fsutil import Owned, create_owned_dir, fsync_dir, remove_stale
 from engram.graph import Engine, EngineConfig
 from engram.procs import Resources
+from engram.storage import LocalBackupStore, Ref, sidecar_name
+from engram.storage.objects import ObjectCorrupt
 from engram.tiers.warm import WarmTier, connect, index_problem
 from engram.verifying import Marker, write_marker
 
@@ -95,7 +103,7 @@ def check_target(to: Path, force: bool) -> None:
 def remove_stale_staging(to: Path) -> list[Path]:
     """Remove the staging dirs beside ``to`` that a killed restore or restore-pitr left (their
     owner's lock is gone; a live run's are never touched), with a warning naming each."""
-    ours = re.compile(rf"^\.{re.escape(to.name)}\.restore(-pitr)?-\d+-\d+$")
+    ours = re.compile(rf"^\.{re.escape(to.name)}\.(restore|restore-pitr|logs)-\d+-\d+$")
     removed = remove_stale(to.parent, lambda n: ours.match(n) is not None)
     for p in removed:
         log.warning(f"removed {p}, the staging dir of a restore that was killed")
@@ -164,18 +172,49 @@ def staging_for(to: Path, what: str) -> Iterator[Path]:
     staged(staging)
 
 
-def sidecar_hash(archive: Path) -> str | None:
-    side = archive.with_name(archive.name + ".sha256")
-    if not side.exists():
+Archive = Path | Ref  # a backup file, or a backup in any store (an object store: streamed)
+
+
+def local_archive(archive: Archive) -> Path | Ref:
+    """``archive`` as a path when it is a file of a local directory (read as a file: its zstd
+    frames are walked with seeks before anything is extracted), else the object of its store
+    (read as a stream from its first byte to its last, never copied to local disk)."""
+    if isinstance(archive, Ref):
+        if isinstance(archive.store, LocalBackupStore):
+            return archive.store.path(archive.name)
+        return archive
+    return Path(archive).absolute()
+
+
+def archive_name(archive: Archive) -> str:
+    """The archive's base name (``full-20251024.tar.zst``)."""
+    return archive.name.rsplit("/", 1)[-1]
+
+
+def describe_archive(archive: Archive) -> str:
+    """How messages and results name the archive: its path, or its URL."""
+    return archive.describe() if isinstance(archive, Ref) else str(archive)
+
+
+def sidecar_hash(archive: Archive) -> str | None:
+    if isinstance(archive, Ref):
+        side = sidecar_name(archive.name)
+        try:
+            data = archive.store.read(side)
+        except FileNotFoundError:
+            return None
+        return decode_sidecar(data, archive_name(archive) + ".sha256")
+    path = archive.with_name(archive.name + ".sha256")
+    if not path.exists():
         return None
-    return decode_sidecar(side.read_bytes(), side.name)
+    return decode_sidecar(path.read_bytes(), path.name)
 
 
-def sidecar_absent(archive: Path | str) -> str:
+def sidecar_absent(archive: Path | str | Ref) -> str:
     """What restore and validate-backup both say of a full archive without its sidecar, which
     both accept (docs/FORMAT.md "Restore"): every member is still checked against the manifest,
     the compressed stream against its own checksum, the header against the manifest."""
-    name = Path(archive).name
+    name = archive_name(archive) if isinstance(archive, Ref) else Path(archive).name
     return (
         f"sidecar absent: {name}.sha256 is missing, so the archive's own checksums and its "
         "manifest were checked instead"
@@ -183,13 +222,18 @@ def sidecar_absent(archive: Path | str) -> str:
 
 
 def extract_backup(
-    archive: Path,
+    archive: Archive,
     staging: Path,
     progress: Callable[[int, int], None] | None = None,
     durable: bool = True,
 ) -> tuple[dict[str, Any], bool]:
     """Extract and check ``archive`` into ``staging``; returns (manifest, sidecar_checked).
-    ``durable=False``: no fsyncs (a restore test that is thrown away)."""
+    ``durable=False``: no fsyncs (a restore test that is thrown away). An archive in an object
+    store is streamed (``archive.extract_stream``): every check below is the same, and all of
+    them have passed when this returns."""
+    archive = local_archive(archive)
+    if isinstance(archive, Ref):
+        return _extract_object(archive, staging, progress, durable)
     if not archive.is_file():
         raise UsageError(f"{archive} does not exist or is not a file")
     expected = sidecar_hash(archive)
@@ -219,13 +263,60 @@ def extract_backup(
         raise
     if expected is not None and expected != actual:
         raise mismatch(actual)
-    if manifest_bytes is None:
-        raise BadArchive(f"{archive.name} has no {MANIFEST_NAME}; it is not a full engram backup")
-    manifest = decode_manifest(manifest_bytes)
     header = read_archive_header(archive)
+    manifest = _check_members(archive.name, staging, members, manifest_bytes, header)
+    return manifest, expected is not None
+
+
+def _extract_object(
+    ref: Ref,
+    staging: Path,
+    progress: Callable[[int, int], None] | None,
+    durable: bool,
+) -> tuple[dict[str, Any], bool]:
+    """``extract_backup`` of an object: one pass over its bytes, from the store to the
+    staging dir. The store checks the whole object against the hash recorded with it (or its
+    sidecar) at its end; the sidecar is compared here too, over the same bytes."""
+    name = archive_name(ref)
+    expected = sidecar_hash(ref)
+    total = ref.store.size(ref.name)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    try:
+        with ref.store.open(ref.name) as f:
+            got = extract_stream(f, name, staging, tick, durable)
+    except ObjectCorrupt as e:
+        raise BadArchive(f"checksum mismatch: {e.message}") from None
+    if expected is not None and expected != got.sha256:
+        raise BadArchive(
+            f"checksum mismatch: {name}.sha256 says {expected[:16]}…, the archive hashes to "
+            f"{got.sha256[:16]}…; the archive or its sidecar is damaged — use another backup"
+        )
+    header = parse_archive_header(got.head, name)
+    manifest = _check_members(name, staging, got.members, got.manifest, header)
+    return manifest, expected is not None
+
+
+def _check_members(
+    name: str,
+    staging: Path,
+    members: dict[str, Any],
+    manifest_bytes: bytes | None,
+    header: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest, once the extracted members, the archive header and the identity agree
+    with it (BadArchive naming what does not)."""
+    if manifest_bytes is None:
+        raise BadArchive(f"{name} has no {MANIFEST_NAME}; it is not a full engram backup")
+    manifest = decode_manifest(manifest_bytes)
     if header is not None and (differ := header_disagreements(header, manifest)):
         raise BadArchive(
-            f"{archive.name}: the archive header disagrees with its manifest on "
+            f"{name}: the archive header disagrees with its manifest on "
             f"{', '.join(differ)}; the archive is damaged — use another backup"
         )
     files = manifest["files"]
@@ -248,7 +339,7 @@ def extract_backup(
             f"{manifest['database_id']}; the archive is inconsistent"
         )
     (staging / MANIFEST_NAME).rename(staging / "backup-manifest.json")
-    return manifest, expected is not None
+    return manifest
 
 
 def open_and_check(
@@ -419,7 +510,7 @@ VERIFY_MODES = ("auto", "before-ready")
 DEFER_LEVEL = 3
 
 
-def deferrable(archive: Path, sha256: str | None) -> tuple[Marker | None, str]:
+def deferrable(archive: Archive, sha256: str | None) -> tuple[Marker | None, str]:
     """Whether the digest check of a restore of ``archive`` (whose bytes hash to ``sha256``,
     None when no sidecar vouched for them) may finish after the data dir is ready: only when
     its catalog entry is intact (checksum, the file's own header, sidecar, size), says its
@@ -447,13 +538,13 @@ def deferrable(archive: Path, sha256: str | None) -> tuple[Marker | None, str]:
         return None, "its catalog entry names other bytes than the archive's"
     at = str(v.get("at") or "")
     return (
-        Marker(0, "", archive.name, sha256, level, at, ""),
+        Marker(0, "", archive_name(archive), sha256, level, at, ""),
         f"the backup passed validation at level {level}{' at ' + at if at else ''}",
     )
 
 
 def restore(
-    archive: Path,
+    archive: Archive,
     to: Path,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -464,7 +555,7 @@ def restore(
     else runs them before the data dir is placed; "before-ready" always runs them first."""
     if verify not in VERIFY_MODES:
         raise UsageError(f"--verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
-    archive, to = Path(archive).absolute(), Path(to).absolute()
+    archive, to = local_archive(archive), Path(to).absolute()
     t0 = time.monotonic()
     check_target(to, force)
     with staging_for(to, "restore") as staging:
@@ -496,13 +587,13 @@ def restore(
                     ),
                 )
             # Its first write of its own starts a new history (docs/DESIGN.md "Histories").
-            eng.mark_recovered("restore", archive.name)
+            eng.mark_recovered("restore", archive_name(archive))
         finally:
             eng.close()
         fsync_tree(staging)
         aside = place(staging, to, force)
     return RestoreResult(
-        archive=str(archive),
+        archive=describe_archive(archive),
         path=str(to),
         database_id=manifest["database_id"],
         snapshot_lsn=manifest["snapshot_lsn"],

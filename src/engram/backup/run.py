@@ -21,6 +21,7 @@ from engram.backup.full import BackupResult, check_full_request, full_backup, ta
 from engram.backup.incremental import After, incremental_backup, take_incremental
 from engram.backup.request import BackupRequest
 from engram.graph import Engine
+from engram.storage import Ref
 
 Progress = Callable[[int, int], None]
 
@@ -30,19 +31,22 @@ def run_backup(
     req: BackupRequest,
     progress: Progress | None = None,
     default_priority: str = "normal",
+    output: Ref | None = None,
 ) -> dict[str, Any]:
     """Take the backup ``req`` (with an output) of ``engine`` into the new file ``req.output``,
-    published without replacing anything; its result as JSON."""
+    or into ``output`` when given (the object of a store that ``req.output`` names, e.g. an
+    ``s3://`` URL the caller opened), published without replacing anything; its result as
+    JSON."""
     req = req.validate()
     if req.output is None:
         raise ValueError("run_backup writes a file: the request needs an output")
-    output = Path(req.output).absolute()
+    where: Path | Ref = output if output is not None else Path(req.output).absolute()
     if req.kind == "full":
         priority = req.priority_or(default_priority)
         assert priority is not None
-        res = full_backup(engine, output, progress, priority=priority, cpu_share=req.cpu_share)
+        res = full_backup(engine, where, progress, priority=priority, cpu_share=req.cpu_share)
     else:
-        res = incremental_backup(engine, output, req.since_s, req.since_lsn, progress)
+        res = incremental_backup(engine, where, req.since_s, req.since_lsn, progress)
     return res.to_json()
 
 

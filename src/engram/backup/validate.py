@@ -29,7 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engram.backup.archive import read_archive_header, sha256_file
+from engram.backup.archive import (
+    ARCHIVE_HEAD_BYTES,
+    parse_archive_header,
+    read_archive_header,
+    sha256_file,
+)
 from engram.backup.catalog import (
     FAILED,
     LOCAL,
@@ -47,9 +52,22 @@ from engram.backup.catalog import (
     replace_info,
     validation_status,
 )
-from engram.backup.pitr import Target, choose_path, collect_logs, restore_pitr, scan_logs
+from engram.backup.pitr import (
+    Target,
+    choose_path,
+    collect_logs,
+    local_logs,
+    restore_pitr,
+    scan_logs,
+)
 from engram.backup.readbench import run_benchmark
-from engram.backup.restore import extract_backup, sidecar_absent, sidecar_hash
+from engram.backup.restore import (
+    archive_name,
+    extract_backup,
+    local_archive,
+    sidecar_absent,
+    sidecar_hash,
+)
 from engram.backup.verify import verify_data_dir
 from engram.errors import BadArchive, CorruptData, EngramError, UsageError
 from engram.format import record as fmt
@@ -60,6 +78,7 @@ from engram.graph import Engine, EngineConfig
 from engram.model import ns_to_iso
 from engram.oplog.reader import iter_log_files, list_segments, read_header
 from engram.procs import Resources
+from engram.storage import BackupStore, Ref, info_name
 
 log = logging.getLogger("engram")
 WORKDIR_PREFIX = "engram-validate-"
@@ -161,9 +180,17 @@ def _check_sidecar(run: _Runner, path: Path) -> str:
     return f"sha256 {actual[:16]}… matches {side.name}"
 
 
+def _has_header(path: Path | Ref) -> bool:
+    if isinstance(path, Path):
+        return read_archive_header(path) is not None
+    with path.store.open(path.name) as f:
+        return parse_archive_header(f.read(ARCHIVE_HEAD_BYTES), archive_name(path)) is not None
+
+
 def _validate_full(
-    run: _Runner, path: Path, level: int, work: Path, p50_warn_ms: float, bench_s: float
+    run: _Runner, path: Path | Ref, level: int, work: Path, p50_warn_ms: float, bench_s: float
 ) -> None:
+    name = archive_name(path)
     staging = work / "restore"
     staging.mkdir(mode=0o700)
     holder: dict[str, Any] = {}
@@ -178,7 +205,7 @@ def _validate_full(
         holder.update(
             manifest=manifest,
             sha256=expected if sidecar_checked else None,
-            header=read_archive_header(path) is not None,
+            header=_has_header(path),
         )
         run.facts = facts_from_manifest(manifest)
         m = manifest
@@ -196,9 +223,9 @@ def _validate_full(
         m = holder["manifest"]
         if holder["sha256"] is None:
             run.report.warnings.append(sidecar_absent(path))
-            side = f"{path.name}.sha256 absent"
+            side = f"{name}.sha256 absent"
         else:
-            side = f"sha256 {holder['sha256'][:16]}… equal to {path.name}.sha256"
+            side = f"sha256 {holder['sha256'][:16]}… equal to {name}.sha256"
         header = (
             "archive header equal to the manifest"
             if holder["header"]
@@ -331,9 +358,20 @@ def _verify_and_bench(
 
 
 def _validate_incremental(
-    run: _Runner, path: Path, level: int, work: Path, p50_warn_ms: float, bench_s: float
+    run: _Runner,
+    path: Path,
+    level: int,
+    work: Path,
+    p50_warn_ms: float,
+    bench_s: float,
+    me: Path | Ref | None = None,
+    repo: Path | BackupStore | None = None,
 ) -> None:
+    """``path`` is the incremental as a local file; ``me`` and ``repo`` name it and its
+    repository where it is kept (default: ``path`` and its directory)."""
     holder: dict[str, Any] = {}
+    me = path if me is None else me
+    repo = path.parent if repo is None else repo
 
     def structure() -> str:
         h = read_header(path)
@@ -378,13 +416,13 @@ def _validate_incremental(
         # are replayed.
         own = header_lineage(h)
         try:
-            chosen = choose_path(path.parent, Target(lsn=h["from_lsn"] - 1), own[-1].id, own)
+            chosen = choose_path(repo, Target(lsn=h["from_lsn"] - 1), own[-1].id, own)
         except UsageError:
-            chosen = choose_path(path.parent, Target(lsn=h["to_lsn"]), own[-1].id, own)
-        base, incs = chosen.base, chosen.logs
-        if path not in incs:
-            incs.append(path)
-        says = f"base {base.name} + {', '.join(p.name for p in incs)}"
+            chosen = choose_path(repo, Target(lsn=h["to_lsn"]), own[-1].id, own)
+        base, incs = chosen.base, list(chosen.logs)
+        if me not in incs:
+            incs.append(me)
+        says = f"base {archive_name(base)} + {', '.join(archive_name(p) for p in incs)}"
         res = restore_pitr(
             base,
             incs,
@@ -407,7 +445,7 @@ def _validate_incremental(
 
 
 def validate_backup(
-    path: Path,
+    path: Path | Ref,
     level: int = 4,
     p50_warn_ms: float = 10.0,
     bench_s: float = 2.0,
@@ -421,14 +459,18 @@ def validate_backup(
     entry (written through ``entries``). CatalogError if the entry cannot be marked "pending"
     before the checks start (nothing is validated then). ``resources``: what the checks may
     use, decided by whoever starts the validation (default: a command at normal priority; the
-    caller applies its ``idle`` priority)."""
-    path = Path(path).absolute()
+    caller applies its ``idle`` priority). ``path`` may be a backup in any store: an object
+    store's archive is streamed through the restore test, never copied whole to local disk;
+    an incremental (the records of a range) is fetched into the work dir."""
+    path = local_archive(path)
     if level not in (1, 2, 3, 4):
         raise UsageError("--level must be 1, 2, 3 or 4")
-    if not path.is_file():
+    if isinstance(path, Path) and not path.is_file():
         raise UsageError(f"{path} does not exist or is not a file")
-    kind = "full" if compression_for(path.name) else _kind_of(path)
-    report = ValidationReport(str(path), kind, level)
+    if isinstance(path, Ref) and not path.store.exists(path.name):
+        raise UsageError(f"{path.describe()} does not exist; check the name")
+    kind = "full" if compression_for(archive_name(path)) else _kind_of(path)
+    report = ValidationReport(_describe(path), kind, level)
     run = _Runner(report, progress, resources or Resources.normal())
     entry = _begin_entry(path, report, level, entries) if record else None
     parent = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
@@ -437,8 +479,12 @@ def validate_backup(
     try:
         if kind == "full":
             _validate_full(run, path, level, work, p50_warn_ms, bench_s)
-        else:
+        elif isinstance(path, Path):
             _validate_incremental(run, path, level, work, p50_warn_ms, bench_s)
+        else:
+            with local_logs([path], work / "fetched") as [local]:
+                args = (run, local, level, work, p50_warn_ms, bench_s)
+                _validate_incremental(*args, me=path, repo=path.store)
     except _Failed:
         pass
     finally:
@@ -487,21 +533,34 @@ def _verdict(report: ValidationReport, status: str) -> dict[str, Any]:
     }
 
 
-def _write_failed(e: OSError, path: Path, what: str, state: str) -> str:
+def _describe(path: Path | Ref) -> str:
+    return path.describe() if isinstance(path, Ref) else str(path)
+
+
+def _info_name(path: Path | Ref) -> str:
+    """The catalog entry's base name, as messages say it."""
+    return info_name(archive_name(path))
+
+
+def _write_failed(e: OSError, path: Path | Ref, what: str, state: str) -> str:
     cause = "disk full" if e.errno == errno.ENOSPC else f"I/O error ({e.strerror or e})"
     return (
-        f"{cause} while {what} {info_path(path).name}; {state} — free space (or fix the disk) "
-        f"and run `engram validate-backup {path}`"
+        f"{cause} while {what} {_info_name(path)}; {state} — free space (or fix the disk) "
+        f"and run `engram validate-backup {_describe(path)}`"
     )
 
 
 def _begin_entry(
-    path: Path, report: ValidationReport, level: int, entries: EntryWriter
+    path: Path | Ref, report: ValidationReport, level: int, entries: EntryWriter
 ) -> _Entry | None:
     """Check the catalog entry against the file, rebuild it from the file's header if they
     disagree, and mark it "pending". None when the backup has no entry."""
-    ip = info_path(path)
-    if not ip.exists():
+    ip = _info_name(path)
+    if isinstance(path, Ref):
+        there = path.store.exists(info_name(path.name))
+    else:
+        there = info_path(path).exists()
+    if not there:
         return None
     info = read_info(path)
     try:
@@ -515,7 +574,7 @@ def _begin_entry(
             # Rebuilt later from the manifest, if the checks get that far; never written into.
             return _Entry(info or {}, pending=False, damaged="; ".join(problems))
         report.warnings.append(
-            f"the catalog entry {ip.name} disagreed with the file ({'; '.join(problems)}); "
+            f"the catalog entry {ip} disagreed with the file ({'; '.join(problems)}); "
             "it was rebuilt from the file's header"
         )
         info = rebuilt_entry(path, facts)
@@ -535,25 +594,25 @@ def _begin_entry(
 
 
 def _record(
-    path: Path,
+    path: Path | Ref,
     report: ValidationReport,
     facts: dict[str, Any] | None,
     entry: _Entry,
     entries: EntryWriter,
 ) -> None:
-    ip = info_path(path)
+    ip = _info_name(path)
     info = entry.info
     if entry.damaged is not None:
         if facts is None:
             report.recorded = False
             report.record_error = (
-                f"the catalog entry {ip.name} is damaged ({entry.damaged}) and the file could "
+                f"the catalog entry {ip} is damaged ({entry.damaged}) and the file could "
                 "not say what it holds, so the verdict was not recorded; the entry stays "
                 "untrusted (never chosen for a restore)"
             )
             return
         report.warnings.append(
-            f"the catalog entry {ip.name} disagreed with the file ({entry.damaged}); it was "
+            f"the catalog entry {ip} disagreed with the file ({entry.damaged}); it was "
             "rebuilt from the file's manifest"
         )
         info = rebuilt_entry(path, facts)
@@ -573,8 +632,8 @@ def _record(
     report.recorded = True
 
 
-def _kind_of(path: Path) -> str:
-    with open(path, "rb") as f:
+def _kind_of(path: Path | Ref) -> str:
+    with open(path, "rb") if isinstance(path, Path) else path.store.open(path.name) as f:
         head = f.read(16)
     if head[:8] == fmt.MAGIC:
         return "incremental"

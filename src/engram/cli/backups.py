@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,17 +19,27 @@ from engram.cli.common import (
     CaCert,
     DataDir,
     Json,
+    S3Options,
     TokenFile,
     backend,
+    backup_location,
     console,
     emit_json,
+    is_url,
+    log_location,
     lsn_range,
+    object_ref,
     parse_duration,
     plural,
     progress_bar,
+    repository_location,
+    s3_options,
 )
 from engram.cli.crypt import Identity, ciphertext_validation, decrypted, identities
 from engram.errors import UsageError
+
+if TYPE_CHECKING:
+    from engram.storage import BackupStore, Ref
 
 Level = Annotated[
     int,
@@ -69,7 +79,7 @@ def _size(n: int) -> str:
 
 
 def _validate(
-    path: Path, level: int, p50_warn_ms: float, as_json: bool, priority: str = "normal"
+    path: Path | Ref, level: int, p50_warn_ms: float, as_json: bool, priority: str = "normal"
 ) -> dict[str, Any]:
     """validate-backup, at idle CPU priority when ``priority`` is "low" (this thread and the
     threads and helper processes it starts): a restore test, verify and a read benchmark on a
@@ -119,9 +129,16 @@ def _check_recorded(v: dict[str, Any] | None) -> None:
         raise CatalogError(v["record_error"])
 
 
+@s3_options(writes=True)
 def backup(
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Archive (.tar.zst or .tar.gz) or .log path.")
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Archive (.tar.zst or .tar.gz) or .log path, or s3://BUCKET/PREFIX/NAME "
+            "(streamed to the store, never staged locally).",
+        ),
     ],
     full: Annotated[bool, typer.Option("--full", help="A full backup archive.")] = False,
     incremental: Annotated[
@@ -162,6 +179,8 @@ def backup(
     admin_token_file: AdminTokenFile = None,
     cacert: CaCert = None,
     as_json: Json = False,
+    *,
+    s3: S3Options,
 ) -> None:
     """Take a full or incremental backup, then validate it (exit 1 if validation fails)."""
     if full == incremental:
@@ -171,16 +190,18 @@ def backup(
     kind = "full" if full else "incremental"
     req = BackupRequest(
         kind,
-        str(output.absolute()),
+        output if is_url(output) else str(Path(output).absolute()),
         since_s=parse_duration(since, "--since") if since is not None else None,
         since_lsn=since_lsn,
         priority=priority,
         cpu_share=cpu_share,
     ).validate(OPTION_NAMES)
+    # An s3:// output is the object of its store, written and validated there.
+    where = object_ref(output, s3) if is_url(output) else None
     remote = backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert)
     with remote as b, progress_bar(f"{kind} backup") as bar:
-        res = b.backup(req, None if as_json else bar)
-    path = Path(res["path"])
+        res = b.backup(req, None if as_json else bar, output=where)
+    path: Path | Ref = where if where is not None else Path(res["path"])
     # Validation is as gentle as the backup was: low when the backup was (the default through
     # a server), and for an incremental taken through a server, which shares this machine.
     low = res.get("priority") == "low" or (res.get("priority") is None and b.remote)
@@ -207,7 +228,8 @@ def backup(
                 markup=False,
             )
         con.print(f"  digest {res['digest']}", markup=False)
-        con.print(f"  sha256 {res['sha256']} (in {Path(res['sidecar']).name})", markup=False)
+        side = str(res["sidecar"]).rsplit("/", 1)[-1]
+        con.print(f"  sha256 {res['sha256']} (in {side})", markup=False)
         took = f"  took {res['duration_s']} s"
         if res.get("priority") == "low":
             share = res.get("cpu_share")
@@ -228,14 +250,21 @@ def backup(
         raise typer.Exit(1)
 
 
+@s3_options()
 def restore(
     to: Annotated[Path, typer.Option("--to", help="The data dir to restore into.")],
     from_: Annotated[
-        Path | None, typer.Option("--from", help="The full backup archive.")
+        str | None,
+        typer.Option(
+            "--from", help="The full backup archive: a path or s3://BUCKET/PREFIX/NAME."
+        ),
     ] = None,
     repo: Annotated[
-        Path | None,
-        typer.Option("--repo", help="A backup directory: restore --latest or --backup ID."),
+        str | None,
+        typer.Option(
+            "--repo",
+            help="A backup directory or s3://BUCKET/PREFIX/: restore --latest or --backup ID.",
+        ),
     ] = None,
     latest: Annotated[
         bool,
@@ -264,9 +293,12 @@ def restore(
     ] = "auto",
     identity: Identity = None,
     as_json: Json = False,
+    *,
+    s3: S3Options,
 ) -> None:
     """Restore a full backup into a new data dir, checking every hash and the digest first
-    (or, for a validated backup, leaving the digest recompute to the next server)."""
+    (or, for a validated backup, leaving the digest recompute to the next server). An
+    archive in S3 streams from the store into the new data dir: no local copy of it."""
     if (from_ is None) == (repo is None):
         raise UsageError("give --from ARCHIVE, or --repo DIR with --latest or --backup ID")
     if verify not in ("auto", "before-ready"):
@@ -288,14 +320,19 @@ def restore(
             from engram.backup.repository import restore_from_repo
 
             got = restore_from_repo(
-                repo, to, backup_id, force, None if as_json else bar, verify=verify
+                repository_location(repo, s3),
+                to,
+                backup_id,
+                force,
+                None if as_json else bar,
+                verify=verify,
             )
             res, extra = got.result, got.to_json()
         else:
             from engram.backup.restore import restore as do_restore
 
             assert from_ is not None
-            with decrypted(from_, ids, near=to) as src:
+            with decrypted(backup_location(from_, s3), ids, near=to) as src:
                 res = do_restore(src, to, force, None if as_json else bar, verify)
             if ids:  # named as given, not as the decrypted copy that was read
                 res.archive = str(from_)
@@ -337,25 +374,33 @@ def restore(
     con.print(f"  took {res.duration_s} s", markup=False)
 
 
+@s3_options()
 def apply_log(
     log: Annotated[
-        list[Path],
-        typer.Option("--log", help="An incremental, a directory of them, or an oplog/ dir."),
+        list[str],
+        typer.Option(
+            "--log",
+            help="An incremental, a directory of them, or an oplog/ dir; or s3://…/NAME.log, "
+            "or s3://BUCKET/PREFIX/ for every log there.",
+        ),
     ],
     target_time: TargetTime = None,
     target_lsn: TargetLsn = None,
     data_dir: DataDir = _DD,
     identity: Identity = None,
     as_json: Json = False,
+    *,
+    s3: S3Options,
 ) -> None:
     """Replay logs into a stopped data dir (records already applied are skipped)."""
     from engram.backup.pitr import Target
     from engram.backup.pitr import apply_log as do_apply
 
     target = Target.from_options(target_time, target_lsn, None, required=False)
+    logs = [log_location(x, s3) for x in log]
     ids = identities(identity)
     with contextlib.ExitStack() as plain, progress_bar("apply-log", unit="records") as bar:
-        logs = [plain.enter_context(decrypted(x, ids, near=data_dir)) for x in log]
+        logs = [plain.enter_context(decrypted(x, ids, near=data_dir)) for x in logs]
         res = do_apply(data_dir, logs, target, None if as_json else bar)
     if as_json:
         emit_json(res.to_json())
@@ -375,17 +420,27 @@ def apply_log(
     console().print(text, markup=False)
 
 
+@s3_options()
 def restore_pitr(
     base_backup: Annotated[
-        Path | None, typer.Option("--base-backup", help="The full backup to start from.")
+        str | None,
+        typer.Option(
+            "--base-backup", help="The full backup to start from (a path or an s3:// URL)."
+        ),
     ] = None,
     operation_log: Annotated[
-        list[Path] | None,
-        typer.Option("--operation-log", help="Log file or directory; repeat for several."),
+        list[str] | None,
+        typer.Option(
+            "--operation-log",
+            help="Log file or directory (or s3:// URL, or prefix ending in /); repeatable.",
+        ),
     ] = None,
     repo: Annotated[
-        Path | None,
-        typer.Option("--repo", help="A backup directory: pick the base and incrementals."),
+        str | None,
+        typer.Option(
+            "--repo",
+            help="A backup directory or s3://BUCKET/PREFIX/: pick the base and incrementals.",
+        ),
     ] = None,
     target_time: TargetTime = None,
     target_lsn: TargetLsn = None,
@@ -415,6 +470,8 @@ def restore_pitr(
     data_dir: DataDir = _DD,
     identity: Identity = None,
     as_json: Json = False,
+    *,
+    s3: S3Options,
 ) -> None:
     """Recover to a moment: a full backup, then the logs replayed up to the target (never
     half of a write: a batch is replayed whole or not at all)."""
@@ -435,8 +492,9 @@ def restore_pitr(
     if repo is not None:
         if base_backup is not None or operation_log:
             raise UsageError("give --repo, or --base-backup with --operation-log, not both")
-        chosen = choose_path(repo, target, history)
-        base, logs, lineage = chosen.base, chosen.logs, chosen.lineage
+        chosen = choose_path(repository_location(repo, s3), target, history)
+        logs: list[Path | Ref | BackupStore] = list(chosen.logs)
+        base, lineage = chosen.base, chosen.lineage
         if not as_json:
             con.print(f"chose {chosen.says}", markup=False)
     else:
@@ -444,7 +502,9 @@ def restore_pitr(
             raise UsageError("give --base-backup (and --operation-log), or --repo")
         if history is not None:
             raise UsageError("--history chooses among the histories of a --repo; give --repo")
-        base, logs, lineage = base_backup, list(operation_log or []), None
+        base = backup_location(base_backup, s3)
+        logs = [log_location(x, s3) for x in operation_log or []]
+        lineage = None
     out = output if output is not None else data_dir
     ids = identities(identity)
     with contextlib.ExitStack() as plain, progress_bar("replay", unit="records") as bar:
@@ -475,8 +535,14 @@ def restore_pitr(
     con.print(f"  took {res.duration_s} s", markup=False)
 
 
+@s3_options()
 def validate_backup(
-    path: Annotated[Path, typer.Argument(help="A full archive or an incremental .log.")],
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="A full archive or an incremental .log: a path or s3://BUCKET/PREFIX/NAME."
+        ),
+    ],
     level: Level = 4,
     p50_warn_ms: P50Warn = 10.0,
     priority: Annotated[
@@ -489,16 +555,19 @@ def validate_backup(
     ] = "normal",
     identity: Identity = None,
     as_json: Json = False,
+    *,
+    s3: S3Options,
 ) -> None:
     """Check a backup: checksums, a restore test, verify, the digest, a read benchmark."""
     from engram.backup.request import check_priority
 
     prio = check_priority(priority, "--priority")
+    where = backup_location(path, s3)
     ids = identities(identity)
     # Without the identity an encrypted backup gets the checks of its stored bytes only.
-    v = ciphertext_validation(path, ids)
+    v = ciphertext_validation(where, ids)
     if v is None:
-        with decrypted(path, ids) as src:
+        with decrypted(where, ids) as src:
             v = _validate(src, level, p50_warn_ms, as_json, prio)
             v["path"] = str(path)
     if as_json:

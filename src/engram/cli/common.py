@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:  # the engine, the HTTP client and rich load when a command us
     from rich.console import Console
 
     from engram.backend import Backend
+    from engram.storage import BackupStore, Ref
 
 DataDir = Annotated[
     Path,
@@ -247,3 +250,163 @@ def lsn_range(first: int, last: int, what: str = "record") -> str:
     if n == 1:
         return f"1 {what} (LSN {first})"
     return f"{plural(n, what)} (LSN {first}..{last})"
+
+
+# -- s3:// paths ---------------------------------------------------------------------------------
+#
+# Wherever a command takes a backup or a repository, an s3://BUCKET/PREFIX/ URL works too. The
+# options saying how to reach the store are one set, added to a command by ``s3_options`` and
+# handed to it as one ``S3Options`` value; ``backup_location`` and ``repository_location`` turn
+# what the user typed into a path or into the store (``engram.cloud``, which loads boto3 only
+# then).
+
+_S3_HELP = "S3 (for s3:// paths)"
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint_url: str | None = None
+    path_style: bool | None = None  # None: as the AWS config says
+    storage_class: str | None = None
+    retry_for_s: float = 600.0
+
+    def open_args(self) -> dict[str, Any]:
+        from engram.storage.retry import Backoff
+
+        return {
+            "endpoint_url": self.endpoint_url,
+            "path_style": self.path_style,
+            "storage_class": self.storage_class,
+            "backoff": Backoff(budget=self.retry_for_s),
+        }
+
+
+def _s3_params(writes: bool) -> list[inspect.Parameter]:
+    def opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+        )
+
+    params = [
+        opt(
+            "s3_endpoint_url",
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--endpoint-url",
+                    help="The S3 endpoint of s3:// paths (MinIO, SeaweedFS, R2, …); default "
+                    "AWS_ENDPOINT_URL or the AWS config's endpoint_url, else AWS. Region and "
+                    "credentials come from the usual AWS chain.",
+                    rich_help_panel=_S3_HELP,
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        opt(
+            "s3_path_style",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--s3-path-style",
+                    help="Address s3:// paths as http://HOST/BUCKET/KEY (what most "
+                    "self-hosted servers want); default as the AWS config says.",
+                    rich_help_panel=_S3_HELP,
+                ),
+            ],
+            False,
+        ),
+        opt(
+            "s3_retry_for",
+            Annotated[
+                str,
+                typer.Option(
+                    "--s3-retry-for",
+                    help="How long to keep retrying an S3 request that fails with a "
+                    "transient error (5xx, 429, a dropped connection), e.g. 30s, 10m.",
+                    rich_help_panel=_S3_HELP,
+                ),
+            ],
+            "10m",
+        ),
+    ]
+    if writes:
+        params.append(
+            opt(
+                "s3_storage_class",
+                Annotated[
+                    str | None,
+                    typer.Option(
+                        "--storage-class",
+                        help="The S3 storage class of the objects written to an s3:// path "
+                        "(STANDARD, STANDARD_IA, …); default the bucket's.",
+                        rich_help_panel=_S3_HELP,
+                        show_default=False,
+                    ),
+                ],
+                None,
+            )
+        )
+    return params
+
+
+def s3_options(*, writes: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the S3 options (``--endpoint-url``, ``--s3-path-style``,
+    ``--s3-retry-for``, and ``--storage-class`` when it ``writes``) and pass them to it as one
+    ``s3: S3Options`` argument: one set of options, declared here only."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "s3"]
+        extra = _s3_params(writes)
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kw: Any) -> Any:
+            s3 = S3Options(
+                endpoint_url=kw.pop("s3_endpoint_url", None),
+                path_style=True if kw.pop("s3_path_style", False) else None,
+                storage_class=kw.pop("s3_storage_class", None),
+                retry_for_s=parse_duration(kw.pop("s3_retry_for", "10m"), "--s3-retry-for"),
+            )
+            return fn(*args, s3=s3, **kw)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def is_url(text: str | Path) -> bool:
+    return str(text).startswith("s3://")
+
+
+def object_ref(url: str, s3: S3Options) -> Ref:
+    """The object of the s3:// URL ``url`` (``s3://BUCKET/PREFIX/NAME``)."""
+    from engram.cloud import open_ref
+
+    return open_ref(url, **s3.open_args())
+
+
+def backup_location(text: str, s3: S3Options) -> Path | Ref:
+    """A backup named on the command line: a path, or the object of an s3:// URL."""
+    return object_ref(text, s3) if is_url(text) else Path(text)
+
+
+def repository_location(text: str, s3: S3Options) -> Path | BackupStore:
+    """A repository named on the command line: a directory, or the store of an s3:// URL
+    (``s3://BUCKET/PREFIX/``; the trailing ``/`` may be left out)."""
+    if not is_url(text):
+        return Path(text)
+    from engram.cloud import open_store
+
+    return open_store(text, **s3.open_args())
+
+
+def log_location(text: str, s3: S3Options) -> Path | Ref | BackupStore:
+    """Logs to replay: a file or directory, a log at an s3:// URL, or every log of an s3://
+    prefix (a URL ending in ``/``)."""
+    if not is_url(text):
+        return Path(text)
+    return repository_location(text, s3) if text.endswith("/") else backup_location(text, s3)

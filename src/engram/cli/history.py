@@ -7,22 +7,39 @@ from typing import Annotated
 
 import typer
 
-from engram.cli.common import Json, console, emit_json
+from engram.cli.common import (
+    Json,
+    S3Options,
+    console,
+    emit_json,
+    is_url,
+    repository_location,
+    s3_options,
+)
 
 
+@s3_options()
 def history(
-    repo: Annotated[Path, typer.Option("--repo", help="The backup directory.")],
+    repo: Annotated[
+        str, typer.Option("--repo", help="The backup directory, or s3://BUCKET/PREFIX/.")
+    ],
     as_json: Json = False,
+    *,
+    s3: S3Options,
 ) -> None:
     """Show the histories of a backup directory: where each began and its backups."""
     from engram.backup.catalog import read_catalog
     from engram.backup.history import tree_report
+    from engram.backup.repository import list_backups
     from engram.errors import UsageError
 
-    if not repo.is_dir():
+    if not is_url(repo) and not Path(repo).is_dir():
         raise UsageError(f"{repo} is not a directory; give the backup directory as --repo")
-    cat = read_catalog(repo)
-    report = tree_report(repo, cat.entries + cat.from_files)
+    where = repository_location(repo, s3)
+    cat = read_catalog(where)
+    if not cat.entries and not cat.from_files:
+        list_backups(where).check_is_repository()
+    report = tree_report(where, cat.entries + cat.from_files)
     report["problems"] = [p.message for p in cat.problems] + report["problems"]
     if as_json:
         emit_json(report)

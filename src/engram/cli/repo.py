@@ -13,9 +13,21 @@ from typing import Annotated
 import typer
 
 from engram.cli.backups import _size
-from engram.cli.common import Json, console, emit_json, plural
+from engram.cli.common import (
+    Json,
+    S3Options,
+    console,
+    emit_json,
+    is_url,
+    plural,
+    repository_location,
+    s3_options,
+)
 
-Repo = Annotated[Path, typer.Option("--repo", help="The backup directory (repository).")]
+Repo = Annotated[
+    str,
+    typer.Option("--repo", help="The backup directory (repository), or s3://BUCKET/PREFIX/."),
+]
 
 _COLUMNS = (
     "ID",
@@ -48,15 +60,17 @@ def _age(s: float | None) -> str:
     return f"{s:.0f}s"
 
 
-def backups(repo: Repo, as_json: Json = False) -> None:
+@s3_options()
+def backups(repo: Repo, as_json: Json = False, *, s3: S3Options) -> None:
     """List every backup of a repository: what it covers, its validation, what is wrong."""
     from engram.backup.repository import age_s, choose_fulls, list_backups
 
-    if not repo.is_dir():
+    if not is_url(repo) and not Path(repo).is_dir():
         from engram.errors import UsageError
 
         raise UsageError(f"{repo} is not a directory; give the backup directory with --repo")
-    listing = list_backups(repo)
+    listing = list_backups(repository_location(repo, s3))
+    listing.check_is_repository()
     if as_json:
         emit_json(listing.to_json())
         return
