@@ -1,6 +1,6 @@
 """Run every benchmark (``make bench``) and print one summary of all the goals.
 
-    .venv/bin/python bench/run_all.py [--quick] [--large] [--only core|backup|repo|open|peers]
+    .venv/bin/python bench/run_all.py [--quick] [--large] [--only core|backup|repo|open|peers|crypt]
                                       [--json-out F]
 
 Each benchmark runs in its own process (a fresh interpreter, its own threads and caches) with
@@ -28,6 +28,7 @@ BENCHES = {
     "repo": "bench_repo.py",
     "open": "bench_open.py",
     "peers": "bench_peers.py",
+    "crypt": "bench_encryption.py",
 }
 
 

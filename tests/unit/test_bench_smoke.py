@@ -60,6 +60,10 @@ GOALS = {
         "engram stats, log of",
         "engram query, log of",
     ],
+    "crypt": [
+        "full backup with --encrypt-to vs without",
+        "restore with --identity (decrypt + restore) vs without",
+    ],
 }
 PEER_GOALS = {"restic": GOALS["peers"][:1], "borg": GOALS["peers"][1:4]}
 

@@ -589,12 +589,16 @@ def check_ciphertext(ref: Ref) -> tuple[dict[str, Any] | None, list[str]]:
 # -- decrypting a backup into a directory ------------------------------------------------------
 
 
-def decrypt_backup(src: Ref, identities: Sequence[x25519.Identity], into: Path) -> Path:
+def decrypt_backup(
+    src: Ref, identities: Sequence[x25519.Identity], into: Path, durable: bool = True
+) -> Path:
     """Decrypt the backup ``src`` into the directory ``into`` as its plaintext self: NAME, its
     sidecar (the plaintext's sha256) and its catalog entry (``plain_entry``), for the commands
     that read a local file. The plaintext goes to a temp file published only once the last age
-    chunk authenticated, the stored bytes hashed to their sidecar's sha256 and the plaintext to
-    the entry's; else nothing is left under NAME. Returns the path of NAME in ``into``."""
+    chunk authenticated and the stored bytes hashed to their sidecar's sha256; else nothing is
+    left under NAME. The plaintext's sha256 is the entry's when it has one (whoever reads the
+    copy checks it against that sidecar, as restore and validation do), else computed here.
+    ``durable=False``: a working copy, not fsynced. Returns the path of NAME in ``into``."""
     what = src.describe()
     base = src.name.rsplit("/", 1)[-1]
     info: dict[str, Any] | None
@@ -608,18 +612,19 @@ def decrypt_backup(src: Ref, identities: Sequence[x25519.Identity], into: Path) 
         )
     except FileNotFoundError:
         stored_sha = None
+    want = ((encryption_of(info) or {}).get("plaintext") or {}).get("sha256")
+    plain = hashlib.sha256() if not isinstance(want, str) else None
     ensure_private_dir(into)
     out = LocalBackupStore(into)
     temp = out.create_temp(base)
     try:
-        plain = hashlib.sha256()
-        with src.store.open(src.name) as raw:
-            if raw.read(len(AGE_MAGIC)) != AGE_MAGIC:
-                raise BadArchive(f"{what} is not an age file; it needs no --identity")
+        if not is_encrypted(src.store, src.name):
+            raise BadArchive(f"{what} is not an age file; it needs no --identity")
         reader = DecryptingReader(src.store.open(src.name), identities, what)
         try:
             while chunk := reader.read(1 << 20):
-                plain.update(chunk)
+                if plain is not None:
+                    plain.update(chunk)
                 temp.write(chunk)
         finally:
             reader.close()
@@ -628,17 +633,14 @@ def decrypt_backup(src: Ref, identities: Sequence[x25519.Identity], into: Path) 
                 f"checksum mismatch: {sidecar_name(base)} says {stored_sha[:16]}…, {what} hashes "
                 f"to {reader.src.sha.hexdigest()[:16]}…; it is damaged — use another copy"
             )
-        enc = encryption_of(info) or {}
-        want = (enc.get("plaintext") or {}).get("sha256")
-        if want is not None and want != plain.hexdigest():
-            raise BadArchive(
-                f"{what} decrypts to bytes hashing to {plain.hexdigest()[:16]}…, its entry says "
-                f"{str(want)[:16]}…; it is damaged — use another copy"
-            )
-        temp.sync_close()
+        if durable:
+            temp.sync_close()
+        else:
+            temp.close()
         out.publish(temp)
+        sha = plain.hexdigest() if plain is not None else str(want)
         if stored_sha is not None:
-            out.create(sidecar_name(base), encode_sidecar(plain.hexdigest(), base), temp)
+            out.create(sidecar_name(base), encode_sidecar(sha, base), temp)
         if info is not None:
             out.create(info_name(base), encode_entry(plain_entry(info)), temp)
         out.commit(temp)

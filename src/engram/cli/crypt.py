@@ -131,7 +131,7 @@ def decrypted(where: Any, ids: list[Any], near: Path | None = None) -> Iterator[
     parent = near.absolute().parent if near is not None else None
     staging = Path(tempfile.mkdtemp(prefix=".engram-decrypt-", dir=parent))
     try:
-        plain = decrypt_backup(Ref(store, name), ids, staging)
+        plain = decrypt_backup(Ref(store, name), ids, staging, durable=False)
         yield plain
         _carry_verdict(Ref(store, name), plain)
     finally:
