@@ -333,6 +333,11 @@ class Entry:
         return self.path.name
 
     @property
+    def where(self) -> str:
+        """How messages name the backup: its path, or its URL in an object store."""
+        return self.ref.describe() if self.ref is not None else str(self.path)
+
+    @property
     def validated(self) -> bool | None:
         return {PASSED: True, FAILED: False}.get(self.status)
 
@@ -344,12 +349,13 @@ class Problem:
     path: Path  # the backup
     reason: str
     name: str = ""  # the backup's name in its store
+    where: str = ""  # how messages name the backup (a path, or an s3:// URL); default: path
 
     @property
     def message(self) -> str:
         return (
             f"{info_path(self.path).name}: {self.reason}; not trusted — run `engram "
-            f"validate-backup {self.path}` to check the backup and rebuild its entry"
+            f"validate-backup {self.where or self.path}` to check the backup and rebuild its entry"
         )
 
 
@@ -398,7 +404,9 @@ def read_catalog(where: Path | BackupStore) -> Catalog:
         except (OSError, EngramError) as e:
             msg = e.message if isinstance(e, EngramError) else (e.strerror or str(e))
             why = f"its file's header cannot be read ({msg})"
-            cat.problems.append(Problem(Path(backup.describe()), why, backup.name))
+            cat.problems.append(
+                Problem(Path(backup.describe()), why, backup.name, backup.describe())
+            )
             continue
         problems = (
             ["it is missing or not a JSON object"]
@@ -414,7 +422,9 @@ def read_catalog(where: Path | BackupStore) -> Catalog:
             except (KeyError, TypeError, ValueError):
                 problems = ["it lacks a field a backup entry has"]
         where_ = Path(backup.describe())
-        cat.problems.append(Problem(where_, "; ".join(problems), backup.name))
+        cat.problems.append(
+            Problem(where_, "; ".join(problems), backup.name, backup.describe())
+        )
         if facts is not None:
             cat.from_files.append(_entry(backup, facts, NOT_VALIDATED, True))
     order = lambda e: (e.to_lsn, e.kind != "full", e.name)  # noqa: E731

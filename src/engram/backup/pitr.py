@@ -865,7 +865,7 @@ def usable_entries(repo: Path | BackupStore) -> tuple[list[Entry], list[str]]:
         if e.status == PENDING:
             skipped.append(
                 f"{e.name}: its validation is pending (it never finished, or its verdict could "
-                f"not be recorded) — run `engram validate-backup {e.path}`"
+                f"not be recorded) — run `engram validate-backup {e.where}`"
             )
         elif e.status == FAILED:
             skipped.append(f"{e.name}: it failed validation")

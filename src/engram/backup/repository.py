@@ -264,7 +264,7 @@ def list_backups(where: Path | str | BackupStore) -> Listing:
     for p in cat.problems:
         reason = (
             f"its catalog entry is not trusted ({p.reason}) — run `engram validate-backup "
-            f"{p.path}` to check the backup and rebuild its entry"
+            f"{p.where or p.path}` to check the backup and rebuild its entry"
         )
         known = from_files.get(p.name)
         if known is not None:
