@@ -406,3 +406,36 @@ def test_identity_file_errors_are_usage_errors(tmp_path: Path) -> None:
     code, out = _cli("restore", "--from", str(tmp_path / "x.tar.zst"), "--identity",
                      str(tmp_path / "missing.txt"), "--to", str(tmp_path / "r"))
     assert code == 2 and "cannot read the identity file" in out
+
+
+def test_backup_encrypt_to_writes_an_age_file_and_validates_its_ciphertext(
+    tmp_path: Path, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, keyfile = keys
+    data = tmp_path / "data"
+    with Engine.open(data) as e:
+        for i in range(50):
+            e.apply([{"op": "create_memory", "id": f"m{i}", "content": f"memory {i}"}])
+    bk = _bk(tmp_path)
+    rf = tmp_path / "recipients.txt"
+    rf.write_text(f"# the offsite key\n{rcpt}\n")
+    out = bk / "full.tar.zst"
+    code, text = _cli("backup", "--full", "--output", str(out), "--recipients-file", str(rf),
+                      "--data-dir", str(data), "--json")
+    assert code == 0, text
+    res = json.loads(text[text.index("{"):])
+    stored = out.read_bytes()
+    assert stored.startswith(AGE_MAGIC)
+    assert res["sha256"] == hashlib.sha256(stored).hexdigest() and res["size"] == len(stored)
+    assert res["encryption"]["recipients"] == [rcpt]
+    assert res["validation"]["ok"] and res["validation"]["ciphertext_only"]
+    assert "--identity" in res["validation"]["warnings"][0]
+    assert read_info(out)["validation"] is None  # only a full validation records a verdict
+    code, text = _cli("validate-backup", str(out), "--identity", str(keyfile), "--level", "3")
+    assert code == 0 and "PASS" in text, text
+    assert read_info(out)["validation"]["status"] == "passed"
+
+    code, text = _cli("backup", "--full", "--output", str(bk / "x.tar.zst"), "--encrypt-to",
+                      "age1notakey", "--data-dir", str(data))
+    assert code == 2 and "not an age X25519 recipient" in text
+    assert not (bk / "x.tar.zst").exists()

@@ -35,7 +35,17 @@ from engram.cli.common import (
     repository_location,
     s3_options,
 )
-from engram.cli.crypt import Identity, ciphertext_validation, decrypted, identities
+from engram.cli.crypt import (
+    EncryptTo,
+    Identity,
+    RecipientsFile,
+    ciphertext_validation,
+    decrypted,
+    encrypted_result,
+    encrypting,
+    identities,
+    recipients,
+)
 from engram.errors import UsageError
 
 if TYPE_CHECKING:
@@ -178,6 +188,8 @@ def backup(
     token_file: TokenFile = None,
     admin_token_file: AdminTokenFile = None,
     cacert: CaCert = None,
+    encrypt_to: EncryptTo = None,
+    recipients_file: RecipientsFile = None,
     as_json: Json = False,
     *,
     s3: S3Options,
@@ -198,6 +210,9 @@ def backup(
     ).validate(OPTION_NAMES)
     # An s3:// output is the object of its store, written and validated there.
     where = object_ref(output, s3) if is_url(output) else None
+    rcpts = recipients(encrypt_to, recipients_file)
+    if rcpts:  # encrypted as it is written: this job holds only the public keys
+        where = encrypting(where if where is not None else Path(output), rcpts)
     remote = backend(data_dir, token_file, admin_token_file=admin_token_file, cacert=cacert)
     with remote as b, progress_bar(f"{kind} backup") as bar:
         res = b.backup(req, None if as_json else bar, output=where)
@@ -205,9 +220,13 @@ def backup(
     # Validation is as gentle as the backup was: low when the backup was (the default through
     # a server), and for an incremental taken through a server, which shares this machine.
     low = res.get("priority") == "low" or (res.get("priority") is None and b.remote)
+    if rcpts:  # what was stored: the ciphertext's sha256 and size, and the encryption
+        res = encrypted_result(res, path)
     res["validation"] = (
         None
         if no_validate
+        else ciphertext_validation(path, [])
+        if rcpts
         else _validate(path, level, p50_warn_ms, as_json, "low" if low else "normal")
     )
     ok = res["validation"] is None or res["validation"]["ok"]

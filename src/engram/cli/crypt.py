@@ -83,10 +83,8 @@ def _store_and_name(where: Path | Ref) -> tuple[BackupStore, str]:
     return LocalBackupStore(p.parent), p.name
 
 
-def encrypting(output: Path | Ref, rcpts: list[str]) -> Path | Ref:
-    """``output`` written encrypted to ``rcpts`` (unchanged without any)."""
-    if not rcpts:
-        return output
+def encrypting(output: Path | Ref, rcpts: list[str]) -> Ref:
+    """``output`` (a path or an object of a store) written encrypted to ``rcpts``."""
     from engram.backup.encrypted import EncryptedStore
     from engram.storage import Ref
 
@@ -147,6 +145,28 @@ def _carry_verdict(src: Ref, plain: Path) -> None:
     update_info(src, validation=got.get("validation"))
 
 
+def _stored(where: Path | Ref) -> Path | Ref:
+    """``where`` as stored: an object read past an ``EncryptedStore`` wrapper."""
+    from engram.backup.encrypted import EncryptedStore
+    from engram.storage import Ref
+
+    if isinstance(where, Ref) and isinstance(where.store, EncryptedStore):
+        return Ref(where.store.inner, where.name)
+    return where
+
+
+def encrypted_result(res: dict[str, Any], where: Path | Ref) -> dict[str, Any]:
+    """A backup's result as stored encrypted: ``sha256`` and ``size`` of the stored bytes (what
+    its sidecar says) and ``encryption`` as its catalog entry records it."""
+    from engram.backup.catalog import read_info
+
+    info = read_info(_stored(where)) or {}
+    out = dict(res)
+    out["sha256"], out["size"] = info.get("sha256", res["sha256"]), info.get("size", res["size"])
+    out["encryption"] = info.get("encryption")
+    return out
+
+
 def ciphertext_validation(where: Path | Ref, ids: list[Any]) -> dict[str, Any] | None:
     """For an encrypted backup given without ``--identity``: what validate-backup can check (the
     stored bytes against the sidecar, the catalog entry), in validate-backup's result shape and
@@ -154,6 +174,7 @@ def ciphertext_validation(where: Path | Ref, ids: list[Any]) -> dict[str, Any] |
     from engram.backup.encrypted import check_ciphertext, is_encrypted
     from engram.storage import Ref
 
+    where = _stored(where)
     store, name = _store_and_name(where)
     if ids or (isinstance(where, Path) and not where.is_file()) or not is_encrypted(store, name):
         return None
