@@ -45,14 +45,40 @@ def memory_rows_sum(rows: Iterable[tuple], decode_metadata: Callable[[str], dict
     """The sum of ``memory_hash`` over warm-tier rows (id, content, strength, metadata JSON,
     created_at, updated_at, last_activated_at, activation_count): the same bytes hashed,
     without building Memory objects, the calls inlined (a digest recompute spends its time
-    here)."""
+    here). Raises what ``decode_metadata`` raises for a metadata it cannot read."""
     enc, sha, from_bytes = _enc.encode, hashlib.sha256, int.from_bytes
-    return sum(
-        from_bytes(
-            sha(enc(("m", r[0], r[1], r[2], decode_metadata(r[3]), *r[4:8]))).digest(), "big"
+    total = 0
+    for mid, content, strength, meta, created, updated, activated, count in rows:
+        total += from_bytes(
+            sha(
+                enc(
+                    (
+                        "m",
+                        mid,
+                        content,
+                        strength,
+                        decode_metadata(meta),
+                        created,
+                        updated,
+                        activated,
+                        count,
+                    )
+                )
+            ).digest(),
+            "big",
         )
-        for r in rows
-    )
+    return total
+
+
+def edge_rows_sum(rows: Iterable[tuple]) -> int:
+    """The sum of ``edge_hash`` over rows whose first five values are an edge's (src, dst,
+    kind, weight, created_at); further values are ignored. The same bytes hashed, without
+    building Edge objects."""
+    enc, sha, from_bytes = _enc.encode, hashlib.sha256, int.from_bytes
+    total = 0
+    for r in rows:
+        total += from_bytes(sha(enc(("e", r[0], r[1], r[2], r[3], r[4]))).digest(), "big")
+    return total
 
 
 def edge_hash(e: Edge) -> int:

@@ -2,6 +2,13 @@
 scan of memory rows over a rowid range with their share of the digest (the hash of a row is
 ``digest``'s).
 
+A scan reads rows in batches. Each batch is first checked as a whole, a column at a time, by a
+few calls that run in C (``memory_rows_pass``, ``edge_rows_pass``): they accept a batch only if
+every row in it follows every rule. An accepted batch is then only hashed. A batch they do not
+accept (or whose metadata does not decode) is checked again row by row by ``check_memory_row``
+/ ``check_edge_row``, which word every problem; so the report is the same whichever way a row
+was read, and the per-row Python work of a sound store is the hash alone.
+
 Self-contained so that ``rowscan.split_scan`` can run the memory scan in helper processes
 (``python -m engram.backup.rowcheck DATABASE LO HI`` prints a ``RowScan`` as JSON) while the
 verifier scans the first range itself.
@@ -10,10 +17,13 @@ verifier scans the first range itself.
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 
 import msgspec
 
@@ -24,7 +34,11 @@ from engram.tiers.warm import memory_rows
 
 MAX_LISTED = 100
 MODULE = "engram.backup.rowcheck"  # the helper entry point of the memory scan (file's end)
+BATCH = 5000  # rows read, checked and hashed at a time
 _json_obj = msgspec.json.Decoder(dict)
+# What hashing a row whose fields passed the checks can still raise: a metadata that is not a
+# JSON object (decoding), or one holding an integer msgpack cannot encode (beyond 64 bits).
+HASH_ERRORS = (msgspec.MsgspecError, TypeError, ValueError, OverflowError)
 
 
 class RowScan(msgspec.Struct):
@@ -110,6 +124,59 @@ def check_edge_row(r: tuple, problem: Callable[[str, str], None]) -> tuple[Edge,
     return Edge(src, dst, kind, weight, created), bool(no_src or no_dst)
 
 
+# ID_RE's and KIND_RE's rules over a batch joined with one newline after each value: with
+# exactly as many newlines as values (none inside one), a full match means every value follows
+# the rule.
+_IDS = re.compile(r"(?:[A-Za-z0-9\-_.:@/]{1,256}\n)*")
+_KINDS = re.compile(r"(?:[A-Za-z0-9\-_.:@/]{1,64}\n)*")
+_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7 = (itemgetter(i) for i in range(8))
+_NUMBER, _INT = {int, float}, {int}
+
+
+def _all_match(pattern: re.Pattern[str], values: list[object]) -> bool:
+    joined = "\n".join(values) + "\n"  # type: ignore[arg-type]  # TypeError for a non-str
+    return joined.count("\n") == len(values) and pattern.fullmatch(joined) is not None
+
+
+def memory_rows_pass(rows: Sequence[tuple]) -> bool:
+    """True only if every memory row in ``rows`` follows every rule ``check_memory_row``
+    applies to its id, content, strength, count and timestamps (the metadata is decoded when it
+    is hashed). False says only that some row may not: check those rows one by one.
+
+    sqlite3 gives each value as int, float, str, bytes or None, never bool, and never NaN (SQLite
+    reads a stored NaN as NULL; a NaN would still make the sum NaN)."""
+    try:
+        if not _all_match(_IDS, list(map(_C0, rows))):
+            return False
+        if set(map(type, map(_C1, rows))) != {str}:
+            return False
+        strength = list(map(_C2, rows))
+        if not set(map(type, strength)) <= _NUMBER:
+            return False
+        if not (0.0 <= min(strength) and max(strength) <= 1.0 and not math.isnan(sum(strength))):
+            return False
+        counts = [*map(_C4, rows), *map(_C5, rows), *map(_C6, rows), *map(_C7, rows)]
+        return set(map(type, counts)) == _INT and min(counts) >= 0
+    except (TypeError, ValueError):  # ValueError: min() of no rows
+        return False
+
+
+def edge_rows_pass(rows: Sequence[tuple]) -> bool:
+    """True only if no edge row in ``rows`` (as ``check_edge_row`` takes them) breaks a rule
+    ``check_edge_row`` applies; False says only that some row may."""
+    try:
+        if any(map(_C5, rows)) or any(map(_C6, rows)):  # an end that does not exist
+            return False
+        if not _all_match(_KINDS, list(map(_C2, rows))):
+            return False
+        if not math.isfinite(sum(array("d", map(_C3, rows)))):  # NaN and inf stay in the sum
+            return False
+        array("q", map(_C4, rows))  # created_at: integers only
+        return True
+    except (TypeError, OverflowError):
+        return False
+
+
 def scan(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None) -> RowScan:
     """Check and hash the memory rows with ``lo <= rowid <= hi`` (all if None)."""
     res = RowScan()
@@ -121,8 +188,17 @@ def scan(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None)
 
     total = 0
     cur = memory_rows(conn, lo, hi)
-    while rows := cur.fetchmany(5000):
+    rows_sum, meta = dg.memory_rows_sum, _json_obj.decode
+    while rows := cur.fetchmany(BATCH):
         res.rows += len(rows)
+        if memory_rows_pass(rows):
+            t = time.perf_counter()
+            try:
+                total += rows_sum(rows, meta)
+                res.hash_seconds += time.perf_counter() - t
+                continue
+            except HASH_ERRORS:
+                pass  # some metadata: the rows one by one say which
         valid: list[Memory] = []
         for r in rows:
             m = check_memory_row(r, problem)
@@ -132,7 +208,11 @@ def scan(conn: sqlite3.Connection, lo: int | None = None, hi: int | None = None)
                 valid.append(m)
         t = time.perf_counter()
         for m in valid:
-            total += dg.memory_hash(m)
+            try:
+                total += dg.memory_hash(m)
+            except HASH_ERRORS as e:
+                problem(loc_id("memory", m.id), f"metadata cannot be hashed ({e})")
+                res.undecodable += 1
         res.hash_seconds += time.perf_counter() - t
     res.hash_hex = format(total % dg.MOD, "x")
     return res
