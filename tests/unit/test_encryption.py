@@ -378,6 +378,14 @@ def test_the_commands_read_encrypted_backups_with_an_identity_and_never_show_it(
     outputs.append(out)
     assert code == 0, out
     assert json.loads(out[out.index("{"):])["digest"] == inc.digest
+    code, out = _cli("restore-pitr", "--repo", str(bk), "--latest", "--identity", key,
+                     "--output", str(tmp_path / "r4"), "--json")
+    outputs.append(out)
+    assert code == 0, out
+    assert json.loads(out[out.index("{"):])["digest"] == inc.digest
+    code, out = _cli("restore", "--repo", str(bk), "--latest", "--identity", key,
+                     "--to", str(tmp_path / "r5"))
+    assert code == 2 and "restore the backup with --from" in out
     code, out = _cli("apply-log", "--log", str(bk / "inc.log"), "--identity", key,
                      "--data-dir", str(tmp_path / "r1"))
     outputs.append(out)
