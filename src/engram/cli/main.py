@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
         ("backup", "restore", "apply-log", "restore-pitr", "validate-backup"), "backups"
     ),
     "backups": "repo",
+    **dict.fromkeys(("push", "pull", "sync"), "offsite"),
     "history": "history",
     **dict.fromkeys(
         ("quiesce", "resume", "status", "verify", "rebuild-index", "benchmark", "test"), "ops"

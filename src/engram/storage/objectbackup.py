@@ -40,6 +40,8 @@ from engram.format.manifest import decode_sidecar
 from engram.storage.base import SIDECAR_SUFFIX, TempObject, sidecar_name
 from engram.storage.objects import (
     DEFAULT_PART,
+    READ_AHEAD,
+    UPLOAD_THREADS,
     Meta,
     NoSuchBucket,
     ObjectCorrupt,
@@ -69,6 +71,7 @@ class ObjectTemp:
             name,
             meta=Meta(None, self.token, store.storage_class),
             first_part=store.first_part,
+            threads=store.upload_threads,
         )
         self.created: dict[str, str] = {}
         self.committed = False
@@ -94,7 +97,8 @@ def _temp(temp: TempObject) -> ObjectTemp:
 
 class ObjectBackupStore:
     """Backups kept in ``objects`` (module docstring). ``storage_class`` applies to every object
-    it creates; ``first_part`` is the part size an upload starts with."""
+    it creates; ``first_part`` is the part size an upload starts with, ``upload_threads`` how
+    many of its parts go up at once, ``read_ahead`` how many ranges a read fetches ahead."""
 
     def __init__(
         self,
@@ -103,12 +107,16 @@ class ObjectBackupStore:
         storage_class: str | None = None,
         stale_after: float = STALE_AFTER,
         first_part: int = DEFAULT_PART,
+        upload_threads: int = UPLOAD_THREADS,
+        read_ahead: int = READ_AHEAD,
         clock: float | None = None,
     ) -> None:
         self.objects = objects
         self.storage_class = storage_class
         self.stale_after = stale_after
         self.first_part = first_part
+        self.upload_threads = upload_threads
+        self.read_ahead = read_ahead
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -172,7 +180,11 @@ class ObjectBackupStore:
     def open(self, name: str) -> BinaryIO:
         info = self.objects.head(check_key(name))
         reader = ObjectReader(
-            self.objects, name, info=info, sha256=self._expected(name, info.sha256)
+            self.objects,
+            name,
+            info=info,
+            sha256=self._expected(name, info.sha256),
+            ahead=self.read_ahead,
         )
         return io.BufferedReader(reader, 1 << 20)  # type: ignore[return-value]
 
