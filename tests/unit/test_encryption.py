@@ -447,3 +447,42 @@ def test_backup_encrypt_to_writes_an_age_file_and_validates_its_ciphertext(
                       "age1notakey", "--data-dir", str(data))
     assert code == 2 and "not an age X25519 recipient" in text
     assert not (bk / "x.tar.zst").exists()
+
+
+def test_push_and_sync_encrypt_and_stay_idempotent_and_pull_decrypts(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    ident, rcpt, keyfile = keys
+    local, off, back = _bk(tmp_path), tmp_path / "offsite", tmp_path / "back"
+    off.mkdir()
+    back.mkdir()
+    full = full_backup(engine, local / "full.tar.zst")
+    engine.apply([{"op": "create_memory", "id": "late", "content": "after"}])
+    incremental_backup(engine, local / "inc.log")
+
+    code, out = _cli("sync", "--repo", str(local), "--to", str(off), "--encrypt-to", rcpt)
+    assert code == 0, out
+    for name in ("full.tar.zst", "inc.log"):
+        stored = (off / name).read_bytes()
+        assert stored.startswith(AGE_MAGIC)
+        assert (off / f"{name}.sha256").read_text().split()[0] == hashlib.sha256(
+            stored).hexdigest()
+        assert read_info(off / name)["encryption"]["recipients"] == [rcpt]
+    assert not read_catalog(LocalBackupStore(off)).problems
+    # A second sync and a push of the same backup find them there: nothing copied, no error.
+    before = {p.name: p.read_bytes() for p in off.iterdir()}
+    code, out = _cli("sync", "--repo", str(local), "--to", str(off), "--encrypt-to", rcpt)
+    assert code == 0 and "nothing to copy" in out, out
+    code, out = _cli("push", str(local / "full.tar.zst"), "--to", str(off), "--encrypt-to", rcpt)
+    assert code == 0, out
+    assert {p.name: p.read_bytes() for p in off.iterdir()} == before
+
+    # pull --identity decrypts into a local directory: the very bytes of the original.
+    code, out = _cli("pull", str(off / "full.tar.zst"), str(back), "--identity", str(keyfile))
+    assert code == 0 and "decrypted" in out, out
+    assert (back / "full.tar.zst").read_bytes() == (local / "full.tar.zst").read_bytes()
+    r = restore(back / "full.tar.zst", tmp_path / "r")
+    assert (r.snapshot_lsn, r.digest) == (full.snapshot_lsn, full.digest)
+    # Without it, pull copies the ciphertext as it is.
+    code, out = _cli("pull", str(off / "inc.log"), str(back))
+    assert code == 0 and (back / "inc.log").read_bytes().startswith(AGE_MAGIC), out

@@ -406,7 +406,7 @@ def encryption_of(info: dict[str, Any] | None) -> dict[str, Any] | None:
     return enc if isinstance(enc, dict) else None
 
 
-def sealed_entry(info: dict[str, Any], temp: EncryptingTemp, recipients: list[str]) -> bytes:
+def sealed_entry(info: dict[str, Any], sha256: str, size: int, recipients: list[str]) -> bytes:
     """The entry stored beside an encrypted backup: ``sha256`` and ``size`` of the stored bytes,
     and ``encryption`` with the plaintext's (what the backup computed while writing it)."""
     out = dict(info)
@@ -415,7 +415,7 @@ def sealed_entry(info: dict[str, Any], temp: EncryptingTemp, recipients: list[st
         "recipients": recipients,
         "plaintext": {"sha256": info.get("sha256"), "size": info.get("size")},
     }
-    out["sha256"], out["size"] = temp.sha256, temp.size
+    out["sha256"], out["size"] = sha256, size
     return encode_entry(out)
 
 
@@ -426,6 +426,35 @@ def plain_entry(info: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in info.items() if k != "encryption"}
     out["sha256"], out["size"] = plain.get("sha256"), plain.get("size")
     return out
+
+
+def _resealed(store: BackupStore, name: str, data: bytes) -> bytes:
+    """``data``, a new entry for ``name``, with the stored facts of the entry it replaces when
+    that one describes an encrypted backup and ``data`` does not."""
+    try:
+        had = json.loads(store.read(name))
+        new = json.loads(data)
+    except (OSError, ValueError):
+        return data
+    enc = encryption_of(had)
+    if enc is None or not isinstance(new, dict) or encryption_of(new) is not None:
+        return data
+    new.update(sha256=had.get("sha256"), size=had.get("size"), encryption=enc)
+    return encode_entry(new)
+
+
+def plaintext_of(store: BackupStore, name: str) -> tuple[str, int] | None:
+    """The (sha256, size) of the plaintext of the backup ``name`` in ``store`` when its entry
+    says it is encrypted, else None: what makes an encrypted copy the same backup as a
+    plaintext one."""
+    inner = store.inner if isinstance(store, EncryptedStore) else store
+    try:
+        info = json.loads(inner.read(info_name(name)))
+    except (OSError, ValueError):
+        return None
+    plain = (encryption_of(info) or {}).get("plaintext") or {}
+    sha, size = plain.get("sha256"), plain.get("size")
+    return (sha, size) if isinstance(sha, str) and isinstance(size, int) else None
 
 
 def _is_meta(name: str) -> bool:
@@ -536,14 +565,43 @@ class EncryptedStore:
         self.inner.publish(_inner(temp))
 
     def create(self, name: str, data: bytes, temp: TempObject | None = None) -> None:
-        if isinstance(temp, EncryptingTemp):
-            if name == sidecar_name(temp.name):
-                data = encode_sidecar(temp.sha256, temp.name)
-            elif name == info_name(temp.name):
-                data = sealed_entry(json.loads(data), temp, self.recipients)
+        """Create ``name``; the sidecar and entry of an object encrypted here describe the
+        stored bytes (the module docstring), also when they are created after it was published
+        by an earlier run (a copy resumed after a cut: the stored bytes are hashed then)."""
+        owner = name.removesuffix(SIDECAR_SUFFIX).removesuffix(INFO_SUFFIX)
+        if isinstance(temp, EncryptingTemp) and owner == temp.name:
+            sha, size = temp.sha256, temp.size
+        elif temp is None and owner != name and self._recipients and self._stored_age(owner):
+            sha, size = self._stored_hash(owner)
+        else:
+            self.inner.create(name, data, None if temp is None else _inner(temp))
+            return
+        if name.endswith(SIDECAR_SUFFIX):
+            data = encode_sidecar(sha, owner)
+        else:
+            data = sealed_entry(json.loads(data), sha, size, self.recipients)
         self.inner.create(name, data, None if temp is None else _inner(temp))
 
+    def _stored_age(self, name: str) -> bool:
+        try:
+            return is_encrypted(self.inner, name)
+        except FileNotFoundError:
+            return False
+
+    def _stored_hash(self, name: str) -> tuple[str, int]:
+        h, n = hashlib.sha256(), 0
+        with self.inner.open(name) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+        return h.hexdigest(), n
+
     def replace(self, name: str, data: bytes) -> None:
+        """Replace an entry; one replacing an encrypted backup's entry keeps what describes the
+        stored bytes (``sha256``, ``size``, ``encryption``) whatever view ``data`` was made in
+        (a verdict carried over from a plaintext copy)."""
+        if name.endswith(INFO_SUFFIX):
+            data = _resealed(self.inner, name, data)
         self.inner.replace(name, data)
 
     def commit(self, temp: TempObject) -> None:

@@ -53,6 +53,7 @@ from engram.backup.catalog import (
     sealed,
     validation_status,
 )
+from engram.backup.encrypted import plain_entry, plaintext_of
 from engram.backup.history import publish_lineage
 from engram.backup.repository import Backup, list_backups
 from engram.errors import EngramError, Refused, UsageError
@@ -205,7 +206,10 @@ def _hash_of(store: BackupStore, name: str) -> str:
 
 def _same_backup(src: Source, dst: BackupStore, name: str) -> bool:
     """Whether ``name`` at ``dst`` holds the bytes of ``src``: the same size and a sidecar
-    naming the same sha256, or, without a readable sidecar there, the same hash read."""
+    naming the same sha256, or, without a readable sidecar there, the same hash read; an
+    encrypted copy there, its entry's plaintext sha256 and size."""
+    if (plain := plaintext_of(dst, name)) is not None:
+        return plain == (src.sha256, src.size)
     if dst.size(name) != src.size:
         return False
     try:
@@ -239,6 +243,8 @@ def _entry_plan(src: Source, dst: BackupStore, name: str) -> tuple[str, str | No
         return "replace", "the destination's entry was not a JSON object"
     if theirs.get(CHECKSUM) != entry_checksum(theirs):
         return "replace", "the destination's entry failed its checksum"
+    if theirs.get("encryption"):  # an encrypted copy: compared as the plaintext it holds
+        theirs = plain_entry(theirs)
     keys = FULL_KEYS if src.info.get("kind") == "full" else INCREMENTAL_KEYS
     differ = [k for k in (*keys, "sha256", "size") if theirs.get(k) != src.info.get(k)]
     if differ:
@@ -292,7 +298,8 @@ def copy_backup(
         )
     side = sidecar_name(name)
     side_there = dst.exists(side)
-    if side_there and dst.read(side) != s.sidecar_bytes:
+    encrypted_there = present and plaintext_of(dst, name) is not None
+    if side_there and not encrypted_there and dst.read(side) != s.sidecar_bytes:
         try:
             same = decode_sidecar(dst.read(side), side) == s.sha256
         except EngramError:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from engram.errors import UsageError
+
 if TYPE_CHECKING:
     from engram.storage import BackupStore, Ref
 
@@ -90,6 +92,32 @@ def encrypting(output: Path | Ref, rcpts: list[str]) -> Ref:
 
     store, name = _store_and_name(output)
     return Ref(EncryptedStore(store, recipients=rcpts), name)
+
+
+def encrypting_store(store: BackupStore, rcpts: list[str]) -> BackupStore:
+    """A repository written encrypted to ``rcpts`` (unchanged without any): every backup copied
+    into it is encrypted as it is written (push, sync)."""
+    if not rcpts:
+        return store
+    from engram.backup.encrypted import EncryptedStore
+
+    return EncryptedStore(store, recipients=rcpts)
+
+
+def pull_decrypted(src: Ref, directory: str, ids: list[Any]) -> Path | None:
+    """``pull --identity``: an encrypted backup decrypted into the local ``directory`` (placed
+    only once its last chunk authenticated, never replacing); None for a plaintext one, which
+    is copied as it is."""
+    from engram.backup.encrypted import decrypt_backup, is_encrypted
+
+    if not ids or not is_encrypted(src.store, src.name):
+        return None
+    if directory.startswith("s3://"):
+        raise UsageError("pull --identity decrypts into a local directory; give one")
+    dst = Path(directory)
+    if not dst.is_dir():
+        raise UsageError(f"directory {dst} does not exist; create it first")
+    return decrypt_backup(src, ids, dst)
 
 
 def decrypting_store(where: Path | BackupStore, ids: list[Any]) -> Path | BackupStore:

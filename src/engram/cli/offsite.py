@@ -10,6 +10,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from engram.cli.common import Json, S3Options, emit_json, is_url, plural, s3_options
+from engram.cli.crypt import (
+    EncryptTo,
+    Identity,
+    RecipientsFile,
+    encrypting_store,
+    identities,
+    pull_decrypted,
+    recipients,
+)
 
 if TYPE_CHECKING:
     from engram.backup.offsite import Copied, SyncReport
@@ -88,6 +97,8 @@ def push(
             "--to", help="The repository to copy them to: s3://BUCKET/PREFIX/ or a directory."
         ),
     ],
+    encrypt_to: EncryptTo = None,
+    recipients_file: RecipientsFile = None,
     dry_run: DryRun = False,
     as_json: Json = False,
     *,
@@ -98,7 +109,7 @@ def push(
     there are fine; another backup under the same name is refused (exit 3)."""
     from engram.backup.offsite import push as do_push
 
-    dst = _store(to, s3)
+    dst = encrypting_store(_store(to, s3), recipients(encrypt_to, recipients_file))
     on_copy = None if as_json else (lambda c: print(_line(c, dst), flush=True))
     copies = do_push([_backup(f, s3) for f in files], dst, dry_run=dry_run, on_copy=on_copy)
     _copies(copies, dst, as_json, dry_run)
@@ -110,6 +121,7 @@ def pull(
     directory: Annotated[
         str, typer.Argument(help="The repository to copy it into: a directory (or s3://…/).")
     ],
+    identity: Identity = None,
     dry_run: DryRun = False,
     as_json: Json = False,
     *,
@@ -120,9 +132,16 @@ def pull(
     (`restore --from DIR/NAME` or `--repo DIR`)."""
     from engram.backup.offsite import push as do_push
 
+    src = _backup(source, s3)
+    if not dry_run and (plain := pull_decrypted(src, directory, identities(identity))):
+        if as_json:
+            emit_json({"source": src.describe(), "path": str(plain), "decrypted": True})
+        else:
+            print(f"decrypted {src.describe()} into {plain}", flush=True)
+        return
     dst = _store(directory, s3)
     on_copy = None if as_json else (lambda c: print(_line(c, dst), flush=True))
-    copies = do_push([_backup(source, s3)], dst, dry_run=dry_run, on_copy=on_copy)
+    copies = do_push([src], dst, dry_run=dry_run, on_copy=on_copy)
     _copies(copies, dst, as_json, dry_run)
 
 
@@ -150,6 +169,8 @@ def sync(
         str,
         typer.Option("--to", help="Where to mirror it: s3://BUCKET/PREFIX/ or a directory."),
     ],
+    encrypt_to: EncryptTo = None,
+    recipients_file: RecipientsFile = None,
     dry_run: DryRun = False,
     as_json: Json = False,
     *,
@@ -161,7 +182,8 @@ def sync(
     from engram.backup.offsite import PRESENT
     from engram.backup.offsite import sync as do_sync
 
-    src, dst = _store(repo, s3), _store(to, s3)
+    src = _store(repo, s3)
+    dst = encrypting_store(_store(to, s3), recipients(encrypt_to, recipients_file))
 
     def on_copy(c: Copied) -> None:
         if not as_json and c.action != PRESENT:  # a backup already there is only counted
