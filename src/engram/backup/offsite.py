@@ -33,12 +33,13 @@ side. A second run copies nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from engram.backup.catalog import (
     CHECKSUM,
@@ -60,10 +61,14 @@ from engram.errors import EngramError, Refused, UsageError
 from engram.format.manifest import decode_sidecar
 from engram.storage import BackupStore, Ref, info_name, sidecar_name
 from engram.storage.base import TempObject
+from engram.storage.objectbackup import ObjectBackupStore, ObjectTemp
+from engram.storage.objects import ObjectReader
 
 log = logging.getLogger("engram.backup")
 
-CHUNK = 8 << 20  # bytes read from the source per write to the destination
+# Bytes read from the source per write to the destination: small next to a part, so that an
+# upload's buffer moves little when a part leaves it.
+CHUNK = 1 << 20
 
 # What happened to one backup (``Copied.action``).
 COPIED = "copied"  # the file and everything with it were published at the destination
@@ -329,7 +334,6 @@ def copy_backup(
             _ensure_parent(dst, name)
             temp = dst.create_temp(name)
             copied = _copy_bytes(s, temp, where, progress)
-            temp.sync_close()
             dst.publish(temp)
             created.append(name)
         if not side_there:
@@ -361,19 +365,41 @@ def copy_backup(
     return Copied(name, s.ref.describe(), action, s.size, s.sha256, copied, tuple(created), why)
 
 
+def _open_source(s: Source) -> tuple[BinaryIO, bool]:
+    """A stream of the source's bytes, and whether it checks them against the sidecar's hash
+    itself: an object store's reader is told that hash and checks it at the end of the read
+    (``ObjectCorrupt``), so the bytes are hashed once, not twice."""
+    store = s.ref.store
+    if isinstance(store, ObjectBackupStore):
+        reader = ObjectReader(store.objects, s.ref.name, sha256=s.sha256, ahead=store.read_ahead)
+        return io.BufferedReader(reader, CHUNK), True  # type: ignore[return-value]
+    return store.open(s.ref.name), False
+
+
 def _copy_bytes(
     s: Source, temp: TempObject, where: str, progress: Callable[[int, int], None] | None
 ) -> int:
-    h = hashlib.sha256()
+    """Copy the source's bytes into ``temp`` and close it; CopyCorrupt unless they hash to the
+    sidecar's sha256. An upload hashes what it sends (``ObjectWriter.sha256``), and a source in
+    an object store checks what it reads: the copy hashes the bytes itself only when neither
+    does."""
+    f, source_checks = _open_source(s)
+    upload = temp.writer if isinstance(temp, ObjectTemp) else None
+    h = None if source_checks or upload is not None else hashlib.sha256()
     n = 0
-    with s.ref.store.open(s.ref.name) as f:
+    with f:
         while block := f.read(CHUNK):
-            h.update(block)
+            if h is not None:
+                h.update(block)
             temp.write(block)
             n += len(block)
             if progress is not None:
                 progress(n, s.size)
-    got = h.hexdigest()
+    temp.sync_close()
+    if upload is not None:
+        got = upload.sha256
+    else:
+        got = h.hexdigest() if h is not None else s.sha256
     if n != s.size or got != s.sha256:
         raise CopyCorrupt(
             f"{s.ref.describe()} read {n} bytes hashing to {got[:16]}…, but its sidecar "

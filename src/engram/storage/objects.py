@@ -318,7 +318,8 @@ class ObjectWriter:
         return self.store.put_part(self.key, upload_id, number, chunk, checksum=sha256_hex(chunk))
 
     def _send_part(self, n: int) -> None:
-        chunk = bytes(self._buf[:n])
+        with memoryview(self._buf) as view:  # one copy of the part, released before the resize
+            chunk = bytes(view[:n])
         if self.upload_id is None:
             self.upload_id = self.store.start_upload(self.key, meta=self.meta)
         self._sent += 1
