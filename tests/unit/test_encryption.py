@@ -319,7 +319,20 @@ def test_without_the_identity_only_the_ciphertext_is_checked(
     p.write_bytes(bytes(data))
     _, problems = check_ciphertext(ref)
     assert any("checksum mismatch" in x for x in problems)
-    assert any("size" in x or "sha256" in x for x in problems) is not None
+
+
+def test_the_listing_says_a_backup_is_encrypted_without_the_identity(
+    tmp_path: Path, engine: Engine, keys: tuple[x25519.Identity, str, Path]
+) -> None:
+    from engram.backup.repository import list_backups
+
+    _, rcpt, _ = keys
+    bk = _one_backup(tmp_path, engine, rcpt)
+    (b,) = list_backups(bk).backups
+    assert b.encrypted and b.usable and b.problem is None and "legacy" not in b.flags
+    assert list_backups(bk).to_json()["backups"][0]["encrypted"] is True
+    code, out = _cli("backups", "--repo", str(bk))
+    assert code == 0 and "full (age)" in out, out
 
 
 # -- the commands ---------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ class Backup:
     sidecar: bool  # NAME.sha256 is there
     legacy: bool = False  # an entry from before archive headers: checked by its sidecar only
     entry: Entry | None = field(default=None, compare=False, repr=False)
+    encrypted: bool = False  # its entry says it is an age file (restoring it needs an identity)
 
     @property
     def usable(self) -> bool:
@@ -141,6 +142,7 @@ class Backup:
             "problem": self.problem,
             "sidecar": self.sidecar,
             "legacy": self.legacy,
+            "encrypted": self.encrypted,
         }
 
 
@@ -219,6 +221,7 @@ def _from_entry(
         sidecar=sidecar_name(name) in present,
         legacy=not e.verified,
         entry=e,
+        encrypted=isinstance(info.get("encryption"), dict),
     )
 
 

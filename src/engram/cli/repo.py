@@ -90,7 +90,7 @@ def backups(repo: Repo, as_json: Json = False, *, s3: S3Options) -> None:
         rows.append(
             (
                 b.name,
-                b.kind,
+                f"{b.kind} (age)" if b.encrypted else b.kind,
                 (b.history or "-")[:8],
                 lsn,
                 when,
