@@ -396,9 +396,19 @@ def test_the_commands_read_encrypted_backups_with_an_identity_and_never_show_it(
     outputs.append(out)
     assert code == 0, out
     assert json.loads(out[out.index("{"):])["digest"] == inc.digest
+    code, out = _cli("restore", "--repo", str(bk), "--latest", "--to", str(tmp_path / "r5"))
+    outputs.append(out)
+    assert code == 2 and "is encrypted (age); give --identity" in out, out
+    assert not (tmp_path / "r5").exists()
     code, out = _cli("restore", "--repo", str(bk), "--latest", "--identity", key,
                      "--to", str(tmp_path / "r5"))
-    assert code == 2 and "restore the backup with --from" in out
+    outputs.append(out)
+    assert code == 0, out
+    assert f"restored {enc} into" in out and f"LSN {full.snapshot_lsn}" in out
+    code, out = _cli("restore", "--repo", str(bk), "--backup", "full.tar.zst", "--identity",
+                     key, "--to", str(tmp_path / "r6"), "--json")
+    outputs.append(out)
+    assert code == 0 and json.loads(out[out.index("{"):])["digest"] == full.digest, out
     code, out = _cli("apply-log", "--log", str(bk / "inc.log"), "--identity", key,
                      "--data-dir", str(tmp_path / "r1"))
     outputs.append(out)

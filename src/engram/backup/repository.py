@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -435,12 +436,14 @@ def restore_from_repo(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     verify: str = "auto",
+    source: Callable[[Ref], AbstractContextManager[Path | Ref]] | None = None,
 ) -> RepoRestore:
     """Restore the full backup ``name`` of ``repo``, or (``name`` None) the newest usable one,
     into ``to`` (``restore.restore``: every check, nothing destroyed). Without a name, a backup
     whose restore refuses the archive (BadArchive, CorruptData: ``to`` is untouched then) is
     skipped for the next older one; the result names every backup passed over and why.
-    RestoreError when none is left."""
+    RestoreError when none is left. ``source`` turns the chosen backup into what the restore
+    reads (an encrypted one: its decrypted copy, checked before it is handed on)."""
     # Imported here: listing a repository needs none of the restore machinery.
     from engram.backup.restore import check_target, restore
 
@@ -448,15 +451,25 @@ def restore_from_repo(
     to = Path(to).absolute()
     check_target(to, force)
     listing = list_backups(store)
+
+    def restore_one(backup: str) -> RestoreResult:
+        ref = Ref(store, backup)
+        if source is None:
+            return restore(ref, to, force, progress, verify)
+        with source(ref) as src:
+            res = restore(src, to, force, progress, verify)
+        res.archive = ref.describe()  # the backup, not the copy that was read
+        return res
+
     if name is not None:
         chosen, notes = _named(listing, name)
-        res = restore(Ref(store, chosen.name), to, force, progress, verify)
+        res = restore_one(chosen.name)
         return RepoRestore(res, listing.repository, chosen.name, [], notes)
     choice = choose_fulls(listing)
     skipped = list(choice.skipped)
     for b in choice.candidates:
         try:
-            res = restore(Ref(store, b.name), to, force, progress, verify)
+            res = restore_one(b.name)
         except (BadArchive, CorruptData) as e:
             skipped.append(Skipped(b.name, f"the restore refused it: {e.message}"))
             continue

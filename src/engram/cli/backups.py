@@ -327,11 +327,6 @@ def restore(
     if repo is None and (latest or backup_id is not None):
         raise UsageError("--latest and --backup choose from a repository: give --repo DIR")
     ids = identities(identity)
-    if repo is not None and ids:
-        raise UsageError(
-            "--identity with --repo is not wired yet; restore the backup with --from "
-            "ARCHIVE --identity FILE (`engram backups --repo` lists it without the identity)"
-        )
     con = console()
     extra: dict[str, Any] = {}
     with progress_bar("restore") as bar:
@@ -345,6 +340,7 @@ def restore(
                 force,
                 None if as_json else bar,
                 verify=verify,
+                source=lambda ref: decrypted(ref, ids, near=to),
             )
             res, extra = got.result, got.to_json()
         else:
