@@ -51,6 +51,7 @@ from typing import Any
 import msgspec
 
 from engram.backup.archive import CHUNK, ArchiveWriter, FileSink, Member, Progress, Sink
+from engram.backup.pipeline import PipelinedArchiveWriter, ThreadedSink
 from engram.backup.request import check_cpu_share
 from engram.errors import BackupError, BadArchive, EngramError
 from engram.format.manifest import MANIFEST_NAME, encode_manifest
@@ -191,24 +192,36 @@ class Done(msgspec.Struct):
 
 def write_plan(plan: Plan, sink: Sink, progress: Progress | None = None) -> dict[str, Member]:
     """Write the archive of ``plan`` to ``sink``, then sync_close it (fsync of a file).
-    Returns the members (name -> size, sha256), manifest included."""
-    aw = ArchiveWriter(
-        sink,
-        plan.compression,
-        progress,
-        threads=plan.threads,
-        chunk=plan.chunk,
-        header=plan.manifest,
-    )
-    for m in plan.members:
-        if m.path is not None:
-            aw.add_file(m.name, Path(m.path), m.size)
-        else:
-            aw.add_bytes(m.name, m.data or b"")
-    files = {n: {"size": x.size, "sha256": x.sha256} for n, x in aw.members.items()}
-    aw.add_bytes(MANIFEST_NAME, encode_manifest(plan.manifest | {"files": files}))
-    aw.finish()
-    sink.sync_close()
+    Returns the members (name -> size, sha256), manifest included.
+
+    A plan for every core (``threads`` None) is written as a pipeline (``backup.pipeline``):
+    files are read and hashed by one thread, compressed by zstd's, and the output is hashed
+    and written by another, so that no stage waits for the others. A plan for one core is
+    written by the calling thread alone: a low-priority worker must not take a second core."""
+    pipelined = plan.threads is None
+    out: Sink = ThreadedSink(sink) if pipelined else sink
+    try:
+        writer = PipelinedArchiveWriter if pipelined else ArchiveWriter
+        aw = writer(
+            out,
+            plan.compression,
+            progress,
+            threads=plan.threads,
+            chunk=plan.chunk,
+            header=plan.manifest,
+        )
+        for m in plan.members:
+            if m.path is not None:
+                aw.add_file(m.name, Path(m.path), m.size)
+            else:
+                aw.add_bytes(m.name, m.data or b"")
+        files = {n: {"size": x.size, "sha256": x.sha256} for n, x in aw.members.items()}
+        aw.add_bytes(MANIFEST_NAME, encode_manifest(plan.manifest | {"files": files}))
+        aw.finish()
+        out.sync_close()
+    finally:
+        if isinstance(out, ThreadedSink):
+            out.stop()  # on a failure, the owner of ``sink`` closes it
     return aw.members
 
 
@@ -282,13 +295,16 @@ def run_worker(
                 threads.append(t)
             if cancel is not None:
                 w = threading.Thread(
-                    target=_kill_on, args=(cancel, finished, proc), name="engram-backup-cancel",
+                    target=_kill_on,
+                    args=(cancel, finished, proc),
+                    name="engram-backup-cancel",
                     daemon=True,
                 )
                 w.start()
                 threads.append(w)
-            return _wait_for(proc, payload, err, output, progress, on_start, relay_error, cancel,
-                             threads)
+            return _wait_for(
+                proc, payload, err, output, progress, on_start, relay_error, cancel, threads
+            )
     finally:
         finished.set()
         for t in threads:
@@ -299,8 +315,9 @@ def run_worker(
             os.close(fd)  # Popen failed before the worker took it
 
 
-def _relay(read_end: int, sink: Sink, proc: subprocess.Popen[bytes],
-           error: list[BaseException]) -> None:
+def _relay(
+    read_end: int, sink: Sink, proc: subprocess.Popen[bytes], error: list[BaseException]
+) -> None:
     """Copy the pipe into ``sink`` until the worker closes it; on a sink error, kill the
     worker (which then cannot block on a full pipe) and keep the error for the caller."""
     try:
@@ -314,8 +331,9 @@ def _relay(read_end: int, sink: Sink, proc: subprocess.Popen[bytes],
         proc.kill()
 
 
-def _kill_on(cancel: threading.Event, finished: threading.Event,
-             proc: subprocess.Popen[bytes]) -> None:
+def _kill_on(
+    cancel: threading.Event, finished: threading.Event, proc: subprocess.Popen[bytes]
+) -> None:
     while not finished.is_set():
         if cancel.wait(0.05):
             proc.kill()
