@@ -260,6 +260,51 @@ def part_size(number: int, size: int | None, first: int = DEFAULT_PART) -> int:
     return min(MAX_PART, first << ((number - 1) // GROW_EVERY))
 
 
+class OrderedHash:
+    """The SHA-256 of the pieces given to ``update``, in that order, taken on a thread of its
+    own (hashlib releases the GIL for large pieces), so that hashing overlaps the caller's
+    network and disk work instead of adding to it. A piece must not change once given; at most
+    ``backlog`` pieces wait, so memory stays bounded. Small pieces are hashed in the caller's
+    thread, after those waiting."""
+
+    SMALL = 64 * 1024
+
+    def __init__(self, backlog: int = 2) -> None:
+        self._h = hashlib.sha256()
+        self._backlog = backlog
+        self._pool: ThreadPoolExecutor | None = None
+        self._waiting: deque[Future[None]] = deque()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) < self.SMALL:
+            self.update_now(data)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="engram-hash")
+        while len(self._waiting) >= self._backlog:
+            self._waiting.popleft().result()
+        self._waiting.append(self._pool.submit(self._h.update, data))
+
+    def update_now(self, data: bytes | bytearray | memoryview) -> None:
+        """Hash ``data`` before returning (a piece the caller will reuse)."""
+        self._drain()
+        self._h.update(data)
+
+    def _drain(self) -> None:
+        while self._waiting:
+            self._waiting.popleft().result()
+
+    def hexdigest(self) -> str:
+        self._drain()
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True)
+
+
 class ObjectWriter:
     """Writes one object to ``store`` as a stream: ``write`` as often as needed, ``finish``,
     then ``publish``; ``abort`` on any failure (it drops a multipart upload, so that nothing is
@@ -291,7 +336,9 @@ class ObjectWriter:
         self.first_part = first_part
         self.threads = max(1, threads)
         self._buf = bytearray()
-        self._hash = hashlib.sha256()
+        # The whole object's hash, taken from the parts as they leave (immutable copies, in
+        # order) on a thread of its own.
+        self._hash = OrderedHash()
         self.size = 0
         self.upload_id: str | None = None
         self.parts: builtins.list[Part] = []
@@ -307,7 +354,6 @@ class ObjectWriter:
     def write(self, data: bytes | memoryview) -> int:
         if self.finished:
             raise ValueError(f"write to {self.key} after finish")
-        self._hash.update(data)
         self._buf += data
         self.size += len(data)
         while len(self._buf) > self._next_part_size():  # the last part may be a full one
@@ -320,6 +366,7 @@ class ObjectWriter:
     def _send_part(self, n: int) -> None:
         with memoryview(self._buf) as view:  # one copy of the part, released before the resize
             chunk = bytes(view[:n])
+        self._hash.update(chunk)
         if self.upload_id is None:
             self.upload_id = self.store.start_upload(self.key, meta=self.meta)
         self._sent += 1
@@ -364,6 +411,8 @@ class ObjectWriter:
             return
         if self.upload_id is not None and self._buf:
             self._send_part(len(self._buf))
+        elif self.upload_id is None:
+            self._hash.update(bytes(self._buf))  # one put: the buffer is the object
         self._drain()
         self._reap()
         self.sha256 = self._hash.hexdigest()
@@ -389,6 +438,7 @@ class ObjectWriter:
         raises for an upload already gone."""
         self._buf.clear()
         self._drain()
+        self._hash.close()
         self._inflight.clear()
         if self.upload_id is not None:
             upload_id, self.upload_id = self.upload_id, None
@@ -514,7 +564,7 @@ class ObjectReader(io.RawIOBase):
         self._ahead = max(0, ahead)
         self._body: BinaryIO | None = None
         self._body_end = 0
-        self._hash = hashlib.sha256()
+        self._hash = OrderedHash()
         self.verified = False
         # Read-ahead: ranges in flight, in order ([start, end) and the bytes to come), the
         # range being consumed and where in it, and where the next range starts.
@@ -569,7 +619,6 @@ class ObjectReader(io.RawIOBase):
                 n = min(len(view), len(self._cur) - self._cur_at)
                 view[:n] = self._cur[self._cur_at : self._cur_at + n]
                 self._cur_at += n
-                self._hash.update(view[:n])
                 self.pos += n
                 return n
             if self.pos >= size:
@@ -582,7 +631,9 @@ class ObjectReader(io.RawIOBase):
                 self._schedule()
                 start, _, fut = self._fetching.popleft()
                 assert start == self.pos
-                self._cur, self._cur_at = memoryview(fut.result()), 0
+                data = fut.result()
+                self._hash.update(data)  # the whole range, in order, while it is consumed
+                self._cur, self._cur_at = memoryview(data), 0
                 self._schedule()
                 continue
             if self._body is None:
@@ -592,7 +643,7 @@ class ObjectReader(io.RawIOBase):
             want = min(len(view), self._body_end - self.pos)
             n = self._body.readinto(view[:want]) if want else 0  # type: ignore[attr-defined]
             if n:
-                self._hash.update(view[:n])
+                self._hash.update_now(view[:n])  # the caller's buffer: hashed before return
                 self.pos += n
                 if self.pos == self._body_end:
                     self._close_body()
@@ -619,6 +670,7 @@ class ObjectReader(io.RawIOBase):
 
     def close(self) -> None:
         self._close_body()
+        self._hash.close()
         self._cur = memoryview(b"")
         if self._pool is not None:
             # Ranges not begun are dropped; those being fetched end on their own (bounded by
