@@ -296,6 +296,13 @@ def test_sync_push_and_pull_through_s3(repo: Path, s3: S3Server, tmp_path: Path)
         str(tmp_path / "restored"),
     )
     assert p.returncode == 0, p.stderr
+    # the whole repository back from the bucket (the runbook's scenario 1, step 2)
+    back = tmp_path / "back"
+    back.mkdir()
+    p = _engram(tmp_path, "sync", "--repo", url, "--to", str(back), *opts)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(back)) == sorted(LocalBackupStore(repo).list())
+    _same_files(repo, LocalBackupStore(back))
 
 
 def test_bad_input(repo: Path, moto_s3: S3Server, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from engram.storage.objects import (
     ObjectReader,
     ObjectStore,
     ObjectWriter,
+    OrderedHash,
     Part,
     Transient,
     read_all,
@@ -85,6 +86,14 @@ class _Gate(FlakyObjects):
         with self.lock:
             self.aborted = True
         super().abort_upload(key, upload_id)
+
+
+def test_the_hash_taken_on_a_thread_keeps_the_order() -> None:
+    pieces = [os.urandom(n) for n in (10, 70_000, 5, 200_000, 64 * 1024, 1, 300_000)]
+    h = OrderedHash(backlog=1)
+    for i, p in enumerate(pieces):
+        (h.update_now if i % 3 == 2 else h.update)(p)
+    assert h.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
 
 
 def test_parts_go_up_in_parallel_within_the_bound(tmp_path: Path) -> None:

@@ -164,7 +164,12 @@ def _summary(r: SyncReport) -> str:
 
 @s3_options(writes=True)
 def sync(
-    repo: Annotated[str, typer.Option("--repo", help="The repository to mirror (a directory).")],
+    repo: Annotated[
+        str,
+        typer.Option(
+            "--repo", help="The repository to mirror: a directory or s3://BUCKET/PREFIX/."
+        ),
+    ],
     to: Annotated[
         str,
         typer.Option("--to", help="Where to mirror it: s3://BUCKET/PREFIX/ or a directory."),
