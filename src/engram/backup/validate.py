@@ -60,7 +60,7 @@ from engram.backup.pitr import (
     restore_pitr,
     scan_logs,
 )
-from engram.backup.readbench import run_benchmark
+from engram.backup.readbench import validation_benchmark
 from engram.backup.restore import (
     archive_name,
     extract_backup,
@@ -308,7 +308,7 @@ def _verify_and_bench(
     def beside() -> None:
         t0 = time.monotonic()
         try:
-            bench["result"] = run_benchmark(data_dir, bench_s)
+            bench["result"] = validation_benchmark(data_dir, bench_s)
         except (EngramError, OSError) as e:
             bench["error"] = e
         finally:
