@@ -43,12 +43,14 @@ lint: dev
 bench: install
 	$(BIN)/python bench/run_all.py
 
-# The peers bench/bench_peers.py compares engram with (Debian packages); `make bench` runs
-# without them and prints their goals as SKIPPED.
+# The peers bench/bench_peers.py compares engram with (Debian packages), and the AWS CLI
+# bench/bench_s3.py compares push and pull with (from PyPI, in a venv of its own: it pins its
+# own botocore); `make bench` runs without them and prints their goals as SKIPPED.
 bench-deps:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	set -x; $$SUDO apt-get update && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y restic borgbackup zstd
+	$(PY) -m venv $(VENV)/awscli && $(VENV)/awscli/bin/python -m pip install -q awscli
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

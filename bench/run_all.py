@@ -29,6 +29,7 @@ BENCHES = {
     "open": "bench_open.py",
     "peers": "bench_peers.py",
     "crypt": "bench_encryption.py",
+    "s3": "bench_s3.py",
 }
 
 

@@ -64,6 +64,10 @@ GOALS = {
         "full backup with --encrypt-to vs without",
         "restore with --identity (decrypt + restore) vs without",
     ],
+    "s3": [
+        "push of a",
+        "pull of a",
+    ],
 }
 PEER_GOALS = {"restic": GOALS["peers"][:1], "borg": GOALS["peers"][1:4]}
 
@@ -130,3 +134,21 @@ def test_peers_absent_are_skipped_with_the_install_command(tmp_path: Path) -> No
     # tar, when installed, is still measured, and restic and borg are in no figure.
     medians = res["figures"]["medians"]
     assert set(medians) == {"engram"} | ({"tar"} if (path / "zstd").exists() else set()), log
+
+
+def test_s3_without_the_aws_cli_is_skipped_with_the_install_command(tmp_path: Path) -> None:
+    """Without the AWS CLI, bench_s3 still measures push and pull and prints their goals as
+    SKIPPED with the command that installs it."""
+    out = tmp_path / "s3.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "bench_s3.py"), "--quick", "--aws", "none",
+         "--workdir", str(tmp_path / "work"), "--json-out", str(out)],
+        capture_output=True, text=True, timeout=280,
+    )
+    log = f"stdout:\n{r.stdout[-6000:]}\nstderr:\n{r.stderr[-6000:]}"
+    assert r.returncode == 0, log
+    res = json.loads(out.read_text())
+    assert res["checks_failed"] == [], log
+    assert any("make bench-deps" in s for s in res["skipped"]), log
+    assert [g["measured"] for g in res["goals"]] == [None, None], log
+    assert res["figures"]["push_mb_s"] and res["figures"]["pull_mb_s"], log
