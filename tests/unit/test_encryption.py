@@ -413,6 +413,12 @@ def test_the_commands_read_encrypted_backups_with_an_identity_and_never_show_it(
                      "--data-dir", str(tmp_path / "r1"))
     outputs.append(out)
     assert code == 0, out
+    # A directory of them (the runbook's `apply-log --log="$BACKUP_DIR"`): each log decrypted.
+    code, out = _cli("apply-log", "--log", str(bk), "--identity", key,
+                     "--data-dir", str(tmp_path / "r5"), "--json")
+    outputs.append(out)
+    assert code == 0, out
+    assert json.loads(out[out.index("{"):])["to_lsn"] == inc.snapshot_lsn
 
     # A wrong identity: one line naming the backup, exit 1, nothing placed.
     other = tmp_path / "other.txt"

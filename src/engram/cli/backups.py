@@ -414,6 +414,8 @@ def apply_log(
     target = Target.from_options(target_time, target_lsn, None, required=False)
     logs = [log_location(x, s3) for x in log]
     ids = identities(identity)
+    if ids:  # `decrypted` reads one backup: name each log of a directory or repository
+        logs = [one for x in logs for one in _each_log(x)]
     with contextlib.ExitStack() as plain, progress_bar("apply-log", unit="records") as bar:
         logs = [plain.enter_context(decrypted(x, ids, near=data_dir)) for x in logs]
         res = do_apply(data_dir, logs, target, None if as_json else bar)
@@ -433,6 +435,18 @@ def apply_log(
             f"target: {res.target}"
         )
     console().print(text, markup=False)
+
+
+def _each_log(where: Path | Ref | BackupStore) -> list[Path | Ref | BackupStore]:
+    """The logs at the top of a directory or repository, each on its own (so that each
+    encrypted one is decrypted); a single log, or a place holding none, as it is."""
+    from engram.storage import Ref, as_store
+
+    if isinstance(where, Ref) or (isinstance(where, Path) and not where.is_dir()):
+        return [where]
+    store = as_store(where)
+    names = sorted(n for n in store.list() if "/" not in n and n.endswith(".log"))
+    return [Ref(store, n) for n in names] or [where]
 
 
 @s3_options()
