@@ -4,12 +4,21 @@ or an ``s3://BUCKET/PREFIX/`` (``engram.backup.offsite`` does the work; this ren
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from engram.cli.common import Json, S3Options, emit_json, is_url, plural, s3_options
+from engram.cli.common import (
+    Json,
+    S3Options,
+    emit_json,
+    is_url,
+    plural,
+    progress_bar,
+    s3_options,
+)
 from engram.cli.crypt import (
     EncryptTo,
     Identity,
@@ -49,6 +58,15 @@ def _backup(text: str, s3: S3Options) -> Ref:
     from engram.storage import as_ref
 
     return as_ref(Path(text))
+
+
+def _progress(
+    bar: Callable[[int, int], None] | None,
+) -> Callable[[str, int, int], None] | None:
+    """The bytes of the backup being copied, on a terminal's progress bar."""
+    if bar is None:
+        return None
+    return lambda _name, done, total: bar(done, total)
 
 
 def _mb(n: int) -> str:
@@ -111,7 +129,14 @@ def push(
 
     dst = encrypting_store(_store(to, s3), recipients(encrypt_to, recipients_file))
     on_copy = None if as_json else (lambda c: print(_line(c, dst), flush=True))
-    copies = do_push([_backup(f, s3) for f in files], dst, dry_run=dry_run, on_copy=on_copy)
+    with progress_bar("copying") as bar:
+        copies = do_push(
+            [_backup(f, s3) for f in files],
+            dst,
+            dry_run=dry_run,
+            on_copy=on_copy,
+            progress=_progress(bar),
+        )
     _copies(copies, dst, as_json, dry_run)
 
 
@@ -141,7 +166,8 @@ def pull(
         return
     dst = _store(directory, s3)
     on_copy = None if as_json else (lambda c: print(_line(c, dst), flush=True))
-    copies = do_push([src], dst, dry_run=dry_run, on_copy=on_copy)
+    with progress_bar("copying") as bar:
+        copies = do_push([src], dst, dry_run=dry_run, on_copy=on_copy, progress=_progress(bar))
     _copies(copies, dst, as_json, dry_run)
 
 
@@ -194,7 +220,8 @@ def sync(
         if not as_json and c.action != PRESENT:  # a backup already there is only counted
             print(_line(c, dst), flush=True)
 
-    report = do_sync(src, dst, dry_run=dry_run, on_copy=on_copy)
+    with progress_bar("copying") as bar:
+        report = do_sync(src, dst, dry_run=dry_run, on_copy=on_copy, progress=_progress(bar))
     if as_json:
         emit_json(report.to_json())
     else:
