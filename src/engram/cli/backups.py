@@ -34,6 +34,7 @@ from engram.cli.common import (
     progress_bar,
     repository_location,
     s3_options,
+    size_text,
 )
 from engram.cli.crypt import (
     EncryptTo,
@@ -77,15 +78,6 @@ TargetName = Annotated[
 
 # The singular of each count a backup reports.
 _ONE = {"memories": "memory", "edges": "edge", "records": "record"}
-
-
-def _size(n: int) -> str:
-    f = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if f < 1024 or unit == "GiB":
-            return f"{f:.1f} {unit}" if unit != "B" else f"{n} B"
-        f /= 1024
-    return f"{n} B"
 
 
 def _validate(
@@ -234,7 +226,7 @@ def backup(
         emit_json(res)
     else:
         con = console()
-        con.print(f"{kind} backup written: {res['path']} ({_size(res['size'])})", markup=False)
+        con.print(f"{kind} backup written: {res['path']} ({size_text(res['size'])})", markup=False)
         if kind == "incremental":
             lsn = lsn_range(res["from_lsn"], res["snapshot_lsn"])
             if res["from_lsn"] > res["snapshot_lsn"]:

@@ -241,6 +241,16 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {many}"
 
 
+def size_text(n: int) -> str:
+    """A size in bytes as a person reads it: "712 B", "1.2 KiB", "44.0 MiB", "1.5 GiB"."""
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if f < 1024 or unit == "GiB":
+            return f"{f:.1f} {unit}" if unit != "B" else f"{n} B"
+        f /= 1024
+    return f"{n} B"
+
+
 def lsn_range(first: int, last: int, what: str = "record") -> str:
     """Records ``first``..``last`` said right: "no records" when the range is empty,
     "1 record (LSN 5)", "3 records (LSN 5..7)"; never a backwards range like "LSN 5..4"."""

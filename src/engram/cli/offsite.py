@@ -18,6 +18,7 @@ from engram.cli.common import (
     plural,
     progress_bar,
     s3_options,
+    size_text,
 )
 from engram.cli.crypt import (
     EncryptTo,
@@ -69,16 +70,12 @@ def _progress(
     return lambda _name, done, total: bar(done, total)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def _line(c: Copied, dst: BackupStore) -> str:
     from engram.backup import offsite as o
 
     where = dst.describe(c.name)
     if c.action == o.COPIED:
-        return f"copied {c.source} -> {where} ({_mb(c.size)}, sha256 {c.sha256[:16]}…)"
+        return f"copied {c.source} -> {where} ({size_text(c.size)}, sha256 {c.sha256[:16]}…)"
     if c.action == o.COMPLETED:
         added = ", ".join(n.rsplit("/", 1)[-1] for n in c.created)
         return f"completed {where}: the file was there; added {added}"
@@ -181,7 +178,7 @@ def _summary(r: SyncReport) -> str:
         what = "nothing to copy" if not r.dry_run else "nothing would be copied"
         return f"{what}: {plural(len(present), 'backup')} of {r.source} already at {r.destination}"
     verb = "would copy" if r.dry_run else "copied"
-    size = "" if r.dry_run else f" ({_mb(r.bytes_copied)} in {r.seconds:.1f}s)"
+    size = "" if r.dry_run else f" ({size_text(r.bytes_copied)} in {r.seconds:.1f}s)"
     return (
         f"{verb} {plural(len(copied), 'backup')}{size} from {r.source} to {r.destination}; "
         f"{plural(len(updated), 'entry', 'entries')} updated, {len(present)} already there"

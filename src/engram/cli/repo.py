@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from engram.cli.backups import _size
 from engram.cli.common import (
     Json,
     S3Options,
@@ -22,6 +21,7 @@ from engram.cli.common import (
     plural,
     repository_location,
     s3_options,
+    size_text,
 )
 
 Repo = Annotated[
@@ -94,7 +94,7 @@ def backups(repo: Repo, as_json: Json = False, *, s3: S3Options) -> None:
                 (b.history or "-")[:8],
                 lsn,
                 when,
-                "-" if b.size is None else _size(b.size),
+                "-" if b.size is None else size_text(b.size),
                 b.parent or "-",
                 b.validation,
                 _age(age_s(b, listing.now_ns)),
