@@ -317,6 +317,30 @@ def test_bad_input(repo: Path, moto_s3: S3Server, tmp_path: Path) -> None:
     assert "--delete" in p.stdout and "prune" in p.stdout
 
 
+def test_copies_go_only_into_a_repository_and_come_only_from_one(
+    repo: Path, tmp_path: Path
+) -> None:
+    """A destination that holds things engram did not write (a mistyped prefix or directory)
+    is refused before anything is copied into it; so is a source that holds no backups but
+    other things. An empty destination, or one already holding backups, is fine."""
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8 not a backup")
+    for args in (
+        ["sync", "--repo", str(repo), "--to", str(other)],
+        ["push", str(repo / "full-1.tar.zst"), "--to", str(other)],
+        ["sync", "--repo", str(other), "--to", str(tmp_path / "empty")],
+    ):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        p = _engram(tmp_path, *args)
+        assert p.returncode == 2 and "is not an engram repository" in p.stderr, (args, p.stderr)
+        assert "cat.jpg" in p.stderr
+    assert sorted(os.listdir(other)) == ["cat.jpg"]
+    assert os.listdir(tmp_path / "empty") == []
+    p = _engram(tmp_path, "sync", "--repo", str(repo), "--to", str(tmp_path / "empty"))
+    assert p.returncode == 0, p.stderr
+
+
 def test_a_damaged_object_is_never_pulled(repo: Path, tmp_path: Path) -> None:
     d = tmp_path / "objects"
     d.mkdir()

@@ -56,7 +56,7 @@ from engram.backup.catalog import (
 )
 from engram.backup.encrypted import plain_entry, plaintext_of
 from engram.backup.history import publish_lineage
-from engram.backup.repository import Backup, list_backups
+from engram.backup.repository import Backup, check_destination, list_backups
 from engram.errors import EngramError, Refused, UsageError
 from engram.format.manifest import decode_sidecar
 from engram.storage import BackupStore, Ref, info_name, sidecar_name
@@ -489,6 +489,7 @@ def push(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"two backups named {dup} were given; copy them to different places")
+    check_destination(dst)
     if not dry_run:
         dst.prepare()
     out: list[Copied] = []
@@ -513,10 +514,12 @@ def sync(
     told of each backup as it is done; the first failure stops the sync (what was copied
     before it stays, complete)."""
     t0 = time.monotonic()
+    listing = list_backups(src)
+    listing.check_is_repository()
+    check_destination(dst)
     if not dry_run:
         dst.prepare()
     report = SyncReport(src.describe(), dst.describe(), dry_run)
-    listing = list_backups(src)
     fit: list[Backup] = []
     for b in listing.backups:
         if b.usable:

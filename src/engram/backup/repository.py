@@ -187,6 +187,17 @@ class Listing:
         )
 
 
+def check_destination(store: BackupStore) -> None:
+    """UsageError when ``store`` holds objects but none that a repository holds (a mistyped
+    prefix or directory): copies never go into something that is not a repository. An empty
+    store, or one holding any backup, sidecar, entry or history file, is a repository; only
+    names are listed, nothing is read."""
+    names = store.list()
+    if not names or any(_is_ours(n) for n in names):
+        return
+    Listing(store.describe(), [], foreign=names).check_is_repository()
+
+
 def _is_ours(name: str) -> bool:
     """Whether ``name`` can be part of a repository: a backup, its sidecar or catalog entry,
     or a history file."""
