@@ -342,6 +342,21 @@ def _check_members(
     return manifest
 
 
+def check_landed(eng: Engine, manifest: dict[str, Any]) -> None:
+    """The restored data dir opened as ``eng`` ends at the manifest's snapshot LSN with the
+    manifest's digest; CorruptData naming what differs otherwise."""
+    if eng.last_lsn != manifest["snapshot_lsn"]:
+        raise CorruptData(
+            f"the restored data ends at LSN {eng.last_lsn}, the manifest says "
+            f"{manifest['snapshot_lsn']}; the backup is inconsistent — use another backup"
+        )
+    if eng.digest.hex != manifest["digest"]:
+        raise CorruptData(
+            "the restored digest differs from the manifest's; the backup is inconsistent — "
+            "use another backup"
+        )
+
+
 def open_and_check(
     staging: Path,
     manifest: dict[str, Any],
@@ -369,16 +384,7 @@ def open_and_check(
             raise
         eng = Engine.open(staging, cfg, create=False)
     try:
-        if eng.last_lsn != manifest["snapshot_lsn"]:
-            raise CorruptData(
-                f"the restored data ends at LSN {eng.last_lsn}, the manifest says "
-                f"{manifest['snapshot_lsn']}; the backup is inconsistent — use another backup"
-            )
-        if eng.digest.hex != manifest["digest"]:
-            raise CorruptData(
-                "the restored digest differs from the manifest's; the backup is inconsistent — "
-                "use another backup"
-            )
+        check_landed(eng, manifest)
         res = resources or Resources.normal()
         # The index check holds no GIL (SQLite works in C): with a second core to use it runs
         # on a connection of its own beside the row scan, on the committed state both read.

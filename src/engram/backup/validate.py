@@ -63,6 +63,7 @@ from engram.backup.pitr import (
 from engram.backup.readbench import validation_benchmark
 from engram.backup.restore import (
     archive_name,
+    check_landed,
     extract_backup,
     local_archive,
     sidecar_absent,
@@ -261,16 +262,7 @@ def _open_restored(staging: Path, manifest: dict[str, Any]) -> None:
     and hashes every row."""
     eng = Engine.open(staging, EngineConfig(checkpoint_interval=3600), create=False)
     try:
-        if eng.last_lsn != manifest["snapshot_lsn"]:
-            raise CorruptData(
-                f"the restored data ends at LSN {eng.last_lsn}, the manifest says "
-                f"{manifest['snapshot_lsn']}; the backup is inconsistent — use another backup"
-            )
-        if eng.digest.hex != manifest["digest"]:
-            raise CorruptData(
-                "the restored digest differs from the manifest's; the backup is inconsistent — "
-                "use another backup"
-            )
+        check_landed(eng, manifest)
     finally:
         eng.close()
 
