@@ -8,16 +8,25 @@ checks for later: the digest recomputed from the rows and FTS5's check of the fu
 against them. It records them durably in the data dir (``verify-pending.json``, the marker)
 before the data dir is placed.
 
-Whoever opens the data dir next as a server runs them (``at_open`` with ``run=True``): before
-the engine is handed to anyone, so before its first write, a read transaction is begun on a
-connection of its own; in SQLite's WAL mode it sees exactly the committed rows of that moment
-however long the check takes, while the server serves. The check then runs in a thread: the
+Whoever opens the data dir next as a server runs them (``at_open`` with ``run=True``) in a
+helper process (``python -m engram.verifying WARM_DB``), so that the row scan, Python holding a
+GIL for seconds to minutes, holds the helper's GIL and not the server's. Before the engine is
+handed to anyone, so before its first write, the helper opens the warm tier read-only and begins
+a read transaction; in SQLite's WAL mode it sees exactly the committed rows of that moment
+however long the check takes, while the server serves. The helper reports "pinned" (the LSN and
+the digest stored there) on its stdout, and only then does ``start`` return; it then lowers
+itself to idle CPU priority (``procs.lower_priority``: it uses spare CPU only) and checks: the
 rows' digest must equal the digest stored with them, and (when the pinned LSN is the marker's)
-the manifest's; the index must match the rows. Passed: the marker is removed. Failed: the
-engine refuses writes (``VerificationFailed``, 503 ``verification_failed``), the log says so at
-ERROR, and status and ``/health/ready`` report it. A one-shot command (``run=False``) only says
-that the check is pending and how to finish it; ``engram verify --check-all`` passing on the
-stopped data dir finishes it too (``complete_by_verify``).
+the manifest's; the index must match the rows. A thread of the server waits on the helper's
+pipe, holding no GIL meanwhile. Passed: the marker is removed. Failed — a mismatch, or a helper
+that could not start or ended without a result (the check did not run; the data is not known
+good): the engine refuses writes (``VerificationFailed``, 503 ``verification_failed``), the log
+says so at ERROR, status and ``/health/ready`` report it, and the marker stays for the next
+start. Refusing writes is the safe side of a check that could not run: a write taken then would
+land on rows nobody checked, and the next start's check could no longer compare them with the
+backup's digest. A one-shot command (``run=False``) only says that the check is pending and how
+to finish it; ``engram verify --check-all`` passing on the stopped data dir finishes it too
+(``complete_by_verify``).
 
 A data dir written to before the check ran (a one-shot command's write, ``apply-log``) is
 checked at the LSN it is opened at, against the digest stored with that state: what the check
@@ -31,15 +40,22 @@ import hashlib
 import json
 import logging
 import os
+import selectors
+import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from engram import digest as dg
 from engram.errors import CorruptData, EngramError
 from engram.fsutil import atomic_write, fsync_dir
+from engram.procs import lower_priority, module_argv, module_env
 from engram.tiers.warm import WarmTier, index_problem
 
 log = logging.getLogger("engram")
@@ -49,6 +65,23 @@ FORMAT_VERSION = 1
 # States of a data dir's pending check: not running (a one-shot command), running, failed.
 # Passed is not a state: the marker is gone and the engine holds no Verification.
 PENDING, VERIFYING, FAILED = "pending", "verifying", "failed"
+
+
+HELPER = "engram.verifying"  # the check's helper process (``helper_main``, the end of this file)
+# How long ``start`` waits for the helper to pin its snapshot: a new interpreter importing
+# engram and opening the database, at normal priority. Past it the helper is taken as hung.
+PIN_TIMEOUT = 120.0
+
+
+class CheckNotStarted(EngramError):
+    """The digest check of a restored data dir could not start."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            f"the digest check of the restored data dir could not start ({why}); restart "
+            "engram to check again"
+        )
+        self.why = why
 
 
 class VerificationFailed(CorruptData):
@@ -162,9 +195,12 @@ class Verification:
         self.lsn: int | None = None
         self.started = time.time()
         self.seconds: float | None = None
+        self.pid: int | None = None  # the helper's, while it runs
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._errors: IO[bytes] | None = None  # the helper's stderr
         self._thread: threading.Thread | None = None
-        self._reader: WarmTier | None = None
         self._stop = threading.Event()
+        self._mu = threading.Lock()
         self.done = threading.Event()
 
     # -- what the engine asks ----------------------------------------------------------
@@ -184,51 +220,94 @@ class Verification:
 
     # -- the check ---------------------------------------------------------------------
 
-    def start(self, warm_db: Path) -> None:
-        """Pin the committed state now (the caller guarantees no write has committed since
-        the data dir was opened), then check it in a thread."""
-        reader = WarmTier(warm_db, readonly=True, cache_mib=16)
+    def start(self, warm_db: Path, command: Sequence[str] | None = None) -> None:
+        """Start the helper on ``warm_db`` and return once it has pinned the committed state
+        (the caller guarantees no write commits before this returns); a thread then waits for
+        its result. CheckNotStarted when the helper cannot start or ends before pinning.
+        ``command``: the helper's command line (default ``python -m engram.verifying
+        WARM_DB``); whatever runs must speak ``helper_main``'s protocol."""
+        argv = list(command) if command is not None else module_argv(HELPER, str(warm_db))
+        self._errors = tempfile.TemporaryFile()  # a file, not a pipe: it never fills and blocks
         try:
-            lsn, stored = reader.pin_snapshot()
-        except BaseException:
-            reader.close()
-            raise
-        self._reader, self.lsn, self.state = reader, lsn, VERIFYING
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,  # its end closing tells the helper to exit
+                stdout=subprocess.PIPE,
+                stderr=self._errors,
+                env=module_env(),
+            )
+        except OSError as e:
+            self._release()
+            raise CheckNotStarted(
+                f"its helper process could not start: {e.strerror or e}"
+            ) from None
+        self.pid = self._proc.pid
+        msg = self._read(PIN_TIMEOUT)
+        if msg is None or not isinstance(msg.get("pinned"), int):
+            why = (msg or {}).get("error") or self._ended()
+            self._kill()
+            raise CheckNotStarted(f"its helper process did not pin the data to check: {why}")
+        lsn, stored = msg["pinned"], str(msg.get("digest"))
+        self.lsn, self.state = lsn, VERIFYING
         m = self.marker
         if m is not None and lsn == m.lsn and stored != m.digest:
+            self._kill()
             self._finish(
                 f"the data dir's digest at LSN {lsn} is {stored[:16]}…, its backup "
                 f"{m.backup} says {m.digest[:16]}…"
             )
             return
-        self._thread = threading.Thread(
-            target=self._run, args=(stored,), name="engram-verify", daemon=True
-        )
+        self._thread = threading.Thread(target=self._wait, name="engram-verify", daemon=True)
         self._thread.start()
 
-    def _run(self, stored: str) -> None:
-        assert self._reader is not None
-        problem: str | None
+    def _read(self, timeout: float | None) -> dict[str, Any] | None:
+        """The helper's next message (one JSON object a line), None at its end, after
+        ``timeout`` seconds without one, or when the line is not a message."""
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        if timeout is not None:
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                if not sel.select(timeout):
+                    return None
+        line = proc.stdout.readline()  # blocks in the kernel, holding no GIL
         try:
-            got = rows_digest(self._reader)
-            if self._stop.is_set():
-                return
-            if got.hex != stored:
-                problem = (
-                    f"the digest recomputed from the rows at LSN {self.lsn} is {got.hex[:16]}…, "
-                    f"the data dir says {stored[:16]}…"
-                )
-            else:
-                index = index_problem(self._reader.conn, self._reader.path, readonly=True)
-                problem = None if index is None else f"the full-text index: {index}"
-        except EngramError as e:
-            problem = e.message
-        except Exception as e:  # a sqlite3 error on a damaged page: the data is not as restored
-            problem = f"reading the rows failed ({e})"
-        if not self._stop.is_set():
-            self._finish(problem)
+            msg = json.loads(line)
+        except ValueError:
+            return None
+        return msg if isinstance(msg, dict) else None
 
-    def _finish(self, problem: str | None) -> None:
+    def _ended(self) -> str:
+        """How the helper ended (or that it is still running, hung): its exit status and the
+        last line it wrote to stderr."""
+        proc, errors = self._proc, self._errors
+        if proc is None:
+            return "stopped"
+        try:
+            rc = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return f"no answer from pid {proc.pid}"
+        said = ""
+        try:
+            if errors is not None:
+                errors.seek(0)
+                lines = errors.read().decode(errors="replace").strip().splitlines()
+                said = f": {lines[-1]}" if lines else ""
+        except (OSError, ValueError):  # closed by a stop meanwhile
+            pass
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        return f"pid {proc.pid} ended, {how}{said}"
+
+    def _wait(self) -> None:
+        msg = self._read(None)
+        if self._stop.is_set():
+            return
+        if msg is not None and "problem" in msg:
+            self._finish(msg["problem"])
+        else:
+            self._finish(f"its helper process ended without a result ({self._ended()})", ran=False)
+
+    def _finish(self, problem: str | None, ran: bool = True) -> None:
         self.seconds = round(time.time() - self.started, 3)
         self._release()
         if problem is None:
@@ -244,37 +323,65 @@ class Verification:
             )
             self.state, self.reason = "verified", None
         else:
-            backup = self.marker.backup if self.marker else "its backup"
-            self.reason = (
-                f"the restored data dir does not match {backup} ({problem}); writes are "
-                "refused — stop engram and restore another backup (docs/RUNBOOK.md)"
-            )
+            if ran:
+                backup = self.marker.backup if self.marker else "its backup"
+                self.reason = (
+                    f"the restored data dir does not match {backup} ({problem}); writes are "
+                    "refused — stop engram and restore another backup (docs/RUNBOOK.md)"
+                )
+            else:
+                self.reason = (
+                    f"the digest check of the restored data dir did not run ({problem}); "
+                    f"writes are refused until it passes — restart engram to check again "
+                    f"({MARKER} is kept)"
+                )
             self.state = FAILED
             log.error("VERIFICATION FAILED: %s", self.reason)
         self.done.set()
 
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._release()
+
     def _release(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        with self._mu:  # the waiting thread's finish and the engine's stop may meet here
+            proc, self._proc = self._proc, None
+            errors, self._errors = self._errors, None
+        if proc is not None:
+            for f in (proc.stdin, proc.stdout):
+                if f is not None:
+                    f.close()
+            proc.wait()  # it has answered or been killed: it is ending
+        if errors is not None:
+            errors.close()
+        self.pid = None
+
+    def fail_to_start(self, e: CheckNotStarted) -> None:
+        """The check could not start: a failed check that says so (``_finish``)."""
+        self._finish(e.why, ran=False)
 
     def stop(self) -> None:
-        """Stop a check still running (the engine closes); the marker stays for next time."""
+        """End a check still running (the engine closes); the marker stays for next time."""
         self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # its pipe then ends, and the waiting thread with it
         t = self._thread
         if t is not None and t.is_alive():
-            # SQLite's interrupt ends the scan's current statement at once.
-            reader = self._reader
-            if reader is not None:
-                reader.conn.interrupt()
             t.join()
         self._release()
 
 
-def at_open(root: Path, warm_db: Path, run: bool) -> Verification | None:
+def at_open(
+    root: Path, warm_db: Path, run: bool, command: Sequence[str] | None = None
+) -> Verification | None:
     """The pending check of the data dir ``root`` being opened, if its restore left one:
-    started (``run``: a server, before its first write) or only reported (a one-shot
-    command, which logs ``pending_note``). None when nothing is pending."""
+    started (``run``: a server, before its first write; ``command`` as for ``start``) or only
+    reported (a one-shot command, which logs ``pending_note``). None when nothing is pending.
+    A check that cannot start is a failed one: writes are refused, the marker stays."""
     try:
         marker, why = read_marker(root), None
     except DamagedMarker as e:
@@ -286,8 +393,12 @@ def at_open(root: Path, warm_db: Path, run: bool) -> Verification | None:
         return None
     v = Verification(root, marker, why)
     if run:
-        v.start(warm_db)
-        log.info("verifying the restored data at LSN %s while serving", v.lsn)
+        try:
+            v.start(warm_db, command)
+        except CheckNotStarted as e:
+            v.fail_to_start(e)
+        else:
+            log.info("verifying the restored data at LSN %s while serving", v.lsn)
     else:
         log.warning("%s", pending_note(root))
     return v
@@ -307,3 +418,67 @@ def complete_by_verify(root: Path, lsn: int | None, digest: str | None) -> str |
         return None
     clear_marker(root)
     return f"the pending digest check of this restored data dir is done ({MARKER} removed)"
+
+
+# -- the helper process ------------------------------------------------------------------
+
+
+def check_rows(reader: WarmTier, lsn: int, stored: str) -> str | None:
+    """What is wrong with the state pinned by ``reader`` (at ``lsn``, whose stored digest is
+    ``stored``): the rows' digest or the full-text index; None when both match."""
+    try:
+        got = rows_digest(reader)
+        if got.hex != stored:
+            return (
+                f"the digest recomputed from the rows at LSN {lsn} is {got.hex[:16]}…, "
+                f"the data dir says {stored[:16]}…"
+            )
+        index = index_problem(reader.conn, reader.path, readonly=True)
+        return None if index is None else f"the full-text index: {index}"
+    except EngramError as e:
+        return e.message
+    except sqlite3.Error as e:  # a damaged page: the data is not as restored
+        return f"reading the rows failed ({e})"
+
+
+def _exit_when_told() -> None:
+    """End this process when its stdin ends: the server closed it, or died."""
+    sys.stdin.buffer.read()
+    os._exit(0)
+
+
+def helper_main(argv: list[str], after_pin: Callable[[], None] | None = None) -> int:
+    """The helper side of ``Verification.start``: ``WARM_DB`` in; on stdout one JSON object a
+    line: ``{"pinned": LSN, "digest": HEX}`` (or ``{"error": WHY}``) once the read snapshot is
+    pinned, then ``{"problem": WHY or null}`` when checked. ``after_pin`` runs between the
+    two (a test's fault)."""
+    out = sys.stdout
+
+    def say(msg: dict[str, Any]) -> None:
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    try:
+        reader = WarmTier(Path(argv[0]), readonly=True, cache_mib=16)
+    except EngramError as e:
+        say({"error": e.message})
+        return 1
+    try:
+        try:
+            lsn, stored = reader.pin_snapshot()
+        except sqlite3.Error as e:
+            say({"error": f"reading {argv[0]} failed ({e})"})
+            return 1
+        say({"pinned": lsn, "digest": stored})
+        lower_priority()  # pinned at normal priority, so the server's start never waits on it
+        threading.Thread(target=_exit_when_told, daemon=True).start()
+        if after_pin is not None:
+            after_pin()
+        say({"problem": check_rows(reader, lsn, stored)})
+    finally:
+        reader.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(helper_main(sys.argv[1:]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,12 @@ from engram.errors import UsageError
 from engram.graph import Engine, EngineConfig
 from engram.verifying import (
     MARKER,
+    CheckNotStarted,
     DamagedMarker,
     Marker,
+    Verification,
     VerificationFailed,
+    at_open,
     complete_by_verify,
     read_marker,
     write_marker,
@@ -35,7 +39,9 @@ def _backup(tmp_path: Path, name: str = "full.tar.zst", validate: int | None = 3
     bk.mkdir(exist_ok=True)
     with Engine.open(src, CFG) as e:
         if e.last_lsn == 0:
-            e.apply([{"op": "create_memory", "id": f"m{i}", "content": f"c {i}"} for i in range(50)])
+            e.apply(
+                [{"op": "create_memory", "id": f"m{i}", "content": f"c {i}"} for i in range(50)]
+            )
             e.apply([{"op": "create_edge", "src": "m1", "dst": "m2"}])
         full_backup(e, bk / name)
     if validate is not None:
@@ -241,3 +247,114 @@ def test_closing_while_verifying_keeps_the_marker(tmp_path: Path, validated: Pat
     assert v is not None
     assert v.state in ("verifying", "verified")
     assert (to / MARKER).exists() == (v.state == "verifying")
+
+
+def test_the_helper_pins_before_the_first_write(tmp_path: Path, validated: Path) -> None:
+    to = tmp_path / "to"
+    res = restore(validated, to)
+    with _open_server(to) as eng:
+        # Committed to the warm tier at once: a check that had not pinned yet would see it.
+        eng.apply([{"op": "create_memory", "id": "new", "content": "right after open"}])
+        eng.checkpoint()
+        _wait(eng)
+        v = eng.verification
+        assert v is not None
+        assert v.lsn == res.snapshot_lsn < eng.last_lsn
+        assert v.state == "verified", v.reason
+    assert not (to / MARKER).exists()
+
+
+def test_the_check_runs_in_a_helper_process_that_ends_with_it(
+    tmp_path: Path, validated: Path
+) -> None:
+    import os
+
+    to = tmp_path / "to"
+    restore(validated, to)
+    eng = _open_server(to)
+    v = eng.verification
+    assert v is not None
+    pid = v.pid
+    assert pid is not None and pid != os.getpid()
+    eng.close()
+    assert v.pid is None
+    with pytest.raises(ProcessLookupError):  # reaped: ended with the engine
+        os.kill(pid, 0)
+
+
+# A helper that pins, as the real one does, then dies before its result.
+_DIES = (
+    "import os, signal, sys; from engram.verifying import helper_main; "
+    "helper_main(sys.argv[1:], after_pin=lambda: os.kill(os.getpid(), signal.SIGKILL))"
+)
+
+
+def _verification(root: Path) -> Verification:
+    return Verification(root, read_marker(root), None)
+
+
+def test_a_killed_helper_is_a_failed_check_that_keeps_the_marker(
+    tmp_path: Path, validated: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    to = tmp_path / "to"
+    res = restore(validated, to)
+    v = _verification(to)
+    with caplog.at_level(logging.ERROR, logger="engram"):
+        db = to / "warm" / "engram.db"
+        v.start(db, [sys.executable, "-c", _DIES, str(db)])
+        assert v.lsn == res.snapshot_lsn
+        assert v.done.wait(30)
+    assert v.state == "failed"
+    assert v.reason is not None
+    assert "did not run" in v.reason and "killed by signal 9" in v.reason
+    assert "restart engram" in v.reason
+    with pytest.raises(VerificationFailed):
+        v.check_writable()
+    assert "VERIFICATION FAILED" in caplog.text
+    assert (to / MARKER).exists()
+
+
+@pytest.mark.parametrize(
+    "command, why",
+    [
+        (["/nonexistent/engram-helper"], "could not start: No such file"),
+        ([sys.executable, "-c", "pass"], "did not pin the data to check: pid"),
+        ([sys.executable, "-c", "import sys; sys.exit('no database here')"], "no database here"),
+        ([sys.executable, "-c", 'print(\'{"error": "unreadable"}\')'], "unreadable"),
+    ],
+)
+def test_a_helper_that_cannot_start_refuses_writes_until_a_check_passes(
+    tmp_path: Path, validated: Path, command: list[str], why: str
+) -> None:
+    to = tmp_path / "to"
+    restore(validated, to)
+    with pytest.raises(CheckNotStarted, match="restart engram to check again") as err:
+        _verification(to).start(to / "warm" / "engram.db", command)
+    assert why in err.value.message
+    v = at_open(to, to / "warm" / "engram.db", run=True, command=command)
+    assert v is not None and v.state == "failed" and v.done.is_set()
+    assert v.reason is not None and why in v.reason
+    with pytest.raises(VerificationFailed):
+        v.check_writable()
+    assert (to / MARKER).exists()
+    with _open_server(to) as eng:  # the next start checks again, with the real helper
+        _wait(eng)
+        assert eng.health() == ("ready", None)
+    assert not (to / MARKER).exists()
+
+
+def test_an_index_that_does_not_match_the_rows_fails_the_check(
+    tmp_path: Path, validated: Path
+) -> None:
+    to = tmp_path / "to"
+    restore(validated, to)
+    con = sqlite3.connect(to / "warm" / "engram.db")
+    with con:  # an index entry for no row: the rows, and so the digest, are untouched
+        con.execute("INSERT INTO memories_fts(rowid, content) VALUES (999999, 'ghost')")
+    con.close()
+    with _open_server(to) as eng:
+        _wait(eng)
+        state, reason = eng.health()
+        assert state == "verification_failed"
+        assert reason is not None and "the full-text index" in reason
+    assert (to / MARKER).exists()
