@@ -30,6 +30,7 @@ BENCHES = {
     "peers": "bench_peers.py",
     "crypt": "bench_encryption.py",
     "s3": "bench_s3.py",
+    "verify": "bench_verify.py",
 }
 
 

@@ -68,6 +68,10 @@ GOALS = {
         "push of a",
         "pull of a",
     ],
+    "verify": [
+        "GET /v1/memories/{id} p99 while the server verifies a restore vs after",
+        "POST /v1/memories p99 while the server verifies a restore vs after",
+    ],
 }
 PEER_GOALS = {"restic": GOALS["peers"][:1], "borg": GOALS["peers"][1:4]}
 
