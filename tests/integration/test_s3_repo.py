@@ -8,6 +8,7 @@ restore from S3 never writes a local copy of the archive.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,14 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from engram.backup.archive import extract_stream
 from engram.backup.full import full_backup
 from engram.backup.restore import restore
 from engram.cloud import open_ref
 from engram.errors import BadArchive
+from engram.format.manifest import encode_sidecar
 from engram.graph import Engine, EngineConfig
 from engram.storage import Ref
 from engram.storage.dirobjects import DirObjectStore
 from engram.storage.objectbackup import ObjectBackupStore
+from engram.storage.objects import ObjectReader, upload
 from engram.storage.retry import Backoff
 from netutil import free_port
 from s3servers import BUCKET, S3Server, s3_prefix
@@ -353,3 +357,63 @@ def test_a_truncated_archive_streamed_from_a_store_is_refused(tmp_path: Path) ->
         "full.tar.zst.sha256",
         "objects",
     ]
+
+
+class _Readers(ObjectBackupStore):
+    """An ObjectBackupStore that keeps every reader it made, to look at what each checked."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.made: list[ObjectReader] = []
+
+    def reader(self, name: str, sha256: str | None = None) -> ObjectReader:
+        r = super().reader(name, sha256)
+        self.made.append(r)
+        return r
+
+
+def _archive_in_objects(tmp_path: Path) -> tuple[bytes, str, DirObjectStore]:
+    eng = Engine.open(tmp_path / "data", CFG, create=True)
+    try:
+        for i in range(300):  # incompressible: a multipart object of several parts
+            eng.apply([{"op": "create_memory", "id": f"m{i}", "content": os.urandom(20000).hex()}])
+        full_backup(eng, tmp_path / "full.tar.zst")
+    finally:
+        eng.close()
+    whole = (tmp_path / "full.tar.zst").read_bytes()
+    (tmp_path / "objects").mkdir()
+    objects = DirObjectStore(tmp_path / "objects")
+    return whole, hashlib.sha256(whole).hexdigest(), objects
+
+
+def test_a_streamed_restore_hashes_the_archive_once_in_the_stores_reader(tmp_path: Path) -> None:
+    """The store's reader is told the sidecar's hash and checks the whole object against it at
+    its end; the extraction hashes nothing again (its result has no hash of its own)."""
+    whole, sha, objects = _archive_in_objects(tmp_path)
+    store = _Readers(objects, first_part=5 << 20)
+    upload(objects, "full.tar.zst", whole, first_part=5 << 20)
+    store.create("full.tar.zst.sha256", encode_sidecar(sha, "full.tar.zst"))
+    assert objects.head("full.tar.zst").sha256 is None  # multipart: only the sidecar records it
+    got = restore(Ref(store, "full.tar.zst"), tmp_path / "r", verify="before-ready")
+    assert got.sidecar_checked
+    (archive,) = [r for r in store.made if r.key == "full.tar.zst"]
+    assert archive.expected == sha and archive.sha256 == sha and archive.verified
+    with ObjectBackupStore(objects).open("full.tar.zst") as f:
+        streamed = extract_stream(f, "full.tar.zst", tmp_path / "x", durable=False, hashed=False)
+    assert streamed.sha256 == ""
+
+
+def test_a_sidecar_naming_other_bytes_is_refused_when_the_objects_own_record_agrees(
+    tmp_path: Path,
+) -> None:
+    """A one-part object records its own hash, which its bytes match; the sidecar names other
+    bytes: the streamed restore compares the sidecar (what the reader checked), and places
+    nothing."""
+    whole, sha, objects = _archive_in_objects(tmp_path)
+    store = ObjectBackupStore(objects)
+    upload(objects, "full.tar.zst", whole, first_part=64 << 20)
+    assert objects.head("full.tar.zst").sha256 == sha
+    store.create("full.tar.zst.sha256", encode_sidecar("0" * 64, "full.tar.zst"))
+    with pytest.raises(BadArchive, match=r"checksum mismatch: full.tar.zst.sha256 says 0000"):
+        restore(Ref(store, "full.tar.zst"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -261,22 +261,28 @@ class ArchiveWriter:
 
 
 class HashingReader:
-    """Reads the compressed archive, hashing every byte (the sidecar check, in the same pass);
-    with ``walk``, every byte also goes through a ``ZstdFrameWalk`` (a stream that cannot
-    seek)."""
+    """Reads the compressed archive, hashing every byte (the sidecar check, in the same pass;
+    ``hashed=False``: a stream that checks its own hash); with ``walk``, every byte also goes
+    through a ``ZstdFrameWalk`` (a stream that cannot seek)."""
 
     def __init__(
-        self, f: BinaryIO, progress: Progress | None = None, walk: ZstdFrameWalk | None = None
+        self,
+        f: BinaryIO,
+        progress: Progress | None = None,
+        walk: ZstdFrameWalk | None = None,
+        hashed: bool = True,
     ) -> None:
         self.f = f
         self.sha = hashlib.sha256()
+        self.hashed = hashed
         self.progress = progress
         self.walk = walk
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
-        self.sha.update(data)
+        if self.hashed:
+            self.sha.update(data)
         if self.walk is not None:
             self.walk.feed(data)
         self.size += len(data)
@@ -288,7 +294,8 @@ class HashingReader:
         n = self.f.readinto(b)  # type: ignore[attr-defined]
         if n:
             got = memoryview(b)[:n]
-            self.sha.update(got)
+            if self.hashed:
+                self.sha.update(got)
             if self.walk is not None:
                 self.walk.feed(got)
             self.size += n
@@ -625,8 +632,8 @@ def extract_verified(
 @dataclass
 class Extracted:
     """What ``extract_stream`` read: every member's size and hash, the manifest's bytes (None
-    when absent), the SHA-256 of every compressed byte, and the archive's first bytes (for
-    ``parse_archive_header``)."""
+    when absent), the SHA-256 of every compressed byte ("" when the stream checks its own),
+    and the archive's first bytes (for ``parse_archive_header``)."""
 
     members: dict[str, Member]
     manifest: bytes | None
@@ -661,12 +668,14 @@ def extract_stream(
     dest: Path,
     progress: Progress | None = None,
     durable: bool = True,
+    hashed: bool = True,
 ) -> Extracted:
     """``extract_verified`` of an archive read as a stream from its first byte to its last (an
     object store's reader: no seeking, no local copy). Every check is the same; the zstd frame
     walk runs on the bytes as they pass (``ZstdFrameWalk``) and its verdict comes at the end of
     the stream, so a caller places nothing before this returns. ``name`` names the archive in
-    messages."""
+    messages. ``hashed=False``: the stream hashes its bytes itself (an object store's reader
+    told the sidecar's hash), so they are not hashed again here."""
     head = b""
     while len(head) < ARCHIVE_HEAD_BYTES:
         more = f.read(ARCHIVE_HEAD_BYTES - len(head))
@@ -680,7 +689,7 @@ def extract_stream(
     else:
         raise BadArchive(f"{name} is neither zstd- nor gzip-compressed; it is not an engram backup")
     open_out = lambda p: open(p, "xb", buffering=0)  # noqa: E731, SIM115
-    raw = HashingReader(cast(BinaryIO, _Prefixed(head, f)), progress, walk)
+    raw = HashingReader(cast(BinaryIO, _Prefixed(head, f)), progress, walk, hashed)
     src = _Decompressed(raw, compression)
     try:
         members, manifest = _extract_members(src, dest, open_out, durable)
@@ -689,7 +698,7 @@ def extract_stream(
     raw.drain()
     if walk is not None:
         walk.end()
-    return Extracted(members, manifest, raw.sha.hexdigest(), head)
+    return Extracted(members, manifest, raw.sha.hexdigest() if hashed else "", head)
 
 
 def _extract_members(

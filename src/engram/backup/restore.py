@@ -18,6 +18,7 @@ destroys data).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.backup.archive import (
+    CHUNK,
     extract_stream,
     extract_verified,
     parse_archive_header,
@@ -52,6 +54,7 @@ from engram.fsutil import Owned, create_owned_dir, fsync_dir, remove_stale
 from engram.graph import Engine, EngineConfig
 from engram.procs import Resources
 from engram.storage import LocalBackupStore, Ref, sidecar_name
+from engram.storage.objectbackup import ObjectBackupStore
 from engram.storage.objects import ObjectCorrupt
 from engram.tiers.warm import WarmTier, connect, index_problem
 from engram.verifying import Marker, write_marker
@@ -276,10 +279,14 @@ def _extract_object(
 ) -> tuple[dict[str, Any], bool]:
     """``extract_backup`` of an object: one pass over its bytes, from the store to the
     staging dir. The store checks the whole object against the hash recorded with it (or its
-    sidecar) at its end; the sidecar is compared here too, over the same bytes."""
+    sidecar) at its end; the sidecar is compared here too, over the same bytes. An object
+    store's reader is told the sidecar's hash and keeps the hash it took, so the bytes are
+    hashed once, by the reader, not again by the extraction."""
     name = archive_name(ref)
     expected = sidecar_hash(ref)
-    total = ref.store.size(ref.name)
+    store = ref.store
+    reader = store.reader(ref.name, expected) if isinstance(store, ObjectBackupStore) else None
+    total = reader.info.size if reader is not None else store.size(ref.name)
     done = [0]
 
     def tick(n: int) -> None:
@@ -287,16 +294,25 @@ def _extract_object(
         if progress:
             progress(done[0], total)
 
-    try:
-        with ref.store.open(ref.name) as f:
-            got = extract_stream(f, name, staging, tick, durable)
-    except ObjectCorrupt as e:
-        raise BadArchive(f"checksum mismatch: {e.message}") from None
-    if expected is not None and expected != got.sha256:
-        raise BadArchive(
-            f"checksum mismatch: {name}.sha256 says {expected[:16]}…, the archive hashes to "
-            f"{got.sha256[:16]}…; the archive or its sidecar is damaged — use another backup"
+    def mismatch(actual: str) -> BadArchive:
+        return BadArchive(
+            f"checksum mismatch: {name}.sha256 says {expected[:16] if expected else ''}…, the "
+            f"archive hashes to {actual[:16]}…; the archive or its sidecar is damaged — use "
+            "another backup"
         )
+
+    f = io.BufferedReader(reader, CHUNK) if reader is not None else store.open(ref.name)
+    try:
+        with f:
+            got = extract_stream(f, name, staging, tick, durable, hashed=reader is None)
+    except ObjectCorrupt as e:
+        actual = reader.sha256 if reader is not None else None
+        if expected is not None and actual is not None and actual != expected:
+            raise mismatch(actual) from None  # read to its end: the sidecar's check failed
+        raise BadArchive(f"checksum mismatch: {e.message}") from None
+    actual = got.sha256 if reader is None else reader.sha256
+    if expected is not None and expected != actual:
+        raise mismatch(actual or "")
     header = parse_archive_header(got.head, name)
     manifest = _check_members(name, staging, got.members, got.manifest, header)
     return manifest, expected is not None

@@ -177,16 +177,22 @@ class ObjectBackupStore:
         except BadArchive:
             return None  # the backup's own checks report a bad sidecar
 
-    def open(self, name: str) -> BinaryIO:
+    def reader(self, name: str, sha256: str | None = None) -> ObjectReader:
+        """A reader of ``name`` from its start, reading ahead, that checks at its end that the
+        bytes hash to ``sha256`` (when given: a sidecar the caller read), else to the hash
+        recorded with the object or its sidecar's; ``ObjectCorrupt`` otherwise. The hash it
+        took is its ``sha256`` once read to the end, so the bytes are hashed once."""
         info = self.objects.head(check_key(name))
-        reader = ObjectReader(
+        return ObjectReader(
             self.objects,
             name,
             info=info,
-            sha256=self._expected(name, info.sha256),
+            sha256=sha256 or self._expected(name, info.sha256),
             ahead=self.read_ahead,
         )
-        return io.BufferedReader(reader, 1 << 20)  # type: ignore[return-value]
+
+    def open(self, name: str) -> BinaryIO:
+        return io.BufferedReader(self.reader(name), 1 << 20)  # type: ignore[return-value]
 
     def read(self, name: str) -> bytes:
         with self.open(name) as f:

@@ -534,7 +534,8 @@ class ObjectReader(io.RawIOBase):
     bytes to ``window`` (a caller that wants only a header fetches little), each pinned to the
     version first seen (its ETag), and checks at the end that the bytes hash to ``sha256`` (or
     the hash recorded with the object): ObjectCorrupt otherwise, and when the size differs.
-    Not seekable: it is a stream.
+    The hash taken is ``sha256`` once the object was read to its end. Not seekable: it is a
+    stream.
 
     The first range is streamed as it arrives. A reader that goes past it reads ahead: the
     next ``ahead`` ranges are fetched by threads while it consumes the one before (0: every
@@ -565,6 +566,10 @@ class ObjectReader(io.RawIOBase):
         self._body: BinaryIO | None = None
         self._body_end = 0
         self._hash = OrderedHash()
+        # The SHA-256 of every byte read, once the object was read to its end (whatever it
+        # was checked against), so that a caller comparing it with another record (a
+        # sidecar) need not hash the bytes again.
+        self.sha256: str | None = None
         self.verified = False
         # Read-ahead: ranges in flight, in order ([start, end) and the bytes to come), the
         # range being consumed and where in it, and where the next range starts.
@@ -658,9 +663,11 @@ class ObjectReader(io.RawIOBase):
             body.close()
 
     def _done(self) -> None:
+        if self.sha256 is None:
+            self.sha256 = self._hash.hexdigest()
         if self.verified or self.expected is None:
             return
-        got = self._hash.hexdigest()
+        got = self.sha256
         if got != self.expected:
             raise ObjectCorrupt(
                 f"{self.store.describe(self.key)} does not hash to the SHA-256 recorded for it "
