@@ -67,6 +67,9 @@ GOALS = {
     "s3": [
         "push of a",
         "pull of a",
+        "engram backup --full to s3:// vs the same backup to a local file",
+        "engram backup --full to s3:// vs local backup + aws s3 cp of it",
+        "restore --repo s3://… --latest to ready vs aws s3 cp + engram restore --from",
     ],
     "verify": [
         "GET /v1/memories/{id} p99 while the server verifies a restore vs after",
@@ -141,8 +144,9 @@ def test_peers_absent_are_skipped_with_the_install_command(tmp_path: Path) -> No
 
 
 def test_s3_without_the_aws_cli_is_skipped_with_the_install_command(tmp_path: Path) -> None:
-    """Without the AWS CLI, bench_s3 still measures push and pull and prints their goals as
-    SKIPPED with the command that installs it."""
+    """Without the AWS CLI, bench_s3 still measures push, pull, the backups and the restores,
+    prints the goals that compare with aws as SKIPPED with the command that installs it, and
+    measures the one that needs no aws (a backup to the bucket vs to a local file)."""
     out = tmp_path / "s3.json"
     r = subprocess.run(
         [sys.executable, str(BENCH / "bench_s3.py"), "--quick", "--aws", "none",
@@ -154,5 +158,9 @@ def test_s3_without_the_aws_cli_is_skipped_with_the_install_command(tmp_path: Pa
     res = json.loads(out.read_text())
     assert res["checks_failed"] == [], log
     assert any("make bench-deps" in s for s in res["skipped"]), log
-    assert [g["measured"] for g in res["goals"]] == [None, None], log
+    measured = {g["name"]: g["measured"] is not None for g in res["goals"]}
+    assert list(measured.values()) == [False, False, True, False, False], log
     assert res["figures"]["push_mb_s"] and res["figures"]["pull_mb_s"], log
+    medians = res["figures"]["cli_medians_s"]
+    assert {"s3_backup", "local_backup", "s3_restore", "s3_restore_br"} <= set(medians), log
+    assert not {"aws_up", "aws_down", "copy_restore"} & set(medians), log
