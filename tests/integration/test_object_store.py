@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from engram.storage.objects import (
     ObjectStore,
     ObjectWriter,
     Transient,
+    Unreachable,
     part_size,
     read_all,
     sha256_hex,
@@ -266,6 +268,43 @@ def test_an_unreachable_endpoint_is_transient_then_one_clear_error() -> None:
     with pytest.raises(Transient, match=r"gave up after \d+ attempts") as e:
         RetryingObjectStore(s, FAST).head("x")
     assert "\n" not in e.value.message and url in e.value.message
+
+
+def test_a_wrong_endpoint_is_given_up_soon_an_outage_after_the_full_budget(
+    tmp_path: Path,
+) -> None:
+    """Failing to connect at all before the endpoint has ever answered is most likely a wrong
+    endpoint: given up after Backoff.first_contact of waiting, saying so. Once it has answered,
+    the same failure is an outage and rides out the whole budget."""
+    waits: list[float] = []
+    backoff = Backoff(base=1.0, cap=8.0, budget=120.0, first_contact=5.0)
+
+    class Down:
+        """An endpoint that refuses every connection, or answers once ``up`` is set."""
+
+        def __init__(self) -> None:
+            self.up = False
+            self.inner = DirObjectStore(tmp_path)
+
+        def __getattr__(self, name: str) -> Any:
+            def call(*a: Any, **kw: Any) -> Any:
+                if not self.up:
+                    raise Unreachable("head x at http://127.0.0.1:1: connection refused")
+                return getattr(self.inner, name)(*a, **kw)
+
+            return call
+
+    down = Down()
+    r = RetryingObjectStore(down, backoff, sleep=waits.append, rng=random.Random(7))  # type: ignore[arg-type]
+    with pytest.raises(Transient, match="the endpoint never answered") as e:
+        r.list()
+    assert sum(waits) <= 5.0 and "\n" not in e.value.message
+    down.up = True
+    assert r.list() == []  # it answers now
+    down.up, waits[:] = False, []
+    with pytest.raises(Transient, match=r"gave up after \d+ attempts") as e:
+        r.list()
+    assert sum(waits) > 5.0 and "never answered" not in e.value.message
 
 
 def test_a_server_that_never_answers_times_out() -> None:

@@ -41,6 +41,7 @@ from engram.storage.objects import (
     ObjectStoreError,
     Part,
     Transient,
+    Unreachable,
     Upload,
     check_key,
     check_prefix,
@@ -214,6 +215,10 @@ class S3ObjectStore:
             return AccessDenied(
                 f"{op} {where}: no AWS credentials found ({e}); set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or a profile"
+            )
+        if isinstance(e, bx.EndpointConnectionError):
+            return Unreachable(
+                f"{op} {where}: {type(e).__name__}: {e}; check the endpoint and the network"
             )
         if isinstance(e, (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError)):
             return Transient(

@@ -82,6 +82,12 @@ class Transient(ObjectStoreError):
     code = "object_store_unavailable"
 
 
+class Unreachable(Transient):
+    """No connection to the endpoint could be made at all (refused, no route, a name that does
+    not resolve): an outage once the endpoint has answered, most likely a wrong endpoint before
+    it ever has."""
+
+
 class ObjectNotFound(ObjectStoreError, FileNotFoundError):
     """No object (or upload) under that key (exit 1)."""
 

@@ -29,8 +29,10 @@ from engram.storage.objects import (
     Meta,
     ObjectInfo,
     ObjectStore,
+    ObjectStoreError,
     Part,
     Transient,
+    Unreachable,
     Upload,
 )
 
@@ -46,6 +48,9 @@ class Backoff:
     base: float = 0.5
     cap: float = 60.0
     budget: float = 600.0
+    # Until the endpoint has answered once, failing to connect at all is most likely a wrong
+    # endpoint, not an outage: it is given up after this much waiting instead of ``budget``.
+    first_contact: float = 10.0
 
     def __post_init__(self) -> None:
         if not (self.base > 0 and self.cap >= self.base and self.budget >= 0):
@@ -66,9 +71,12 @@ class _Attempts:
         b = self.store.backoff
         delay = self.store.rng.uniform(0, min(b.cap, b.base * 2**self.n))
         self.n += 1
-        if self.waited + delay > b.budget:
+        never = isinstance(e, Unreachable) and not self.store.answered
+        budget = min(b.budget, b.first_contact) if never else b.budget
+        if self.waited + delay > budget:
+            why = "; the endpoint never answered: is it the right one?" if never else ""
             raise Transient(
-                f"{e.message} (gave up after {self.n} attempts over {self.waited:.1f}s)"
+                f"{e.message} (gave up after {self.n} attempts over {self.waited:.1f}s{why})"
             ) from e
         log.warning("%s: %s; attempt %d in %.2fs", what, e.message, self.n + 1, delay)
         self.store.sleep(delay)
@@ -90,6 +98,7 @@ class RetryingObjectStore:
         self.backoff = backoff or Backoff()
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self.answered = False  # the endpoint has answered a request of this store
 
     def __repr__(self) -> str:
         return f"RetryingObjectStore({self.inner!r})"
@@ -98,9 +107,15 @@ class RetryingObjectStore:
         attempts = _Attempts(self)
         while True:
             try:
-                return fn()
+                out = fn()
             except Transient as e:
                 attempts.failed(e, what)
+            except ObjectStoreError:
+                self.answered = True  # a refusal is an answer
+                raise
+            else:
+                self.answered = True
+                return out
 
     def describe(self, key: str = "") -> str:
         return self.inner.describe(key)
@@ -177,9 +192,13 @@ class _Resuming(io.RawIOBase):
         while True:
             try:
                 self.body = self.store.inner.get(self.key, self.pos, self.end, self.etag)
+                self.store.answered = True
                 return
             except Transient as e:
                 self.attempts.failed(e, f"get {self.key}")
+            except ObjectStoreError:
+                self.store.answered = True
+                raise
 
     def readable(self) -> bool:
         return True
