@@ -44,7 +44,7 @@ from engram.errors import BadArchive, EngramError, UsageError
 from engram.format.manifest import decode_sidecar, encode_sidecar
 from engram.fsutil import ensure_private_dir
 from engram.storage import BackupStore, LocalBackupStore, Ref, TempObject, info_name, sidecar_name
-from engram.storage.base import INFO_SUFFIX, SIDECAR_SUFFIX
+from engram.storage.base import INFO_SUFFIX, SIDECAR_SUFFIX, Forwarding
 
 AGE_MAGIC = b"age-encryption.org/v1\n"
 FORMAT = "age"
@@ -475,7 +475,7 @@ def _inner(temp: TempObject) -> TempObject:
     return temp.inner if isinstance(temp, EncryptingTemp) else temp
 
 
-class EncryptedStore:
+class EncryptedStore(Forwarding):
     """``inner`` with archives and incrementals encrypted to ``recipients`` when written, and
     decrypted with ``identities`` when read (module docstring). With recipients only, a read
     of an encrypted object is ``NeedsIdentity``; a plaintext object reads as it is."""
@@ -497,21 +497,6 @@ class EncryptedStore:
 
     def __repr__(self) -> str:  # never the identities
         return f"EncryptedStore({self.inner!r}, recipients={self.recipients!r})"
-
-    def describe(self, name: str = "") -> str:
-        return self.inner.describe(name)
-
-    def prepare(self) -> list[str]:
-        return self.inner.prepare()
-
-    def exists(self, name: str) -> bool:
-        return self.inner.exists(name)
-
-    def list(self, prefix: str = "") -> list[str]:
-        return self.inner.list(prefix)
-
-    def size(self, name: str) -> int:
-        return self.inner.size(name)
 
     def _decrypting(self, name: str) -> DecryptingReader | None:
         """A reader of the plaintext of ``name``, or None when it is not encrypted."""

@@ -113,6 +113,29 @@ class BackupStore(Protocol):
         ...
 
 
+class Forwarding:
+    """The read-only part of the seam passed to ``self.inner`` as it is: a base for wrappers
+    (fault injection, encryption) that change how objects are written or read, not what a
+    store holds or how it is named."""
+
+    inner: BackupStore
+
+    def describe(self, name: str = "") -> str:
+        return self.inner.describe(name)
+
+    def prepare(self) -> list[str]:
+        return self.inner.prepare()
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.inner.list(prefix)
+
+    def size(self, name: str) -> int:
+        return self.inner.size(name)
+
+
 @dataclass(frozen=True)
 class Ref:
     """The object ``name`` in ``store``."""

@@ -18,7 +18,13 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO, Literal
 
-from engram.storage.base import INFO_SUFFIX, SIDECAR_SUFFIX, BackupStore, TempObject
+from engram.storage.base import (
+    INFO_SUFFIX,
+    SIDECAR_SUFFIX,
+    BackupStore,
+    Forwarding,
+    TempObject,
+)
 
 Fault = Callable[[], BaseException]
 Step = Literal["archive", "sidecar", "info"]
@@ -78,7 +84,7 @@ class FaultyTemp:
         self.inner.close()
 
 
-class FaultyStore:
+class FaultyStore(Forwarding):
     """``inner`` with the faults given (module docstring); without any, a counting pass-through.
     ``when`` says whether a publication step fails "before" or "after" it took effect."""
 
@@ -126,21 +132,6 @@ class FaultyStore:
         return temp.inner if isinstance(temp, FaultyTemp) else temp
 
     # -- the seam --------------------------------------------------------------------------
-
-    def describe(self, name: str = "") -> str:
-        return self.inner.describe(name)
-
-    def prepare(self) -> list[str]:
-        return self.inner.prepare()
-
-    def exists(self, name: str) -> bool:
-        return self.inner.exists(name)
-
-    def list(self, prefix: str = "") -> list[str]:
-        return self.inner.list(prefix)
-
-    def size(self, name: str) -> int:
-        return self.inner.size(name)
 
     def open(self, name: str) -> BinaryIO:
         return self.inner.open(name)
