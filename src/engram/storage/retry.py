@@ -65,7 +65,7 @@ class _Attempts:
         self.n = 0
         self.waited = 0.0
 
-    def failed(self, e: Transient, what: str) -> None:
+    def failed(self, e: Transient, what: str | None = None) -> None:
         """Wait before the next attempt, or raise ``e`` (said to be final) when the budget is
         spent."""
         b = self.store.backoff
@@ -78,7 +78,9 @@ class _Attempts:
             raise Transient(
                 f"{e.message} (gave up after {self.n} attempts over {self.waited:.1f}s{why})"
             ) from e
-        log.warning("%s: %s; attempt %d in %.2fs", what, e.message, self.n + 1, delay)
+        # The driver's message names the request; ``what`` adds where a resumed read stands.
+        said = e.message if what is None else f"{what}: {e.message}"
+        log.warning("%s; attempt %d in %.2fs", said, self.n + 1, delay)
         self.store.sleep(delay)
         self.waited += delay
 
@@ -103,13 +105,13 @@ class RetryingObjectStore:
     def __repr__(self) -> str:
         return f"RetryingObjectStore({self.inner!r})"
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T]) -> T:
         attempts = _Attempts(self)
         while True:
             try:
                 out = fn()
             except Transient as e:
-                attempts.failed(e, what)
+                attempts.failed(e)
             except ObjectStoreError:
                 self.answered = True  # a refusal is an answer
                 raise
@@ -121,13 +123,13 @@ class RetryingObjectStore:
         return self.inner.describe(key)
 
     def check(self) -> None:
-        self._call("check", self.inner.check)
+        self._call(self.inner.check)
 
     def head(self, key: str) -> ObjectInfo:
-        return self._call(f"head {key}", lambda: self.inner.head(key))
+        return self._call(lambda: self.inner.head(key))
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        return self._call(f"list {prefix}", lambda: self.inner.list(prefix))
+        return self._call(lambda: self.inner.list(prefix))
 
     def get(
         self, key: str, start: int = 0, end: int | None = None, etag: str | None = None
@@ -138,37 +140,34 @@ class RetryingObjectStore:
         self, key: str, data: bytes, *, checksum: str, meta: Meta, if_absent: bool = False
     ) -> str:
         return self._call(
-            f"put {key}",
-            lambda: self.inner.put(key, data, checksum=checksum, meta=meta, if_absent=if_absent),
+            lambda: self.inner.put(key, data, checksum=checksum, meta=meta, if_absent=if_absent)
         )
 
     def delete(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self.inner.delete(key))
+        self._call(lambda: self.inner.delete(key))
 
     def start_upload(self, key: str, *, meta: Meta) -> str:
-        return self._call(f"start upload {key}", lambda: self.inner.start_upload(key, meta=meta))
+        return self._call(lambda: self.inner.start_upload(key, meta=meta))
 
     def put_part(
         self, key: str, upload_id: str, number: int, data: bytes, *, checksum: str
     ) -> Part:
         return self._call(
-            f"part {number} of {key}",
-            lambda: self.inner.put_part(key, upload_id, number, data, checksum=checksum),
+            lambda: self.inner.put_part(key, upload_id, number, data, checksum=checksum)
         )
 
     def complete_upload(
         self, key: str, upload_id: str, parts: builtins.list[Part], *, if_absent: bool = False
     ) -> str:
         return self._call(
-            f"complete {key}",
-            lambda: self.inner.complete_upload(key, upload_id, parts, if_absent=if_absent),
+            lambda: self.inner.complete_upload(key, upload_id, parts, if_absent=if_absent)
         )
 
     def abort_upload(self, key: str, upload_id: str) -> None:
-        self._call(f"abort {key}", lambda: self.inner.abort_upload(key, upload_id))
+        self._call(lambda: self.inner.abort_upload(key, upload_id))
 
     def uploads(self, prefix: str = "") -> builtins.list[Upload]:
-        return self._call(f"uploads {prefix}", lambda: self.inner.uploads(prefix))
+        return self._call(lambda: self.inner.uploads(prefix))
 
 
 class _Resuming(io.RawIOBase):
@@ -195,7 +194,7 @@ class _Resuming(io.RawIOBase):
                 self.store.answered = True
                 return
             except Transient as e:
-                self.attempts.failed(e, f"get {self.key}")
+                self.attempts.failed(e)
             except ObjectStoreError:
                 self.store.answered = True
                 raise
